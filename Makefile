@@ -2,6 +2,12 @@
 
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X github.com/sovra-dev/sovra/internal/version.Version=$(VERSION)
+# The Kubernetes version the API server and kubectl report (the pinned k8s.io/kubernetes).
+K8S_VERSION := v1.32.6
+K8S_LDFLAGS := -X k8s.io/component-base/version.gitVersion=$(K8S_VERSION) \
+	-X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=32 \
+	-X k8s.io/client-go/pkg/version.gitVersion=$(K8S_VERSION) \
+	-X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=32
 DATA_DIR ?= ./.sovra
 # Tags for the tests: tpmsimulator builds the go-tpm-tools reference TPM simulator (cgo).
 TEST_TAGS ?= tpmsimulator
@@ -21,13 +27,13 @@ build: bin/sovrad bin/sovra-agent bin/kubectl ## build the daemon, the agent and
 # Go's build cache makes these cheap when nothing changed, so they always run.
 .PHONY: bin/sovrad bin/sovra-agent bin/kubectl
 bin/sovrad:
-	CGO_ENABLED=1 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $@ ./daemon/cmd/sovrad
+	CGO_ENABLED=1 $(GO) build -ldflags "$(LDFLAGS) $(K8S_LDFLAGS)" -o $@ ./daemon/cmd/sovrad
 
 bin/sovra-agent:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w $(LDFLAGS)" -o $@ ./agent/cmd/sovra-agent
 
 bin/kubectl:
-	$(GO) build -trimpath -o $@ ./tests/cmd/kubectl
+	$(GO) build -ldflags "$(K8S_LDFLAGS)" -o $@ ./tests/cmd/kubectl
 
 run: bin/sovrad ## run the daemon on its embedded SQLite default in $(DATA_DIR)
 	@echo "sovrad: data in $(DATA_DIR); kubeconfig: $(DATA_DIR)/admin.kubeconfig"
@@ -42,3 +48,12 @@ bench: build ## run the benchmarks and print their figures
 
 clean: ## remove build output (not the data directory)
 	rm -rf bin dist
+
+# Shipping. Both targets build OCI images without Docker (go-containerregistry).
+.PHONY: extension images
+
+extension: ## build the Talos system extension (linux/amd64 + arm64) into dist/extension/: oci/ and sovra-agent-<arch>.tar
+	$(GO) run ./extension/cmd/build-extension --version "$(VERSION)" --out dist/extension
+
+images: bin/sovrad ## build the daemon's container image (host arch, from bin/sovrad) into dist/images/: oci/ and sovrad-<arch>.tar
+	$(GO) run ./images/cmd/build-images --version "$(VERSION)" --sovrad bin/sovrad --out dist/images

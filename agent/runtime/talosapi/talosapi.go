@@ -1,0 +1,335 @@
+// Package talosapi is the agent's adapter to the Talos API, through the
+// machinery client over mutual TLS with the talosconfig's client certificate.
+// It implements the capability interfaces of the controllers: the discovery
+// Prober, the node MachineTypeReader and the bootstrap Talos.
+package talosapi
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/cosi-project/runtime/pkg/safe"
+	"github.com/cosi-project/runtime/pkg/state"
+	"github.com/siderolabs/talos/pkg/machinery/api/machine"
+	"github.com/siderolabs/talos/pkg/machinery/client"
+	clientconfig "github.com/siderolabs/talos/pkg/machinery/client/config"
+	talosconfig "github.com/siderolabs/talos/pkg/machinery/resources/config"
+	timeres "github.com/siderolabs/talos/pkg/machinery/resources/time"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/emptypb"
+
+	bootstrapctrl "github.com/sovra-dev/sovra/agent/controllers/bootstrap"
+	discoveryctrl "github.com/sovra-dev/sovra/agent/controllers/discovery"
+	"github.com/sovra-dev/sovra/agent/resources/discovery"
+)
+
+// EtcdDataDir is the directory whose presence means a node has etcd data;
+// the Talos control-plane provider checks the same one.
+const EtcdDataDir = "/var/lib/etcd/member"
+
+// LoadTLS reads a talosconfig and returns the mutual-TLS configuration for
+// the Talos API: the client certificate of its current context, and its CA as
+// the only root for peers. Errors never contain key material.
+func LoadTLS(path string) (*tls.Config, error) {
+	cfg, err := clientconfig.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("reading talosconfig %s: %w", path, err)
+	}
+
+	name := cfg.Context
+	ctx, ok := cfg.Contexts[name]
+
+	if !ok || ctx == nil {
+		return nil, fmt.Errorf("reading talosconfig %s: context %q not found", path, name)
+	}
+
+	var problems []error
+
+	if ctx.CA == "" {
+		problems = append(problems, errors.New("no CA: peers cannot be verified"))
+	}
+
+	if ctx.Crt == "" || ctx.Key == "" {
+		problems = append(problems, errors.New("no client certificate and key"))
+	}
+
+	if len(problems) > 0 {
+		return nil, fmt.Errorf("reading talosconfig %s, context %q: %w", path, name, errors.Join(problems...))
+	}
+
+	caPEM, err := base64.StdEncoding.DecodeString(ctx.CA)
+	if err != nil {
+		return nil, fmt.Errorf("reading talosconfig %s: decoding the CA: %w", path, err)
+	}
+
+	roots := x509.NewCertPool()
+	if !roots.AppendCertsFromPEM(caPEM) {
+		return nil, fmt.Errorf("reading talosconfig %s: the CA is not a PEM certificate", path)
+	}
+
+	crt, err := client.CertificateFromConfigContext(ctx)
+	if err != nil {
+		// The machinery error text names only the decoding step.
+		return nil, fmt.Errorf("reading talosconfig %s: loading the client certificate: %w", path, err)
+	}
+
+	return &tls.Config{
+		RootCAs:      roots,
+		Certificates: []tls.Certificate{*crt},
+		MinVersion:   tls.VersionTLS12,
+	}, nil
+}
+
+// Client reaches the Talos API of any node by address.
+type Client struct {
+	// TLS is the mutual-TLS configuration from LoadTLS.
+	TLS *tls.Config
+	// Port is the apid port.
+	Port int
+	// Timeout bounds all the calls to one node.
+	Timeout time.Duration
+	// Local is this node's address, used by MachineType.
+	Local netip.Addr
+}
+
+func (c *Client) endpoint(addr netip.Addr) string {
+	return net.JoinHostPort(addr.String(), strconv.Itoa(c.Port))
+}
+
+// connect opens a machinery client to one node. It is lazy: the TLS
+// handshake happens on the first call.
+func (c *Client) connect(ctx context.Context, addr netip.Addr) (*client.Client, error) {
+	cl, err := client.New(ctx, client.WithEndpoints(c.endpoint(addr)), client.WithTLSConfig(c.TLS.Clone()))
+	if err != nil {
+		return nil, fmt.Errorf("connecting to the Talos API of %s: %w", addr, err)
+	}
+
+	return cl, nil
+}
+
+// verify completes a TLS handshake with the node and checks its certificate
+// against the cluster's Talos CA, for its address. A failure of trust wraps
+// discovery.ErrUnverified.
+func (c *Client) verify(ctx context.Context, addr netip.Addr) error {
+	cfg := c.TLS.Clone()
+	cfg.ServerName = addr.String()
+
+	d := tls.Dialer{Config: cfg}
+
+	conn, err := d.DialContext(ctx, "tcp", c.endpoint(addr))
+	if err != nil {
+		if trustFailure(err) {
+			return fmt.Errorf("verifying %s: %w: %w", addr, discoveryctrl.ErrUnverified, err)
+		}
+
+		return fmt.Errorf("connecting to %s: %w", addr, err)
+	}
+
+	return conn.Close()
+}
+
+// trustFailure tells certificate problems from network ones.
+func trustFailure(err error) bool {
+	var (
+		verr *tls.CertificateVerificationError
+		uerr x509.UnknownAuthorityError
+		herr x509.HostnameError
+		ierr x509.CertificateInvalidError
+		aerr tls.AlertError
+	)
+
+	if errors.As(err, &verr) || errors.As(err, &uerr) || errors.As(err, &herr) || errors.As(err, &ierr) || errors.As(err, &aerr) {
+		return true
+	}
+
+	// A peer that refuses our client certificate answers with a TLS alert,
+	// which gRPC reports as text.
+	return strings.Contains(err.Error(), "remote error: tls:") || strings.Contains(err.Error(), "x509:")
+}
+
+// Probe implements discovery.Prober.
+func (c *Client) Probe(ctx context.Context, addr netip.Addr) (discovery.PeerSpec, error) {
+	ctx, cancel := context.WithTimeout(ctx, c.Timeout)
+	defer cancel()
+
+	if err := c.verify(ctx, addr); err != nil {
+		return discovery.PeerSpec{}, err
+	}
+
+	cl, err := c.connect(ctx, addr)
+	if err != nil {
+		return discovery.PeerSpec{}, err
+	}
+	defer cl.Close() //nolint:errcheck
+
+	wrap := func(what string, err error) error {
+		if trustFailure(err) {
+			return fmt.Errorf("%s on %s: %w: %w", what, addr, discoveryctrl.ErrUnverified, err)
+		}
+
+		return fmt.Errorf("%s on %s: %w", what, addr, err)
+	}
+
+	var spec discovery.PeerSpec
+
+	stat, err := cl.MachineClient.SystemStat(ctx, &emptypb.Empty{})
+	if err != nil {
+		return spec, wrap("reading SystemStat", err)
+	}
+
+	if len(stat.GetMessages()) != 1 {
+		return spec, fmt.Errorf("reading SystemStat on %s: %d messages, want 1", addr, len(stat.GetMessages()))
+	}
+
+	spec.BootTime = int64(stat.GetMessages()[0].GetBootTime()) //nolint:gosec
+
+	mt, err := safe.StateGetByID[*talosconfig.MachineType](ctx, cl.COSI, talosconfig.MachineTypeID)
+	if err != nil {
+		return spec, wrap("reading the machine type", err)
+	}
+
+	spec.MachineType = mt.MachineType().String()
+	spec.ControlPlane = mt.MachineType().IsControlPlane()
+
+	if spec.ControlPlane {
+		spec.EtcdMembers = etcdMembers(ctx, cl)
+		spec.EtcdData, spec.EtcdUnknown = etcdData(ctx, cl)
+
+		ts, err := safe.StateGetByID[*timeres.Status](ctx, cl.COSI, timeres.StatusID)
+
+		switch {
+		case err == nil:
+			spec.TimeSynced = ts.TypedSpec().Synced || ts.TypedSpec().SyncDisabled
+		case !state.IsNotFoundError(err):
+			return spec, wrap("reading the time status", err)
+		}
+	}
+
+	return spec, nil
+}
+
+// etcdMembers returns the members etcd on the node lists; zero when etcd does
+// not answer (the normal state before the bootstrap).
+func etcdMembers(ctx context.Context, cl *client.Client) int {
+	resp, err := cl.EtcdMemberList(ctx, &machine.EtcdMemberListRequest{QueryLocal: true})
+	if err != nil {
+		return 0
+	}
+
+	n := 0
+	for _, m := range resp.GetMessages() {
+		n += len(m.GetMembers())
+	}
+
+	return n
+}
+
+// etcdData reports whether the etcd data directory exists on the node, and
+// whether that could not be told.
+func etcdData(ctx context.Context, cl *client.Client) (exists, unknown bool) {
+	stream, err := cl.LS(ctx, &machine.ListRequest{Root: EtcdDataDir})
+	if err != nil {
+		return false, true
+	}
+
+	info, err := stream.Recv()
+
+	switch {
+	case err != nil && notExist(err):
+		return false, false
+	case err != nil:
+		return false, true
+	case info.GetError() != "" || info.GetMetadata().GetError() != "":
+		msg := info.GetError() + info.GetMetadata().GetError()
+
+		return false, !strings.Contains(msg, "no such file or directory")
+	}
+
+	return true, false
+}
+
+func notExist(err error) bool {
+	return status.Code(err) == codes.NotFound || strings.Contains(err.Error(), "no such file or directory")
+}
+
+// MachineType implements node.MachineTypeReader for the Local node.
+func (c *Client) MachineType(ctx context.Context) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, c.Timeout)
+	defer cancel()
+
+	cl, err := c.connect(ctx, c.Local)
+	if err != nil {
+		return "", err
+	}
+	defer cl.Close() //nolint:errcheck
+
+	mt, err := safe.StateGetByID[*talosconfig.MachineType](ctx, cl.COSI, talosconfig.MachineTypeID)
+	if err != nil {
+		return "", fmt.Errorf("reading the machine type of %s: %w", c.Local, err)
+	}
+
+	return mt.MachineType().String(), nil
+}
+
+// Bootstrap implements bootstrap.Talos.
+func (c *Client) Bootstrap(ctx context.Context, addr netip.Addr) error {
+	ctx, cancel := context.WithTimeout(ctx, c.Timeout)
+	defer cancel()
+
+	cl, err := c.connect(ctx, addr)
+	if err != nil {
+		return err
+	}
+	defer cl.Close() //nolint:errcheck
+
+	err = cl.Bootstrap(ctx, &machine.BootstrapRequest{})
+
+	switch {
+	case status.Code(err) == codes.AlreadyExists:
+		return bootstrapctrl.ErrAlreadyBootstrapped
+	case err != nil:
+		return fmt.Errorf("calling Talos Bootstrap on %s: %w", addr, err)
+	}
+
+	return nil
+}
+
+// EtcdMembers implements bootstrap.Talos.
+func (c *Client) EtcdMembers(ctx context.Context, addr netip.Addr) (int, error) {
+	ctx, cancel := context.WithTimeout(ctx, c.Timeout)
+	defer cancel()
+
+	cl, err := c.connect(ctx, addr)
+	if err != nil {
+		return 0, err
+	}
+	defer cl.Close() //nolint:errcheck
+
+	resp, err := cl.EtcdMemberList(ctx, &machine.EtcdMemberListRequest{QueryLocal: true})
+	if err != nil {
+		return 0, fmt.Errorf("listing etcd members on %s: %w", addr, err)
+	}
+
+	n := 0
+	for _, m := range resp.GetMessages() {
+		n += len(m.GetMembers())
+	}
+
+	return n, nil
+}
+
+// Compile-time checks that Client satisfies the controllers' interfaces.
+var (
+	_ discoveryctrl.Prober = (*Client)(nil)
+	_ bootstrapctrl.Talos  = (*Client)(nil)
+)

@@ -1,0 +1,10 @@
+// Package v1alpha1 holds the sovra.dev/v1alpha1 API: the cluster-scoped
+// record of each enrolled node (SovraNode), the attestation policies that
+// judge them (AttestationPolicy), and the single-use attestation nonces
+// (AttestationNonce) that let any daemon replica verify any nonce.
+//
+// +kubebuilder:object:generate=true
+// +groupName=sovra.dev
+package v1alpha1
+
+//go:generate go run sigs.k8s.io/controller-tools/cmd/controller-gen@v0.17.3 object paths=. crd:crdVersions=v1 output:crd:artifacts:config=crds

@@ -1,0 +1,71 @@
+package attestation
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
+)
+
+// crdPollInterval paces WaitForCRDs.
+const crdPollInterval = 100 * time.Millisecond
+
+// InstallCRDs creates or updates the sovra.dev CRDs; c's scheme must come
+// from Scheme.
+func InstallCRDs(ctx context.Context, c client.Client) error {
+	crds, err := v1alpha1.CRDs()
+	if err != nil {
+		return fmt.Errorf("installing CRDs: %w", err)
+	}
+	for _, crd := range crds {
+		var cur apiextensionsv1.CustomResourceDefinition
+		err := c.Get(ctx, client.ObjectKey{Name: crd.Name}, &cur)
+		switch {
+		case apierrors.IsNotFound(err):
+			err = c.Create(ctx, crd)
+		case err == nil:
+			crd.ResourceVersion = cur.ResourceVersion
+			err = c.Update(ctx, crd)
+		}
+		if err != nil {
+			return fmt.Errorf("installing CRD %s: %w", crd.Name, err)
+		}
+	}
+	return nil
+}
+
+// WaitForCRDs waits until every sovra.dev CRD is Established or ctx ends.
+func WaitForCRDs(ctx context.Context, c client.Client) error {
+	crds, err := v1alpha1.CRDs()
+	if err != nil {
+		return fmt.Errorf("waiting for CRDs: %w", err)
+	}
+	for _, crd := range crds {
+		for {
+			var cur apiextensionsv1.CustomResourceDefinition
+			if err := c.Get(ctx, client.ObjectKey{Name: crd.Name}, &cur); err == nil && established(&cur) {
+				break
+			}
+			select {
+			case <-ctx.Done():
+				return fmt.Errorf("waiting for CRD %s to be established: %w", crd.Name, ctx.Err())
+			case <-time.After(crdPollInterval):
+			}
+		}
+	}
+	return nil
+}
+
+func established(crd *apiextensionsv1.CustomResourceDefinition) bool {
+	for _, c := range crd.Status.Conditions {
+		if c.Type == apiextensionsv1.Established && c.Status == apiextensionsv1.ConditionTrue {
+			return true
+		}
+	}
+	return false
+}

@@ -1,0 +1,171 @@
+package attestation
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"slices"
+
+	goattest "github.com/google/go-attestation/attest"
+	"go.uber.org/zap"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
+	"github.com/sovra-dev/sovra/internal/attest"
+)
+
+// Limits on enrollment claims.
+const (
+	maxUUIDLen     = 64
+	maxHostnameLen = 253
+	maxAddresses   = 16
+)
+
+// EnrollRequest is what a node sends to begin enrollment.
+type EnrollRequest struct {
+	EKCertificate, EKPublic []byte
+	AK                      goattest.AttestationParameters
+	UUID, Hostname          string
+	Addresses               []string
+	// Peer is the address the request came from, recorded with the claims.
+	Peer string
+}
+
+// Enrollment is a challenge in flight. It lives only in the memory of the
+// replica that made it and holds the secret the node must return.
+type Enrollment struct {
+	req    EnrollRequest
+	ek     *attest.EK
+	secret []byte
+	// Node is the name the node will have.
+	Node string
+}
+
+// BeginEnrollment admits the EK by policy and returns a credential
+// activation challenge for the AK. Nothing is stored.
+func (s *Service) BeginEnrollment(ctx context.Context, req EnrollRequest) (*Enrollment, *goattest.EncryptedCredential, error) {
+	if err := checkEnrollClaims(req); err != nil {
+		return nil, nil, err
+	}
+	ek, err := attest.ParseEK(req.EKCertificate, req.EKPublic)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%w: %w", ErrInvalid, err)
+	}
+	name := NodeName(ek.Hash)
+	if err := s.cfg.EK.Admit(ek, s.clock.Now()); err != nil {
+		s.deny(ctx, name, "EnrollmentDenied", err)
+		return nil, nil, fmt.Errorf("%w: %w", ErrRefused, err)
+	}
+	if ek.Method == attest.EKByTOFU {
+		s.logger.Warn("EK admitted by trust on first use", zap.String("node", name), zap.String("ek_hash", ek.Hash))
+	}
+	secret, ec, err := attest.Challenge(ek, req.AK, nil)
+	if err != nil {
+		if errors.Is(err, attest.ErrAKMalformed) {
+			s.deny(ctx, name, "EnrollmentDenied", err)
+			return nil, nil, fmt.Errorf("%w: %w", ErrRefused, err)
+		}
+		return nil, nil, fmt.Errorf("challenging AK of node %s: %w", name, err)
+	}
+	return &Enrollment{req: req, ek: ek, secret: secret, Node: name}, ec, nil
+}
+
+// FinishEnrollment checks the node's answer and, when it matches, pins the
+// AK to the EK in the node's record (creating it, or replacing the AK of an
+// existing record, which resets its attestation).
+func (s *Service) FinishEnrollment(ctx context.Context, e *Enrollment, answer []byte) (*v1alpha1.SovraNode, error) {
+	if err := attest.CheckActivation(e.secret, answer); err != nil {
+		s.deny(ctx, e.Node, "EnrollmentDenied", err)
+		return nil, fmt.Errorf("%w: %w", ErrRefused, err)
+	}
+	now := metav1.NewTime(s.clock.Now())
+	ekPub, err := ekPKIX(e.ek)
+	if err != nil {
+		return nil, err
+	}
+	spec := v1alpha1.SovraNodeSpec{
+		EKHash:    e.ek.Hash,
+		EKPublic:  ekPub,
+		AKPublic:  e.req.AK.Public,
+		UUID:      e.req.UUID,
+		Hostname:  e.req.Hostname,
+		Addresses: addresses(e.req),
+	}
+	if e.ek.Certificate != nil {
+		spec.EKCertificate = e.ek.Certificate.Raw
+	}
+	node, err := s.store.GetNode(ctx, e.Node)
+	switch {
+	case errors.Is(err, ErrNodeNotFound):
+		node = &v1alpha1.SovraNode{ObjectMeta: metav1.ObjectMeta{Name: e.Node}, Spec: spec}
+		setEnrolled(node, e.ek.Method, now)
+		if err := s.store.CreateNode(ctx, node); err != nil {
+			return nil, fmt.Errorf("creating record of node %s: %w", e.Node, err)
+		}
+	case err != nil:
+		return nil, fmt.Errorf("reading record of node %s: %w", e.Node, err)
+	default:
+		if node.Spec.EKHash != e.ek.Hash {
+			err := fmt.Errorf("record %s belongs to another EK", e.Node)
+			s.deny(ctx, e.Node, "EnrollmentDenied", err)
+			return nil, fmt.Errorf("%w: %w", ErrRefused, err)
+		}
+		node.Spec = spec
+		if err := s.store.UpdateNode(ctx, node); err != nil {
+			return nil, fmt.Errorf("pinning new AK of node %s: %w", e.Node, err)
+		}
+		setEnrolled(node, e.ek.Method, now)
+		if err := s.store.UpdateNodeStatus(ctx, node); err != nil {
+			return nil, fmt.Errorf("recording enrollment of node %s: %w", e.Node, err)
+		}
+	}
+	msg := fmt.Sprintf("AK activated against EK %s (admitted by %s)", e.ek.Hash, e.ek.Method)
+	s.store.Event(ctx, node, false, "Enrolled", msg)
+	s.logger.Info("enrolled", zap.String("node", e.Node), zap.String("ek_hash", e.ek.Hash),
+		zap.String("method", e.ek.Method), zap.String("uuid", e.req.UUID))
+	return node, nil
+}
+
+func setEnrolled(n *v1alpha1.SovraNode, method string, now metav1.Time) {
+	n.Status.EnrolledAt = &now
+	n.Status.EnrollmentMethod = method
+	meta.SetStatusCondition(&n.Status.Conditions, metav1.Condition{
+		Type: v1alpha1.ConditionEnrolled, Status: metav1.ConditionTrue,
+		Reason: v1alpha1.ReasonActivated, Message: "AK activated against the EK by method " + method,
+		LastTransitionTime: now,
+	})
+	meta.SetStatusCondition(&n.Status.Conditions, metav1.Condition{
+		Type: v1alpha1.ConditionAttested, Status: metav1.ConditionFalse,
+		Reason: v1alpha1.ReasonNotAttested, Message: "enrolled with a new AK; waiting for an attestation",
+		LastTransitionTime: now,
+	})
+	n.Status.LastAttestationResult, n.Status.Reason, n.Status.Message = "", v1alpha1.ReasonNotAttested, ""
+}
+
+func checkEnrollClaims(r EnrollRequest) error {
+	switch {
+	case len(r.UUID) > maxUUIDLen:
+		return fmt.Errorf("%w: UUID of %d bytes, at most %d", ErrInvalid, len(r.UUID), maxUUIDLen)
+	case len(r.Hostname) > maxHostnameLen:
+		return fmt.Errorf("%w: hostname of %d bytes, at most %d", ErrInvalid, len(r.Hostname), maxHostnameLen)
+	case len(r.Addresses) > maxAddresses:
+		return fmt.Errorf("%w: %d addresses, at most %d", ErrInvalid, len(r.Addresses), maxAddresses)
+	}
+	for _, a := range r.Addresses {
+		if net.ParseIP(a) == nil {
+			return fmt.Errorf("%w: address %q is not an IP", ErrInvalid, a)
+		}
+	}
+	return nil
+}
+
+// addresses are the claimed addresses plus the one the request came from.
+func addresses(r EnrollRequest) []string {
+	out := slices.Clone(r.Addresses)
+	if host, _, err := net.SplitHostPort(r.Peer); err == nil && !slices.Contains(out, host) {
+		out = append(out, host)
+	}
+	return out
+}

@@ -1,0 +1,293 @@
+package attestation
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"errors"
+	"math/big"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	goattest "github.com/google/go-attestation/attest"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/client/fake"
+
+	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
+	"github.com/sovra-dev/sovra/internal/attest"
+	"github.com/sovra-dev/sovra/internal/attest/attesttest"
+)
+
+type testClock struct {
+	mu  sync.Mutex // guards now
+	now time.Time
+}
+
+func (c *testClock) Now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.now }
+
+type env struct {
+	svc   *Service
+	kube  client.Client
+	store *KubeStore
+	clock *testClock
+	f     *attesttest.Fixture
+}
+
+func newEnv(t testing.TB, logger *zap.Logger) *env {
+	t.Helper()
+	f, err := attesttest.Load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := Scheme()
+	if err != nil {
+		t.Fatal(err)
+	}
+	kube := fake.NewClientBuilder().WithScheme(s).WithStatusSubresource(&v1alpha1.SovraNode{}).Build()
+	store := &KubeStore{Client: kube, Logger: logger}
+	roots, inter := x509.NewCertPool(), x509.NewCertPool()
+	roots.AppendCertsFromPEM(f.EKRootPEM)
+	inter.AppendCertsFromPEM(f.EKIntermediatePEM)
+	caKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "node CA"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
+	der, _ := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &caKey.PublicKey, caKey)
+	ca, _ := x509.ParseCertificate(der)
+	clk := &testClock{now: time.Now()}
+	svc, err := New(Config{EK: attest.EKPolicy{Roots: roots, Intermediates: inter}, NodeCA: ca, NodeCAKey: caKey}, store, clk, logger)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &env{svc: svc, kube: kube, store: store, clock: clk, f: f}
+}
+
+func (e *env) enrollRequest() EnrollRequest {
+	return EnrollRequest{
+		EKCertificate: e.f.EKCertificate,
+		AK: goattest.AttestationParameters{Public: e.f.AKPublic, CreateData: e.f.AKCreateData,
+			CreateAttestation: e.f.AKCreateAttestation, CreateSignature: e.f.AKCreateSignature},
+		UUID: "uuid-1", Hostname: "node-1", Addresses: []string{"10.0.0.1"}, Peer: "10.0.0.9:4000",
+	}
+}
+
+// enroll plays the TPM's part with the secret the service keeps.
+func (e *env) enroll(t testing.TB) *v1alpha1.SovraNode {
+	t.Helper()
+	en, _, err := e.svc.BeginEnrollment(context.Background(), e.enrollRequest())
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, err := e.svc.FinishEnrollment(context.Background(), en, en.secret)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// nonce stores the fixture's nonce as if the service had issued it.
+func (e *env) nonce(t testing.TB, node string) {
+	t.Helper()
+	n := &v1alpha1.AttestationNonce{ObjectMeta: metav1.ObjectMeta{Name: NonceName(e.f.Nonce)},
+		Spec: v1alpha1.AttestationNonceSpec{Node: node, ExpiresAt: metav1.NewTime(e.clock.Now().Add(time.Minute))}}
+	if err := e.store.CreateNonce(context.Background(), n); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (e *env) attestRequest(node string) AttestRequest {
+	return AttestRequest{Node: node, Nonce: e.f.Nonce, Claims: e.f.Claims, Quote: e.f.Quote, Signature: e.f.Signature,
+		PCRHash: uint16(attest.QuoteHash), PCRs: e.f.PCRs, EventLog: e.f.EventLog, CSR: e.f.CSR}
+}
+
+func TestEnrollAndAttest(t *testing.T) {
+	e := newEnv(t, zaptest.NewLogger(t))
+	ctx := context.Background()
+	n := e.enroll(t)
+	if n.Status.EnrollmentMethod != attest.EKByCertificate || !strings.HasPrefix(n.Name, "ek-") {
+		t.Fatalf("enrolled %s by %s", n.Name, n.Status.EnrollmentMethod)
+	}
+	if got := n.Spec.Addresses; len(got) != 2 || got[1] != "10.0.0.9" {
+		t.Errorf("addresses = %v, want the claimed one and the peer", got)
+	}
+	e.nonce(t, n.Name)
+	res, err := e.svc.Attest(ctx, e.attestRequest(n.Name))
+	if err != nil {
+		t.Fatalf("Attest: %v", err)
+	}
+	leaf, err := x509.ParseCertificate(res.Chain[0])
+	if err != nil || leaf.Subject.CommonName != n.Name || leaf.NotAfter.Sub(e.clock.Now()) > DefaultCertTTL {
+		t.Fatalf("certificate: %v %v", err, leaf)
+	}
+	n, _ = e.store.GetNode(ctx, n.Name)
+	if !meta.IsStatusConditionTrue(n.Status.Conditions, v1alpha1.ConditionAttested) || n.Status.LastAttestationResult != v1alpha1.ResultPassed {
+		t.Fatalf("status after passing: %+v", n.Status)
+	}
+	var events corev1.EventList
+	if err := e.kube.List(ctx, &events); err != nil {
+		t.Fatal(err)
+	}
+	reasons := map[string]bool{}
+	for _, ev := range events.Items {
+		reasons[ev.Reason] = true
+	}
+	if !reasons["Enrolled"] || !reasons[v1alpha1.ReasonAttestationPassed] {
+		t.Errorf("events = %v, want Enrolled and AttestationPassed", reasons)
+	}
+	// Replaying the same attestation is refused: the nonce was consumed.
+	if _, err := e.svc.Attest(ctx, e.attestRequest(n.Name)); !errors.Is(err, ErrNonce) {
+		t.Fatalf("replay = %v, want ErrNonce", err)
+	}
+}
+
+func TestEnrollmentWrongAnswerStoresNothing(t *testing.T) {
+	e := newEnv(t, zaptest.NewLogger(t))
+	en, _, err := e.svc.BeginEnrollment(context.Background(), e.enrollRequest())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.svc.FinishEnrollment(context.Background(), en, make([]byte, 32)); !errors.Is(err, ErrRefused) {
+		t.Fatalf("wrong answer = %v, want ErrRefused", err)
+	}
+	var list v1alpha1.SovraNodeList
+	if err := e.kube.List(context.Background(), &list); err != nil || len(list.Items) != 0 {
+		t.Fatalf("records after a refused enrollment: %d (%v)", len(list.Items), err)
+	}
+}
+
+func TestReEnrollmentResetsAttestation(t *testing.T) {
+	e := newEnv(t, zaptest.NewLogger(t))
+	ctx := context.Background()
+	n := e.enroll(t)
+	e.nonce(t, n.Name)
+	if _, err := e.svc.Attest(ctx, e.attestRequest(n.Name)); err != nil {
+		t.Fatal(err)
+	}
+	n = e.enroll(t)
+	if meta.IsStatusConditionTrue(n.Status.Conditions, v1alpha1.ConditionAttested) {
+		t.Fatal("a new AK must attest again before the node counts as attested")
+	}
+}
+
+func TestNonceSingleUseAcrossCallers(t *testing.T) {
+	e := newEnv(t, zaptest.NewLogger(t))
+	n := e.enroll(t)
+	e.nonce(t, n.Name)
+	const callers = 8
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	accepted := 0
+	for range callers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := e.svc.consumeNonce(context.Background(), n.Name, e.f.Nonce); err == nil {
+				mu.Lock()
+				accepted++
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	if accepted != 1 {
+		t.Fatalf("nonce accepted %d times, want once", accepted)
+	}
+}
+
+func TestIssueNonce(t *testing.T) {
+	e := newEnv(t, zaptest.NewLogger(t))
+	ctx := context.Background()
+	if _, _, err := e.svc.IssueNonce(ctx, "ek-unknown"); !errors.Is(err, ErrNodeNotFound) {
+		t.Fatalf("nonce for an unknown node = %v", err)
+	}
+	n := e.enroll(t)
+	nonce, exp, err := e.svc.IssueNonce(ctx, n.Name)
+	if err != nil || len(nonce) != attest.NonceLen || !exp.After(e.clock.Now()) {
+		t.Fatalf("IssueNonce = %x %v %v", nonce, exp, err)
+	}
+	e.clock.mu.Lock()
+	e.clock.now = e.clock.now.Add(2 * DefaultNonceTTL)
+	e.clock.mu.Unlock()
+	if err := e.svc.SweepNonces(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.store.GetNonce(ctx, NonceName(nonce)); !errors.Is(err, ErrNonce) {
+		t.Fatalf("expired nonce survived the sweep: %v", err)
+	}
+}
+
+func TestConfigReportsEveryProblem(t *testing.T) {
+	err := Config{NonceTTL: -1}.Validate()
+	for _, want := range []string{"nonce TTL", "node CA", "EK policy admits nothing"} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("Validate() = %v, want it to mention %q", err, want)
+		}
+	}
+}
+
+// BenchmarkService measures, in one run, full enrollments per second
+// (EK chain, AK checks, activation challenge and answer, record written) and
+// full verifications per second on one core (nonce stored and consumed,
+// quote verified, log replayed, policy listed and evaluated, certificate
+// issued, status written), on the fake API client.
+func BenchmarkService(b *testing.B) {
+	e := newEnv(b, zap.NewNop())
+	ctx := context.Background()
+	n := e.enroll(b)
+	const rounds = 100
+	var enrollTime, verifyTime time.Duration
+	b.ResetTimer()
+	for range b.N {
+		start := time.Now()
+		for range rounds {
+			en, _, err := e.svc.BeginEnrollment(ctx, e.enrollRequest())
+			if err != nil {
+				b.Fatal(err)
+			}
+			if _, err := e.svc.FinishEnrollment(ctx, en, en.secret); err != nil {
+				b.Fatal(err)
+			}
+		}
+		enrollTime += time.Since(start)
+		start = time.Now()
+		for range rounds {
+			e.nonce(b, n.Name)
+			if _, err := e.svc.Attest(ctx, e.attestRequest(n.Name)); err != nil {
+				b.Fatal(err)
+			}
+		}
+		verifyTime += time.Since(start)
+	}
+	total := float64(b.N * rounds)
+	b.ReportMetric(total/enrollTime.Seconds(), "enrollments/s")
+	b.ReportMetric(total/verifyTime.Seconds(), "verifications/s/core")
+}
+
+func TestNonceFloodIsBounded(t *testing.T) {
+	e := newEnv(t, zaptest.NewLogger(t))
+	n := e.enroll(t)
+	for i := range maxOutstandingNonces {
+		if _, _, err := e.svc.IssueNonce(context.Background(), n.Name); err != nil {
+			t.Fatalf("nonce %d: %v", i, err)
+		}
+	}
+	if _, _, err := e.svc.IssueNonce(context.Background(), n.Name); !errors.Is(err, ErrBusy) {
+		t.Fatalf("nonce beyond the bound = %v, want ErrBusy", err)
+	}
+	e.clock.mu.Lock()
+	e.clock.now = e.clock.now.Add(2 * DefaultNonceTTL)
+	e.clock.mu.Unlock()
+	if _, _, err := e.svc.IssueNonce(context.Background(), n.Name); err != nil {
+		t.Fatalf("nonce after the others expired: %v", err)
+	}
+}

@@ -1,0 +1,341 @@
+// Package config is the typed configuration of sovrad: its flags, the SOVRA_*
+// environment variables that set the same values, the defaults, and the
+// validation that runs once at start and reports every problem together.
+package config
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/spf13/pflag"
+	"golang.org/x/sys/unix"
+	"k8s.io/apimachinery/pkg/util/validation"
+)
+
+const (
+	// EnvPrefix prefixes the environment variable of every flag: --data-dir is SOVRA_DATA_DIR.
+	EnvPrefix = "SOVRA_"
+
+	defaultDataDir         = "/var/lib/sovra"
+	defaultListen          = "127.0.0.1:6443"
+	defaultShutdownTimeout = 30 * time.Second
+	defaultUsernameClaim   = "sub"
+
+	// maxUnixSocketPath is the longest path a unix socket can have on Linux
+	// (sun_path is 108 bytes with the terminating NUL).
+	maxUnixSocketPath = 107
+)
+
+// Datastore kinds, chosen by the scheme of --datastore.
+const (
+	DatastoreSQLite   = "sqlite"
+	DatastorePostgres = "postgres"
+)
+
+// Config is everything sovrad is told at start. The zero value is not useful:
+// build one with New and Parse, then call Validate.
+type Config struct {
+	// DataDir holds the daemon's state: its PKI, keys, kubeconfig, audit log and,
+	// on the default datastore, the SQLite database. Created with mode 0700.
+	DataDir string
+	// Datastore is the datastore URL: empty for SQLite in DataDir, or
+	// postgres://user:pass@host/db for several replicas on one database.
+	// It may hold a password: never log it or put it in an error.
+	Datastore string
+	// Listen is the address of the Kubernetes API (HTTPS).
+	Listen string
+	// AdvertiseAddress is the address clients reach the API on; empty means the
+	// listen address when it is specific, else the first non-loopback address.
+	AdvertiseAddress string
+	// TLSSANs are extra DNS names and IPs for the API's serving certificate.
+	TLSSANs []string
+
+	// OIDC authenticates people with an OpenID Connect provider; off when IssuerURL is empty.
+	OIDC OIDC
+	// AdminGroup, when set, is bound to cluster-admin (for OIDC or certificate groups).
+	AdminGroup string
+
+	// AuditLog is the audit log file; "-" writes it to stdout. Empty means
+	// audit.log in DataDir.
+	AuditLog string
+	// AuditPolicy is an audit policy file that replaces the default policy.
+	AuditPolicy string
+
+	// LogLevel is the level of sovrad's own logs: debug, info, warn or error.
+	LogLevel string
+	// ShutdownTimeout bounds a graceful shutdown; past it the process exits.
+	ShutdownTimeout time.Duration
+}
+
+// OIDC configures OpenID Connect authentication of the Kubernetes API.
+type OIDC struct {
+	IssuerURL     string
+	ClientID      string
+	UsernameClaim string
+	GroupsClaim   string
+	// CAFile verifies the issuer's TLS certificate; empty means the system roots.
+	CAFile string
+}
+
+// New returns the configuration with every default filled in.
+func New() *Config {
+	return &Config{
+		DataDir:         defaultDataDir,
+		Listen:          defaultListen,
+		OIDC:            OIDC{UsernameClaim: defaultUsernameClaim},
+		LogLevel:        "info",
+		ShutdownTimeout: defaultShutdownTimeout,
+	}
+}
+
+// FlagSet binds the configuration's fields to flags.
+func (c *Config) FlagSet() *pflag.FlagSet {
+	fs := pflag.NewFlagSet("sovrad", pflag.ContinueOnError)
+	fs.StringVar(&c.DataDir, "data-dir", c.DataDir, "directory for the daemon's keys, certificates, kubeconfig and SQLite database (created 0700)")
+	fs.StringVar(&c.Datastore, "datastore", c.Datastore, "datastore URL: empty for SQLite in the data directory, postgres://... for HA replicas on one database")
+	fs.StringVar(&c.Listen, "listen", c.Listen, "address of the Kubernetes API (HTTPS); 0.0.0.0:6443 to listen on every interface")
+	fs.StringVar(&c.AdvertiseAddress, "advertise-address", c.AdvertiseAddress, "IP address clients reach the API on (added to the serving certificate)")
+	fs.StringSliceVar(&c.TLSSANs, "tls-san", c.TLSSANs, "extra DNS names or IPs for the API's serving certificate (repeat or comma-separate)")
+	fs.StringVar(&c.OIDC.IssuerURL, "oidc-issuer-url", c.OIDC.IssuerURL, "OpenID Connect issuer (https); enables OIDC authentication")
+	fs.StringVar(&c.OIDC.ClientID, "oidc-client-id", c.OIDC.ClientID, "OpenID Connect client ID: the audience tokens must carry")
+	fs.StringVar(&c.OIDC.UsernameClaim, "oidc-username-claim", c.OIDC.UsernameClaim, "token claim used as the user name")
+	fs.StringVar(&c.OIDC.GroupsClaim, "oidc-groups-claim", c.OIDC.GroupsClaim, "token claim holding the user's groups")
+	fs.StringVar(&c.OIDC.CAFile, "oidc-ca-file", c.OIDC.CAFile, "CA bundle that verifies the issuer (default: system roots)")
+	fs.StringVar(&c.AdminGroup, "admin-group", c.AdminGroup, "group bound to cluster-admin")
+	fs.StringVar(&c.AuditLog, "audit-log", c.AuditLog, "audit log file, or - for stdout (default: audit.log in the data directory)")
+	fs.StringVar(&c.AuditPolicy, "audit-policy", c.AuditPolicy, "audit policy file replacing the default policy")
+	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "log level: debug, info, warn or error")
+	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", c.ShutdownTimeout, "longest graceful shutdown before the process exits")
+	return fs
+}
+
+// Parse sets the configuration from args and, for every flag not given on the
+// command line, from its SOVRA_* environment variable. getenv is os.Getenv in
+// production. It returns every bad value at once.
+func (c *Config) Parse(args []string, getenv func(string) string) error {
+	fs := c.FlagSet()
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments %q: sovrad takes flags only", fs.Args())
+	}
+	var errs []error
+	fs.VisitAll(func(f *pflag.Flag) {
+		if f.Changed {
+			return
+		}
+		name := EnvName(f.Name)
+		v := getenv(name)
+		if v == "" {
+			return
+		}
+		if err := fs.Set(f.Name, v); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", name, err))
+		}
+	})
+	return errors.Join(errs...)
+}
+
+// EnvName is the environment variable that sets a flag.
+func EnvName(flag string) string {
+	return EnvPrefix + strings.ToUpper(strings.ReplaceAll(flag, "-", "_"))
+}
+
+// Validate checks the configuration without changing anything on disk and
+// returns every problem found, joined.
+func (c *Config) Validate() error {
+	var errs []error
+	add := func(format string, a ...any) { errs = append(errs, fmt.Errorf(format, a...)) }
+
+	if _, _, err := c.ListenHostPort(); err != nil {
+		add("--listen %q: %v", c.Listen, err)
+	}
+	if c.AdvertiseAddress != "" && net.ParseIP(c.AdvertiseAddress) == nil {
+		add("--advertise-address %q: not an IP address", c.AdvertiseAddress)
+	}
+	for _, san := range c.TLSSANs {
+		if net.ParseIP(san) == nil && len(validation.IsDNS1123Subdomain(strings.TrimPrefix(san, "*."))) > 0 {
+			add("--tls-san %q: neither an IP address nor a DNS name", san)
+		}
+	}
+	if _, err := c.DatastoreKind(); err != nil {
+		errs = append(errs, err)
+	}
+	errs = append(errs, c.validateDataDir()...)
+	errs = append(errs, c.validateOIDC()...)
+	if c.AuditPolicy != "" {
+		if err := readable(c.AuditPolicy); err != nil {
+			add("--audit-policy: %v", err)
+		}
+	}
+	if c.AuditLog != "" && c.AuditLog != "-" {
+		if err := writableDir(filepath.Dir(c.AuditLog)); err != nil {
+			add("--audit-log %s: %v", c.AuditLog, err)
+		}
+	}
+	switch c.LogLevel {
+	case "debug", "info", "warn", "error":
+	default:
+		add("--log-level %q: use debug, info, warn or error", c.LogLevel)
+	}
+	if c.ShutdownTimeout <= 0 {
+		add("--shutdown-timeout %s: must be positive", c.ShutdownTimeout)
+	}
+	return errors.Join(errs...)
+}
+
+// ListenHostPort splits Listen into an IP and a port.
+func (c *Config) ListenHostPort() (net.IP, int, error) {
+	host, portStr, err := net.SplitHostPort(c.Listen)
+	if err != nil {
+		return nil, 0, fmt.Errorf("want IP:port: %w", err)
+	}
+	ip := net.ParseIP(host)
+	if ip == nil {
+		return nil, 0, fmt.Errorf("%q is not an IP address", host)
+	}
+	port, err := strconv.Atoi(portStr)
+	if err != nil || port < 1 || port > 65535 {
+		return nil, 0, fmt.Errorf("port %q is not in 1-65535", portStr)
+	}
+	return ip, port, nil
+}
+
+// DatastoreKind returns DatastoreSQLite or DatastorePostgres. Its errors name
+// the scheme at most: the URL may hold a password.
+func (c *Config) DatastoreKind() (string, error) {
+	if c.Datastore == "" {
+		return DatastoreSQLite, nil
+	}
+	u, err := url.Parse(c.Datastore)
+	if err != nil || u.Scheme == "" {
+		return "", errors.New("--datastore: not a URL: use postgres://user:password@host:5432/database, or leave it empty for SQLite in the data directory")
+	}
+	switch u.Scheme {
+	case "postgres", "postgresql":
+		if u.Host == "" {
+			return "", errors.New("--datastore: the postgres URL has no host: use postgres://user:password@host:5432/database")
+		}
+		return DatastorePostgres, nil
+	case "sqlite":
+		return "", errors.New("--datastore: SQLite is the default and lives in the data directory: leave --datastore empty")
+	default:
+		return "", fmt.Errorf("--datastore: unsupported scheme %q: use postgres://..., or leave it empty for SQLite", u.Scheme)
+	}
+}
+
+// KineSocket is the unix socket the embedded etcd API (kine) listens on.
+func (c *Config) KineSocket() string {
+	return filepath.Join(c.absDataDir(), "kine.sock")
+}
+
+func (c *Config) absDataDir() string {
+	abs, err := filepath.Abs(c.DataDir)
+	if err != nil {
+		return c.DataDir
+	}
+	return abs
+}
+
+func (c *Config) validateDataDir() []error {
+	if c.DataDir == "" {
+		return []error{errors.New("--data-dir: must not be empty")}
+	}
+	if len(c.KineSocket()) > maxUnixSocketPath {
+		return []error{fmt.Errorf("--data-dir %s: path too long for the datastore socket (%d bytes at most): choose a shorter path", c.DataDir, maxUnixSocketPath-len("/kine.sock"))}
+	}
+	fi, err := os.Stat(c.DataDir)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		parent := filepath.Dir(c.absDataDir())
+		if err := writableDir(parent); err != nil {
+			return []error{fmt.Errorf("--data-dir %s: cannot be created: %v", c.DataDir, err)}
+		}
+		return nil
+	case err != nil:
+		return []error{fmt.Errorf("--data-dir %s: %v", c.DataDir, err)}
+	case !fi.IsDir():
+		return []error{fmt.Errorf("--data-dir %s: not a directory", c.DataDir)}
+	}
+	var errs []error
+	if err := writableDir(c.DataDir); err != nil {
+		errs = append(errs, fmt.Errorf("--data-dir %s: %v", c.DataDir, err))
+	}
+	if perm := fi.Mode().Perm(); perm&0o077 != 0 {
+		errs = append(errs, fmt.Errorf("--data-dir %s: mode %04o lets other users in; it holds private keys: chmod 700 %s", c.DataDir, perm, c.DataDir))
+	}
+	for _, name := range SecretFiles {
+		p := filepath.Join(c.DataDir, name)
+		fi, err := os.Stat(p)
+		if err != nil {
+			continue
+		}
+		if perm := fi.Mode().Perm(); perm&0o077 != 0 {
+			errs = append(errs, fmt.Errorf("key file %s: mode %04o is readable by other users: chmod 600 %s (and consider the key exposed)", p, perm, p))
+		}
+	}
+	return errs
+}
+
+// SecretFiles are the files in the data directory that hold private keys or
+// credentials; each must be readable by its owner only.
+var SecretFiles = []string{
+	"ca.key", "apiserver.key", "sa.key", "admin.key", "admin.kubeconfig", "encryption-config.yaml",
+}
+
+func (c *Config) validateOIDC() []error {
+	o := c.OIDC
+	if o.IssuerURL == "" {
+		if o.ClientID != "" || o.GroupsClaim != "" || o.CAFile != "" {
+			return []error{errors.New("--oidc-client-id, --oidc-groups-claim and --oidc-ca-file need --oidc-issuer-url")}
+		}
+		return nil
+	}
+	var errs []error
+	u, err := url.Parse(o.IssuerURL)
+	if err != nil || u.Scheme != "https" || u.Host == "" {
+		errs = append(errs, fmt.Errorf("--oidc-issuer-url %q: must be an https URL", o.IssuerURL))
+	}
+	if o.ClientID == "" {
+		errs = append(errs, errors.New("--oidc-client-id: required with --oidc-issuer-url"))
+	}
+	if o.UsernameClaim == "" {
+		errs = append(errs, errors.New("--oidc-username-claim: must not be empty"))
+	}
+	if o.CAFile != "" {
+		if err := readable(o.CAFile); err != nil {
+			errs = append(errs, fmt.Errorf("--oidc-ca-file: %v", err))
+		}
+	}
+	return errs
+}
+
+func readable(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	return f.Close()
+}
+
+func writableDir(dir string) error {
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return err
+	}
+	if !fi.IsDir() {
+		return fmt.Errorf("%s is not a directory", dir)
+	}
+	if err := unix.Access(dir, unix.W_OK|unix.X_OK); err != nil {
+		return fmt.Errorf("%s is not writable", dir)
+	}
+	return nil
+}

@@ -1,0 +1,80 @@
+package datadir
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+
+	"github.com/sovra-dev/sovra/daemon/config"
+)
+
+// defaultAuditPolicy records who did what to which object for everything,
+// the full request and response for Cluster API objects (the lifecycle an
+// auditor asks about), and never the content of Secrets, ConfigMaps or token
+// requests. Read-only health and discovery probes are not recorded.
+const defaultAuditPolicy = `apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived"]
+rules:
+  - level: None
+    nonResourceURLs: ["/healthz*", "/livez*", "/readyz*", "/version", "/openapi*", "/api", "/apis", "/metrics"]
+  - level: None
+    users: ["system:apiserver"]
+    verbs: ["get", "list", "watch"]
+  - level: Metadata
+    resources:
+      - group: ""
+        resources: ["secrets", "configmaps", "serviceaccounts/token"]
+      - group: "authentication.k8s.io"
+        resources: ["tokenreviews"]
+      - group: "authorization.k8s.io"
+  - level: RequestResponse
+    resources:
+      - group: "cluster.x-k8s.io"
+      - group: "bootstrap.cluster.x-k8s.io"
+      - group: "controlplane.cluster.x-k8s.io"
+      - group: "infrastructure.cluster.x-k8s.io"
+      - group: "sovra.dev"
+  - level: Metadata
+`
+
+// Anonymous requests are accepted only on the health endpoints, where RBAC's
+// system:public-info-viewer lets them through; everywhere else they get 401.
+var anonymousPaths = []string{"/livez", "/readyz", "/healthz"}
+
+// authenticationConfig renders the API server's structured authentication
+// configuration: anonymous access limited to health checks, and OIDC when an
+// issuer is configured. JSON is valid YAML, so the file is JSON.
+func authenticationConfig(o config.OIDC) ([]byte, error) {
+	type condition struct {
+		Path string `json:"path"`
+	}
+	doc := map[string]any{
+		"apiVersion": "apiserver.config.k8s.io/v1beta1",
+		"kind":       "AuthenticationConfiguration",
+	}
+	var conds []condition
+	for _, p := range anonymousPaths {
+		conds = append(conds, condition{Path: p})
+	}
+	doc["anonymous"] = map[string]any{"enabled": true, "conditions": conds}
+
+	if o.IssuerURL != "" {
+		issuer := map[string]any{"url": o.IssuerURL, "audiences": []string{o.ClientID}}
+		if o.CAFile != "" {
+			ca, err := os.ReadFile(o.CAFile)
+			if err != nil {
+				return nil, fmt.Errorf("reading --oidc-ca-file: %w", err)
+			}
+			issuer["certificateAuthority"] = string(ca)
+		}
+		mappings := map[string]any{
+			"username": map[string]any{"claim": o.UsernameClaim, "prefix": ""},
+		}
+		if o.GroupsClaim != "" {
+			mappings["groups"] = map[string]any{"claim": o.GroupsClaim, "prefix": ""}
+		}
+		doc["jwt"] = []any{map[string]any{"issuer": issuer, "claimMappings": mappings}}
+	}
+	return json.MarshalIndent(doc, "", "  ")
+}

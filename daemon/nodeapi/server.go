@@ -1,0 +1,160 @@
+// Package nodeapi serves the node API (enrollment, nonces, attestation) over
+// gRPC with TLS, on top of the attestation service. It is the edge: errors
+// become gRPC status codes here and nowhere else.
+package nodeapi
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"time"
+
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/keepalive"
+	"k8s.io/client-go/rest"
+
+	"github.com/sovra-dev/sovra/daemon/attestation"
+	pb "github.com/sovra-dev/sovra/internal/nodeapi"
+)
+
+// Defaults and limits of the server.
+const (
+	// DefaultListen is the default of sovrad's --node-listen.
+	DefaultListen = ":7443"
+	// MaxMessageSize bounds any message a node sends: the event log (at
+	// most 1 MiB) plus the rest of an attestation.
+	MaxMessageSize = 2 << 20
+	// EnrollTimeout bounds an enrollment round trip.
+	EnrollTimeout = 30 * time.Second
+	// SweepInterval is how often expired nonces are removed.
+	SweepInterval = time.Minute
+	// ShutdownGrace is how long Run waits for calls in flight at shutdown.
+	ShutdownGrace = 10 * time.Second
+	// maxConcurrentStreams bounds the calls per connection.
+	maxConcurrentStreams = 64
+)
+
+// Config configures the node API server.
+type Config struct {
+	// Listen is the TCP address; empty means DefaultListen.
+	Listen string
+	// TLS is the serving configuration (certificate from the daemon's PKI).
+	// It is required: the node API never serves plaintext.
+	TLS *tls.Config
+	// Attestation configures enrollment and attestation.
+	Attestation attestation.Config
+}
+
+// Validate reports every problem of c at once.
+func (c Config) Validate() error {
+	var errs []error
+	if c.TLS == nil || (len(c.TLS.Certificates) == 0 && c.TLS.GetCertificate == nil) {
+		errs = append(errs, errors.New("node API needs a TLS serving certificate"))
+	}
+	if err := c.Attestation.Validate(); err != nil {
+		errs = append(errs, err)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("invalid node API config: %w", err)
+	}
+	return nil
+}
+
+// Server is the node API: a gRPC server over the attestation service.
+type Server struct {
+	cfg     Config
+	service *attestation.Service
+	grpc    *grpc.Server
+	logger  *zap.Logger
+}
+
+// NewServer builds the node API on the Kubernetes API at kubeconfig.
+func NewServer(cfg Config, kubeconfig *rest.Config, logger *zap.Logger) (*Server, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if logger == nil {
+		logger = zap.NewNop()
+	}
+	store, err := attestation.NewKubeStore(kubeconfig, logger)
+	if err != nil {
+		return nil, fmt.Errorf("creating node API: %w", err)
+	}
+	return NewServerWithStore(cfg, store, nil, logger)
+}
+
+// NewServerWithStore builds the node API on any store and clock (nil is the
+// system clock); tests use a fake client.
+func NewServerWithStore(cfg Config, store attestation.Store, clock attestation.Clock, logger *zap.Logger) (*Server, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if logger == nil {
+		logger = zap.NewNop()
+	}
+	svc, err := attestation.New(cfg.Attestation, store, clock, logger)
+	if err != nil {
+		return nil, fmt.Errorf("creating node API: %w", err)
+	}
+	tlsCfg := cfg.TLS.Clone()
+	if tlsCfg.MinVersion < tls.VersionTLS12 {
+		tlsCfg.MinVersion = tls.VersionTLS12
+	}
+	g := grpc.NewServer(
+		grpc.Creds(credentials.NewTLS(tlsCfg)),
+		grpc.MaxRecvMsgSize(MaxMessageSize),
+		grpc.MaxConcurrentStreams(maxConcurrentStreams),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second}),
+	)
+	pb.RegisterNodeServiceServer(g, &handler{svc: svc, logger: logger})
+	return &Server{cfg: cfg, service: svc, grpc: g, logger: logger}, nil
+}
+
+// Service returns the attestation service behind the server.
+func (s *Server) Service() *attestation.Service { return s.service }
+
+// Run listens on cfg.Listen and serves until ctx ends, then stops gracefully
+// within ShutdownGrace.
+func (s *Server) Run(ctx context.Context) error {
+	addr := s.cfg.Listen
+	if addr == "" {
+		addr = DefaultListen
+	}
+	lis, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("listening for the node API on %s: %w", addr, err)
+	}
+	return s.Serve(ctx, lis)
+}
+
+// Serve serves on lis until ctx ends.
+func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
+	s.logger.Info("node API listening", zap.String("address", lis.Addr().String()))
+	errc := make(chan error, 1)
+	go func() { errc <- s.grpc.Serve(lis) }()
+	sweep := time.NewTicker(SweepInterval)
+	defer sweep.Stop()
+	for {
+		select {
+		case err := <-errc:
+			return fmt.Errorf("serving the node API: %w", err)
+		case <-sweep.C:
+			if err := s.service.SweepNonces(ctx); err != nil {
+				s.logger.Warn("sweeping nonces", zap.Error(err))
+			}
+		case <-ctx.Done():
+			done := make(chan struct{})
+			go func() { s.grpc.GracefulStop(); close(done) }()
+			select {
+			case <-done:
+			case <-time.After(ShutdownGrace):
+				s.grpc.Stop()
+			}
+			return nil
+		}
+	}
+}

@@ -1,0 +1,5 @@
+// Package bootstrap holds the end-to-end stories of the zero-touch etcd
+// bootstrap: network namespaces with one fake Talos node (tests/talosfake) and
+// the real agent binary each, an in-process simulation of thousands of boots
+// on a fake clock, and the benchmarks of discovery.
+package bootstrap
