@@ -1,0 +1,75 @@
+package config
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func env(m map[string]string) func(string) string { return func(k string) string { return m[k] } }
+
+func TestParseFlagsWinOverEnvironment(t *testing.T) {
+	c := New()
+	err := c.Parse([]string{"--listen", "127.0.0.1:7000"}, env(map[string]string{
+		"SOVRA_LISTEN":   "127.0.0.1:9999",
+		"SOVRA_TLS_SAN":  "a.example,10.1.2.3",
+		"SOVRA_DATA_DIR": "/srv/sovra",
+	}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Listen != "127.0.0.1:7000" || c.DataDir != "/srv/sovra" || strings.Join(c.TLSSANs, ",") != "a.example,10.1.2.3" {
+		t.Fatalf("got %+v", c)
+	}
+}
+
+func TestEnvName(t *testing.T) {
+	if got := EnvName("oidc-issuer-url"); got != "SOVRA_OIDC_ISSUER_URL" {
+		t.Fatal(got)
+	}
+}
+
+func TestValidateReportsEverything(t *testing.T) {
+	c := New()
+	c.DataDir = filepath.Join(t.TempDir(), "data")
+	c.Listen = "nope"
+	c.Datastore = "postgres://user:topsecretpw@/db"
+	c.OIDC.ClientID = "x"
+	c.ShutdownTimeout = 0
+	err := c.Validate()
+	if err == nil {
+		t.Fatal("no error")
+	}
+	for _, want := range []string{"--listen", "no host", "need --oidc-issuer-url", "--shutdown-timeout"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("missing %q in %v", want, err)
+		}
+	}
+	if strings.Contains(err.Error(), "topsecretpw") {
+		t.Fatal("the error holds the datastore password")
+	}
+}
+
+func TestValidateDefaultsInFreshDir(t *testing.T) {
+	c := New()
+	c.DataDir = filepath.Join(t.TempDir(), "data")
+	if err := c.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(c.DataDir); !os.IsNotExist(err) {
+		t.Fatal("Validate created the data directory")
+	}
+	c.Datastore = "postgresql://sovra@db.internal:5432/sovra"
+	if kind, err := c.DatastoreKind(); err != nil || kind != DatastorePostgres {
+		t.Fatal(kind, err)
+	}
+}
+
+func TestValidateSocketPathLength(t *testing.T) {
+	c := New()
+	c.DataDir = "/" + strings.Repeat("d", 120)
+	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "too long") {
+		t.Fatalf("long data dir: %v", err)
+	}
+}

@@ -1,0 +1,133 @@
+package daemon_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/sovra-dev/sovra/internal/testutil"
+	"github.com/sovra-dev/sovra/tests/sovradtest"
+)
+
+// TestStartupErrors: each bad configuration stops sovrad before it starts,
+// with exit code 2, a message that says what to fix, every problem at once,
+// and nothing on disk changed.
+func TestStartupErrors(t *testing.T) {
+	t.Run("bad datastore URL", func(t *testing.T) {
+		dir := filepath.Join(t.TempDir(), "data")
+		out := mustFail(t, nil, "--data-dir", dir, "--datastore", "mysql://root:hunter2pw@db.internal/sovra")
+		wantAll(t, out, `--datastore: unsupported scheme "mysql": use postgres://..., or leave it empty for SQLite`)
+		if strings.Contains(out, "hunter2pw") {
+			t.Fatal("the error repeats the datastore password")
+		}
+		assertAbsent(t, dir)
+		out = mustFail(t, nil, "--data-dir", dir, "--datastore", "postgres:///nohost")
+		wantAll(t, out, "--datastore: the postgres URL has no host")
+		assertAbsent(t, dir)
+	})
+
+	t.Run("data dir is a file", func(t *testing.T) {
+		file := filepath.Join(t.TempDir(), "file")
+		os.WriteFile(file, []byte("x"), 0o600)
+		out := mustFail(t, nil, "--data-dir", filepath.Join(file, "data"))
+		wantAll(t, out, "--data-dir "+filepath.Join(file, "data")+": cannot be created: "+file+" is not a directory")
+	})
+
+	t.Run("unwritable data dir", func(t *testing.T) {
+		testutil.RequireRoot(t)
+		ro := filepath.Join(t.TempDir(), "ro")
+		os.Mkdir(ro, 0o700)
+		if err := syscall.Mount("tmpfs", ro, "tmpfs", syscall.MS_RDONLY, "size=1m"); err != nil {
+			t.Fatalf("mounting a read-only tmpfs: %v", err)
+		}
+		t.Cleanup(func() { syscall.Unmount(ro, 0) })
+		out := mustFail(t, nil, "--data-dir", filepath.Join(ro, "data"))
+		wantAll(t, out, "--data-dir "+filepath.Join(ro, "data")+": cannot be created: "+ro+" is not writable")
+	})
+
+	t.Run("world-readable key and open data dir", func(t *testing.T) {
+		dir := filepath.Join(t.TempDir(), "data")
+		d := sovradtest.Start(t, dir)
+		d.Stop()
+		os.Chmod(filepath.Join(dir, "sa.key"), 0o644)
+		os.Chmod(dir, 0o755)
+		before := snapshot(t, dir)
+		out := mustFail(t, nil, "--data-dir", dir)
+		wantAll(t, out,
+			"key file "+filepath.Join(dir, "sa.key")+": mode 0644 is readable by other users: chmod 600",
+			"--data-dir "+dir+": mode 0755 lets other users in; it holds private keys: chmod 700")
+		if after := snapshot(t, dir); after != before {
+			t.Fatalf("a refused start changed the data directory:\nbefore:\n%s\nafter:\n%s", before, after)
+		}
+	})
+
+	t.Run("every problem at once, from flags and environment", func(t *testing.T) {
+		dir := filepath.Join(t.TempDir(), "data")
+		out := mustFail(t, []string{"SOVRA_LOG_LEVEL=loud", "SOVRA_OIDC_ISSUER_URL=http://idp.example"},
+			"--data-dir", dir, "--listen", "localhost:6443", "--datastore", "ftp://x", "--tls-san", "bad name!")
+		wantAll(t, out,
+			`--listen "localhost:6443": "localhost" is not an IP address`,
+			`--datastore: unsupported scheme "ftp"`,
+			`--tls-san "bad name!": neither an IP address nor a DNS name`,
+			`--log-level "loud": use debug, info, warn or error`,
+			`--oidc-issuer-url "http://idp.example": must be an https URL`,
+			`--oidc-client-id: required with --oidc-issuer-url`)
+		assertAbsent(t, dir)
+		out = mustFail(t, []string{"SOVRA_SHUTDOWN_TIMEOUT=soon"}, "--data-dir", dir)
+		wantAll(t, out, `SOVRA_SHUTDOWN_TIMEOUT: invalid argument "soon"`)
+	})
+}
+
+// mustFail runs sovrad, expects exit code 2 within seconds, and returns its stderr.
+func mustFail(t *testing.T, env []string, args ...string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, testutil.Bin(t, "sovrad"), args...)
+	cmd.Env = append(os.Environ(), env...)
+	out, err := cmd.CombinedOutput()
+	var exit *exec.ExitError
+	if !errors.As(err, &exit) || exit.ExitCode() != 2 {
+		t.Fatalf("sovrad %v: want exit code 2, got %v\n%s", args, err, out)
+	}
+	return string(out)
+}
+
+func wantAll(t *testing.T, out string, parts ...string) {
+	t.Helper()
+	for _, p := range parts {
+		if !strings.Contains(out, p) {
+			t.Errorf("output lacks %q:\n%s", p, out)
+		}
+	}
+}
+
+func assertAbsent(t *testing.T, path string) {
+	t.Helper()
+	if _, err := os.Stat(path); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("a refused start created %s", path)
+	}
+}
+
+// snapshot lists every file under dir with its mode, size and modification time.
+func snapshot(t *testing.T, dir string) string {
+	t.Helper()
+	var lines []string
+	filepath.Walk(dir, func(p string, fi os.FileInfo, err error) error {
+		if err != nil {
+			return err
+		}
+		lines = append(lines, fmt.Sprintf("%s %v %d %d", p, fi.Mode(), fi.Size(), fi.ModTime().UnixNano()))
+		return nil
+	})
+	sort.Strings(lines)
+	return strings.Join(lines, "\n")
+}
