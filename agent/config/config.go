@@ -20,6 +20,7 @@ package config
 import (
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"strconv"
@@ -41,6 +42,8 @@ const (
 	DefaultConnectTimeout        = 300 * time.Millisecond
 	DefaultAPITimeout            = 3 * time.Second
 	DefaultPollInterval          = 2 * time.Second
+	// DefaultAttestInterval is the time between attestations.
+	DefaultAttestInterval = 10 * time.Minute
 
 	// maxIPv4PrefixBits and maxIPv6HostBits bound the scanned range to a /16
 	// (65536 addresses) unless the operator overrides it.
@@ -82,6 +85,29 @@ type Config struct {
 	DaemonEndpoint string
 	// Bootstrap configures discovery, election and the etcd bootstrap.
 	Bootstrap Bootstrap
+	// Attestation configures enrollment and attestation with the daemon; it
+	// runs when DaemonEndpoint is set.
+	Attestation Attestation
+}
+
+// Attestation configures how the agent proves its boot to the daemon.
+type Attestation struct {
+	// DaemonCA is the daemon's node-ca.crt, which verifies the node API.
+	// Required with DaemonEndpoint.
+	DaemonCA string
+	// DaemonServerName overrides the name checked in the daemon's
+	// certificate; empty means the endpoint's host.
+	DaemonServerName string
+	// TPM selects the TPM: device (default: /dev/tpmrm0, else /dev/tpm0),
+	// device:PATH, or swtpm:HOST:PORT (labs and tests).
+	TPM string
+	// Interval is the time between attestations. Default 10m.
+	Interval time.Duration
+	// NodeUUID is the SMBIOS UUID Talos sends with KMS calls; empty means
+	// read from /sys/class/dmi/id/product_uuid.
+	NodeUUID string
+	// EventLog is the TPM event log; empty means the kernel's securityfs file.
+	EventLog string
 }
 
 // Bootstrap configures the zero-touch etcd bootstrap.
@@ -119,6 +145,7 @@ func Default() Config {
 		Role:            RoleAuto,
 		TalosConfigPath: DefaultTalosConfigPath,
 		TalosAPIPort:    DefaultTalosAPIPort,
+		Attestation:     Attestation{Interval: DefaultAttestInterval},
 		Bootstrap: Bootstrap{
 			ExpectedControlPlanes: DefaultExpectedControlPlanes,
 			ScanInterval:          DefaultScanInterval,
@@ -169,6 +196,34 @@ func settings() []setting {
 		}, func(c Config) string { return strconv.Itoa(c.TalosAPIPort) }},
 		{"daemon-endpoint", []string{"SOVRA_DAEMON_ENDPOINT"}, "sovra daemon node API (empty: edge-only mode)", func(c *Config, v string) error {
 			c.DaemonEndpoint = v
+
+			return nil
+		}, func(Config) string { return "" }},
+		{"daemon-ca", []string{"SOVRA_DAEMON_CA"}, "the daemon's node-ca.crt, which verifies the node API", func(c *Config, v string) error {
+			c.Attestation.DaemonCA = v
+
+			return nil
+		}, func(Config) string { return "" }},
+		{"daemon-server-name", []string{"SOVRA_DAEMON_SERVER_NAME"}, "name checked in the daemon's certificate (default: the endpoint's host)", func(c *Config, v string) error {
+			c.Attestation.DaemonServerName = v
+
+			return nil
+		}, func(Config) string { return "" }},
+		{"tpm", []string{"SOVRA_TPM"}, "TPM: device, device:PATH or swtpm:HOST:PORT", func(c *Config, v string) error {
+			c.Attestation.TPM = v
+
+			return nil
+		}, func(Config) string { return "device" }},
+		{"attest-interval", []string{"SOVRA_ATTEST_INTERVAL"}, "time between attestations", func(c *Config, v string) error {
+			return parseDuration(v, &c.Attestation.Interval)
+		}, func(c Config) string { return c.Attestation.Interval.String() }},
+		{"node-uuid", []string{"SOVRA_NODE_UUID"}, "SMBIOS UUID of this node (default: read from sysfs)", func(c *Config, v string) error {
+			c.Attestation.NodeUUID = v
+
+			return nil
+		}, func(Config) string { return "" }},
+		{"event-log", []string{"SOVRA_EVENT_LOG"}, "TPM event log (default: securityfs binary_bios_measurements)", func(c *Config, v string) error {
+			c.Attestation.EventLog = v
 
 			return nil
 		}, func(Config) string { return "" }},
@@ -314,6 +369,20 @@ func (c Config) Validate() error {
 
 	if c.TalosAPIPort < 1 || c.TalosAPIPort > 65535 {
 		add("talos API port %d: want 1-65535", c.TalosAPIPort)
+	}
+
+	if c.DaemonEndpoint != "" {
+		if _, _, err := net.SplitHostPort(c.DaemonEndpoint); err != nil {
+			add("daemon endpoint %q: want host:port", c.DaemonEndpoint)
+		}
+
+		if c.Attestation.DaemonCA == "" {
+			add("daemon endpoint set without --daemon-ca: the agent must verify the daemon")
+		}
+	}
+
+	if c.Attestation.Interval < time.Minute {
+		add("attest interval %s: want at least 1m", c.Attestation.Interval)
 	}
 
 	b := c.Bootstrap

@@ -33,11 +33,13 @@ func TestInstallCRDs(t *testing.T) {
 	for i := range list.Items {
 		crd := &list.Items[i]
 		crd.Status.Conditions = []apiextensionsv1.CustomResourceDefinitionCondition{{Type: apiextensionsv1.Established, Status: apiextensionsv1.ConditionTrue}}
-		if err := c.Update(ctx, crd); err != nil {
+		if err := c.Status().Update(ctx, crd); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if err := WaitForCRDs(ctx, c); err != nil {
+	wait, cancelWait := context.WithTimeout(ctx, 5*time.Second)
+	defer cancelWait()
+	if err := WaitForCRDs(wait, c); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"regexp"
 	"slices"
 
 	goattest "github.com/google/go-attestation/attest"
@@ -18,10 +19,12 @@ import (
 
 // Limits on enrollment claims.
 const (
-	maxUUIDLen     = 64
 	maxHostnameLen = 253
 	maxAddresses   = 16
 )
+
+// uuidPattern is an SMBIOS UUID in its canonical text form.
+var uuidPattern = regexp.MustCompile(`^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$`)
 
 // EnrollRequest is what a node sends to begin enrollment.
 type EnrollRequest struct {
@@ -96,10 +99,14 @@ func (s *Service) FinishEnrollment(ctx context.Context, e *Enrollment, answer []
 	if e.ek.Certificate != nil {
 		spec.EKCertificate = e.ek.Certificate.Raw
 	}
+	if err := s.checkUUIDFree(ctx, e); err != nil {
+		return nil, err
+	}
 	node, err := s.store.GetNode(ctx, e.Node)
 	switch {
 	case errors.Is(err, ErrNodeNotFound):
 		node = &v1alpha1.SovraNode{ObjectMeta: metav1.ObjectMeta{Name: e.Node}, Spec: spec}
+		setUUIDLabel(node)
 		setEnrolled(node, e.ek.Method, now)
 		if err := s.store.CreateNode(ctx, node); err != nil {
 			return nil, fmt.Errorf("creating record of node %s: %w", e.Node, err)
@@ -113,6 +120,7 @@ func (s *Service) FinishEnrollment(ctx context.Context, e *Enrollment, answer []
 			return nil, fmt.Errorf("%w: %w", ErrRefused, err)
 		}
 		node.Spec = spec
+		setUUIDLabel(node)
 		if err := s.store.UpdateNode(ctx, node); err != nil {
 			return nil, fmt.Errorf("pinning new AK of node %s: %w", e.Node, err)
 		}
@@ -126,6 +134,38 @@ func (s *Service) FinishEnrollment(ctx context.Context, e *Enrollment, answer []
 	s.logger.Info("enrolled", zap.String("node", e.Node), zap.String("ek_hash", e.ek.Hash),
 		zap.String("method", e.ek.Method), zap.String("uuid", e.req.UUID))
 	return node, nil
+}
+
+// checkUUIDFree refuses a UUID already bound to another EK: the UUID is how
+// Talos names the node to the KMS, so it must stay bound to one TPM until
+// that node's record is deleted.
+func (s *Service) checkUUIDFree(ctx context.Context, e *Enrollment) error {
+	if e.req.UUID == "" {
+		return nil
+	}
+	nodes, err := s.store.NodesByUUID(ctx, e.req.UUID)
+	if err != nil {
+		return fmt.Errorf("checking UUID of node %s: %w", e.Node, err)
+	}
+	for _, n := range nodes {
+		if n.Spec.EKHash != e.ek.Hash {
+			err := fmt.Errorf("UUID %s is bound to node %s (another EK); delete that SovraNode to bind it to this TPM", e.req.UUID, n.Name)
+			s.deny(ctx, e.Node, "EnrollmentDenied", err)
+			return fmt.Errorf("%w: %w", ErrRefused, err)
+		}
+	}
+	return nil
+}
+
+func setUUIDLabel(n *v1alpha1.SovraNode) {
+	if n.Spec.UUID == "" {
+		delete(n.Labels, v1alpha1.LabelUUID)
+		return
+	}
+	if n.Labels == nil {
+		n.Labels = map[string]string{}
+	}
+	n.Labels[v1alpha1.LabelUUID] = n.Spec.UUID
 }
 
 func setEnrolled(n *v1alpha1.SovraNode, method string, now metav1.Time) {
@@ -146,8 +186,8 @@ func setEnrolled(n *v1alpha1.SovraNode, method string, now metav1.Time) {
 
 func checkEnrollClaims(r EnrollRequest) error {
 	switch {
-	case len(r.UUID) > maxUUIDLen:
-		return fmt.Errorf("%w: UUID of %d bytes, at most %d", ErrInvalid, len(r.UUID), maxUUIDLen)
+	case r.UUID != "" && !uuidPattern.MatchString(r.UUID):
+		return fmt.Errorf("%w: UUID %q is not a canonical lower-case SMBIOS UUID", ErrInvalid, r.UUID)
 	case len(r.Hostname) > maxHostnameLen:
 		return fmt.Errorf("%w: hostname of %d bytes, at most %d", ErrInvalid, len(r.Hostname), maxHostnameLen)
 	case len(r.Addresses) > maxAddresses:

@@ -144,6 +144,15 @@ func (k *KubeStore) GetNode(ctx context.Context, name string) (*v1alpha1.SovraNo
 	return &n, nil
 }
 
+// NodesByUUID implements Store.
+func (k *KubeStore) NodesByUUID(ctx context.Context, uuid string) ([]v1alpha1.SovraNode, error) {
+	var list v1alpha1.SovraNodeList
+	if err := k.Client.List(ctx, &list, client.MatchingLabels{v1alpha1.LabelUUID: uuid}); err != nil {
+		return nil, fmt.Errorf("listing nodes by UUID: %w", err)
+	}
+	return list.Items, nil
+}
+
 // CreateNode implements Store: it creates the object, then writes its
 // status through the status subresource.
 func (k *KubeStore) CreateNode(ctx context.Context, n *v1alpha1.SovraNode) error {

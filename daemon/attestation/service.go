@@ -71,12 +71,13 @@ func (c Config) Validate() error {
 }
 
 // Service enrolls and attests nodes. It is safe for concurrent use; all its
-// state is in the Store.
+// state is in the Store, except the throttle of refusal events.
 type Service struct {
-	cfg    Config
-	store  Store
-	clock  Clock
-	logger *zap.Logger
+	cfg      Config
+	store    Store
+	clock    Clock
+	logger   *zap.Logger
+	throttle eventThrottle
 }
 
 // New returns a Service over store. A nil clock is the system clock and a

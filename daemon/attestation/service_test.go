@@ -17,6 +17,7 @@ import (
 	goattest "github.com/google/go-attestation/attest"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
+	"go.uber.org/zap/zaptest/observer"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -77,7 +78,7 @@ func (e *env) enrollRequest() EnrollRequest {
 		EKCertificate: e.f.EKCertificate,
 		AK: goattest.AttestationParameters{Public: e.f.AKPublic, CreateData: e.f.AKCreateData,
 			CreateAttestation: e.f.AKCreateAttestation, CreateSignature: e.f.AKCreateSignature},
-		UUID: "uuid-1", Hostname: "node-1", Addresses: []string{"10.0.0.1"}, Peer: "10.0.0.9:4000",
+		UUID: "4c4c4544-0042-3510-8051-b7c04f4e3332", Hostname: "node-1", Addresses: []string{"10.0.0.1"}, Peer: "10.0.0.9:4000",
 	}
 }
 
@@ -289,5 +290,94 @@ func TestNonceFloodIsBounded(t *testing.T) {
 	e.clock.mu.Unlock()
 	if _, _, err := e.svc.IssueNonce(context.Background(), n.Name); err != nil {
 		t.Fatalf("nonce after the others expired: %v", err)
+	}
+}
+
+func TestUUIDStaysBoundToOneEK(t *testing.T) {
+	e := newEnv(t, zaptest.NewLogger(t))
+	ctx := context.Background()
+	other := &v1alpha1.SovraNode{ObjectMeta: metav1.ObjectMeta{Name: "ek-other", Labels: map[string]string{v1alpha1.LabelUUID: e.enrollRequest().UUID}},
+		Spec: v1alpha1.SovraNodeSpec{EKHash: strings.Repeat("c", 64), UUID: e.enrollRequest().UUID}}
+	if err := e.store.CreateNode(ctx, other); err != nil {
+		t.Fatal(err)
+	}
+	en, _, err := e.svc.BeginEnrollment(ctx, e.enrollRequest())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.svc.FinishEnrollment(ctx, en, en.secret); !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), "bound to node ek-other") {
+		t.Fatalf("enrollment claiming a bound UUID = %v, want ErrRefused", err)
+	}
+	bad := e.enrollRequest()
+	bad.UUID = "not a uuid"
+	if _, _, err := e.svc.BeginEnrollment(ctx, bad); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("malformed UUID = %v, want ErrInvalid", err)
+	}
+}
+
+// TestAnyReplicaVerifiesAnyNonce: two services over one API share nonces.
+func TestAnyReplicaVerifiesAnyNonce(t *testing.T) {
+	e := newEnv(t, zaptest.NewLogger(t))
+	ctx := context.Background()
+	replica2, err := New(e.svc.cfg, e.store, e.clock, zaptest.NewLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := e.enroll(t)
+	nonce, _, err := e.svc.IssueNonce(ctx, n.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := replica2.consumeNonce(ctx, n.Name, nonce); err != nil {
+		t.Fatalf("replica 2 refused replica 1's nonce: %v", err)
+	}
+	if err := e.svc.consumeNonce(ctx, n.Name, nonce); !errors.Is(err, ErrNonce) {
+		t.Fatalf("replica 1 accepted a nonce replica 2 consumed: %v", err)
+	}
+}
+
+func TestTrustOnFirstUseIsLoud(t *testing.T) {
+	core, logs := observer.New(zap.WarnLevel)
+	e := newEnv(t, zap.New(core))
+	cfg := e.svc.cfg
+	cfg.EK = attest.EKPolicy{TrustOnFirstUse: true}
+	svc, err := New(cfg, e.store, e.clock, zap.New(core))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if logs.FilterMessageSnippet("trust on first use is ON").Len() != 1 {
+		t.Fatal("starting in TOFU mode was not logged as a warning")
+	}
+	req := e.enrollRequest()
+	req.EKCertificate = nil
+	ek, _ := attest.ParseEK(e.f.EKCertificate, nil)
+	req.EKPublic, _ = x509.MarshalPKIXPublicKey(ek.Public)
+	if _, _, err := svc.BeginEnrollment(context.Background(), req); err != nil {
+		t.Fatal(err)
+	}
+	if logs.FilterMessageSnippet("admitted by trust on first use").Len() != 1 {
+		t.Fatal("a TOFU admission was not logged as a warning")
+	}
+}
+
+func TestRefusalEventsAreThrottled(t *testing.T) {
+	e := newEnv(t, zap.NewNop())
+	ctx := context.Background()
+	n := e.enroll(t)
+	count := func() int {
+		var list corev1.EventList
+		if err := e.kube.List(ctx, &list); err != nil {
+			t.Fatal(err)
+		}
+		return len(list.Items)
+	}
+	before := count()
+	for range 20 {
+		if _, err := e.svc.Attest(ctx, e.attestRequest(n.Name)); !errors.Is(err, ErrNonce) {
+			t.Fatalf("Attest without a nonce = %v", err)
+		}
+	}
+	if got := count() - before; got != 1 {
+		t.Fatalf("20 equal refusals made %d events, want 1", got)
 	}
 }

@@ -26,6 +26,8 @@ type Store interface {
 
 	// GetNode returns a node record, or ErrNodeNotFound.
 	GetNode(ctx context.Context, name string) (*v1alpha1.SovraNode, error)
+	// NodesByUUID returns the node records labelled with an SMBIOS UUID.
+	NodesByUUID(ctx context.Context, uuid string) ([]v1alpha1.SovraNode, error)
 	// CreateNode creates a node record with its status.
 	CreateNode(ctx context.Context, n *v1alpha1.SovraNode) error
 	// UpdateNode writes the spec (and labels) of n, or ErrConflict.

@@ -32,6 +32,15 @@ const (
 	AuditLog         = "audit.log"
 	AuthnConfig      = "authentication-config.yaml"
 	SQLiteDir        = "db"
+	// NodeCACert is the CA bundle nodes verify the node API with; the same
+	// CA signs node credentials. It is not the API's CA: a node credential
+	// must never log in to the Kubernetes API.
+	NodeCACert            = "node-ca.crt"
+	NodeCAKey             = "node-ca.key"
+	NodeServeCert         = "node-api.crt"
+	NodeServeKey          = "node-api.key"
+	nodeCACommonName      = "sovra-node-ca"
+	nodeServingCommonName = "sovrad-node-api"
 
 	dirMode            = 0o700
 	encryptionKeyBytes = 32
@@ -59,6 +68,11 @@ type Files struct {
 	ServerURL string
 	// AdvertiseIP is the address the API is advertised on.
 	AdvertiseIP net.IP
+
+	// NodeCA signs the node API's serving certificate and node credentials.
+	NodeCA                          *pki.CA
+	NodeCACert                      string
+	NodeServingCert, NodeServingKey string
 }
 
 // Prepare creates or reuses the data directory of cfg, which must have passed
@@ -110,6 +124,16 @@ func Prepare(cfg *config.Config, log *zap.Logger) (*Files, error) {
 		return nil, err
 	} else if issued {
 		log.Info("issued API serving certificate", zap.Strings("dns", serving.DNSNames), zap.Stringers("ips", serving.IPs))
+	}
+	f.NodeCACert = filepath.Join(dir, NodeCACert)
+	f.NodeServingCert, f.NodeServingKey = filepath.Join(dir, NodeServeCert), filepath.Join(dir, NodeServeKey)
+	if f.NodeCA, err = pki.EnsureCAFiles(f.NodeCACert, filepath.Join(dir, NodeCAKey), nodeCACommonName); err != nil {
+		return nil, err
+	}
+	nodeServing := serving
+	nodeServing.CommonName = nodeServingCommonName
+	if _, err := f.NodeCA.EnsureLeaf(f.NodeServingCert, f.NodeServingKey, nodeServing); err != nil {
+		return nil, err
 	}
 	if err := pki.EnsureKey(f.SAKey, f.SAPub); err != nil {
 		return nil, err

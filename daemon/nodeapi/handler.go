@@ -15,6 +15,9 @@ import (
 	pb "github.com/sovra-dev/sovra/internal/nodeapi"
 )
 
+// pcrCount is the number of PCRs of a PC Client TPM.
+const pcrCount = 24
+
 // handler implements the gRPC service over the attestation service.
 type handler struct {
 	pb.UnimplementedNodeServiceServer
@@ -119,12 +122,12 @@ func attestRequest(req *pb.AttestRequest) (attestation.AttestRequest, error) {
 	if pcrHash > 0xffff {
 		return attestation.AttestRequest{}, status.Error(codes.InvalidArgument, "pcr_hash_alg is not a TPM algorithm ID; send 0x000B (SHA-256)")
 	}
-	if len(req.GetPcrs()) > len(pcrIndexLimit) {
+	if len(req.GetPcrs()) > pcrCount {
 		return attestation.AttestRequest{}, status.Errorf(codes.InvalidArgument, "%d PCR values sent; send PCRs 0-7 and 11", len(req.GetPcrs()))
 	}
 	pcrs := make(map[int][]byte, len(req.GetPcrs()))
 	for _, p := range req.GetPcrs() {
-		if p.GetIndex() >= uint32(len(pcrIndexLimit)) {
+		if p.GetIndex() >= pcrCount {
 			return attestation.AttestRequest{}, status.Errorf(codes.InvalidArgument, "PCR index %d out of range; send PCRs 0-7 and 11", p.GetIndex())
 		}
 		if _, dup := pcrs[int(p.GetIndex())]; dup {
@@ -138,9 +141,6 @@ func attestRequest(req *pb.AttestRequest) (attestation.AttestRequest, error) {
 		PCRs: pcrs, EventLog: req.GetEventLog(), CSR: req.GetCsr(),
 	}, nil
 }
-
-// pcrIndexLimit has one slot per PCR of a PC Client TPM.
-var pcrIndexLimit [24]struct{}
 
 // toStatus maps service errors to gRPC codes with a message that says what
 // to do. Errors that are not the node's fault are logged and not detailed.

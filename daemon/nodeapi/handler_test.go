@@ -149,7 +149,7 @@ func FuzzEnrollBegin(f *testing.F) {
 func beginFor(fx *attesttest.Fixture) *pb.EnrollBegin {
 	return &pb.EnrollBegin{EkCertificate: fx.EKCertificate, Ak: &pb.AttestationKey{
 		Public: fx.AKPublic, CreateData: fx.AKCreateData, CreateAttestation: fx.AKCreateAttestation, CreateSignature: fx.AKCreateSignature,
-	}, Uuid: "uuid", Hostname: "node", Addresses: []string{"10.0.0.1"}}
+	}, Uuid: "4c4c4544-0042-3510-8051-b7c04f4e3332", Hostname: "node", Addresses: []string{"10.0.0.1"}}
 }
 
 // TestWriteFuzzSeeds rewrites the seed corpora when SOVRA_WRITE_FUZZ_SEEDS

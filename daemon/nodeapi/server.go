@@ -36,6 +36,8 @@ const (
 	ShutdownGrace = 10 * time.Second
 	// maxConcurrentStreams bounds the calls per connection.
 	maxConcurrentStreams = 64
+	// keepaliveMinTime is the shortest keepalive ping interval clients may use.
+	keepaliveMinTime = 10 * time.Second
 )
 
 // Config configures the node API server.
@@ -108,7 +110,7 @@ func NewServerWithStore(cfg Config, store attestation.Store, clock attestation.C
 		grpc.Creds(credentials.NewTLS(tlsCfg)),
 		grpc.MaxRecvMsgSize(MaxMessageSize),
 		grpc.MaxConcurrentStreams(maxConcurrentStreams),
-		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second}),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: keepaliveMinTime}),
 	)
 	pb.RegisterNodeServiceServer(g, &handler{svc: svc, logger: logger})
 	return &Server{cfg: cfg, service: svc, grpc: g, logger: logger}, nil

@@ -57,10 +57,15 @@ type CA struct {
 	PEM []byte
 }
 
-// EnsureCA loads the CA from dir, or creates it when neither file exists.
-// One file without the other is an error: nothing is overwritten.
+// EnsureCA loads the CA from ca.crt and ca.key in dir, or creates it when
+// neither file exists. One file without the other is an error: nothing is
+// overwritten.
 func EnsureCA(dir, commonName string) (*CA, error) {
-	certPath, keyPath := filepath.Join(dir, CACert), filepath.Join(dir, CAKey)
+	return EnsureCAFiles(filepath.Join(dir, CACert), filepath.Join(dir, CAKey), commonName)
+}
+
+// EnsureCAFiles is EnsureCA with the certificate and key paths given.
+func EnsureCAFiles(certPath, keyPath, commonName string) (*CA, error) {
 	certPEM, key, err := loadPair(certPath, keyPath)
 	if err == nil {
 		cert, err := parseCert(certPEM)

@@ -172,6 +172,15 @@ func TestAuthorization(t *testing.T) {
 		}
 	}
 
+	// Prometheus metrics, for a credential allowed to read them: the API
+	// server's own and kine's datastore metrics.
+	metrics := d.Kubectl("get", "--raw", "/metrics")
+	for _, m := range []string{"apiserver_request_total", "kine_sql_total"} {
+		if !strings.Contains(metrics, m) {
+			t.Errorf("/metrics lacks %s", m)
+		}
+	}
+
 	kc := userKubeconfig(t, d, "alice", "developers")
 	_, err := sovradtest.Kubectl(t, "--kubeconfig", kc, "-n", "team", "get", "secrets")
 	if err == nil || !strings.Contains(err.Error(), `User "alice" cannot list resource "secrets"`) {

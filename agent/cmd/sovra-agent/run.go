@@ -38,7 +38,14 @@ func runCommand(args []string, _, stderr io.Writer) int {
 
 	logger.Info("sovra-agent starting", zap.String("version", version.Version), zap.String("role", string(cfg.Role)))
 
-	rt, err := agentruntime.New(agentruntime.Options{Config: cfg, Logger: logger})
+	extra, err := attestationControllers(cfg, logger)
+	if err != nil {
+		logger.Error("setting up attestation failed", zap.Error(err))
+
+		return exitFailed
+	}
+
+	rt, err := agentruntime.New(agentruntime.Options{Config: cfg, Logger: logger, Controllers: extra})
 	if err != nil {
 		logger.Error("composing the agent failed", zap.Error(err))
 

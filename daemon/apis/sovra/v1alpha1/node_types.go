@@ -4,6 +4,10 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
+// LabelUUID labels a SovraNode with the SMBIOS UUID it enrolled with, so
+// the KMS finds a node by the UUID Talos sends.
+const LabelUUID = "sovra.dev/uuid"
+
 // Condition types of a SovraNode.
 const (
 	// ConditionEnrolled is True once the node's AK was activated against its EK.
@@ -88,6 +92,13 @@ type SovraNodeStatus struct {
 	// +listType=map
 	// +listMapKey=type
 	Conditions []metav1.Condition `json:"conditions,omitempty"`
+	// KeySalt is the node's random key salt, written by the KMS on the
+	// node's first Seal. With the daemon's master key it derives the key that
+	// opens the node's sealed blobs; alone it opens nothing. It lives in the
+	// status because enrollment rewrites the spec; deleting the record
+	// destroys it, and with it every key the node sealed.
+	// +optional
+	KeySalt []byte `json:"keySalt,omitempty"`
 }
 
 // SovraNode is the daemon's record of an enrolled node, named after its EK.

@@ -1,0 +1,45 @@
+package attest
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"go.uber.org/zap/zaptest"
+	"k8s.io/apimachinery/pkg/api/meta"
+
+	agentattest "github.com/sovra-dev/sovra/agent/attest"
+	ctrlattestation "github.com/sovra-dev/sovra/agent/controllers/attestation"
+	"github.com/sovra-dev/sovra/agent/controllers/ctest"
+	"github.com/sovra-dev/sovra/agent/resources/attestation"
+	"github.com/sovra-dev/sovra/agent/runtime/clock"
+	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
+)
+
+// TestControllerAgainstDaemon runs the agent's attestation controller in the
+// COSI runtime with swtpm against the node API: the node enrolls, attests,
+// and both sides record it.
+func TestControllerAgainstDaemon(t *testing.T) {
+	l := newSwtpmLab(t)
+	d := startDaemon(t, l.ekPolicy(t))
+	tpm, log := l.use(t, 0)
+	a := &agentattest.Agent{TPM: tpm, Client: d.api, Claims: nodeRoot(t), EventLogPath: log,
+		Node: agentattest.Node{UUID: newUUID(), Hostname: "cp-2"}, Logger: zaptest.NewLogger(t)}
+	st := ctest.Start(t, &ctrlattestation.AttestationController{
+		Attester: a, Clock: clock.Real{}, Interval: time.Hour,
+	})
+	s := ctest.WaitFor(t, st, attestation.NewStatus().Metadata(), func(s *attestation.Status) bool {
+		return s.TypedSpec().Phase == attestation.PhaseAttested
+	})
+	n, err := d.store.GetNode(context.Background(), s.TypedSpec().Node)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !meta.IsStatusConditionTrue(n.Status.Conditions, v1alpha1.ConditionAttested) {
+		t.Fatalf("daemon record not attested: %+v", n.Status)
+	}
+	if a.Credential() == nil {
+		t.Fatal("agent holds no node credential")
+	}
+	t.Logf("agent status: %+v", s.TypedSpec())
+}

@@ -1,0 +1,65 @@
+package attest
+
+import (
+	"crypto/x509"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"go.uber.org/zap/zaptest"
+
+	agentattest "github.com/sovra-dev/sovra/agent/attest"
+	"github.com/sovra-dev/sovra/internal/attest/attesttest"
+	"github.com/sovra-dev/sovra/internal/claims"
+)
+
+// TestWriteFixtures records an enrollment and an attestation of swtpm for
+// internal/attest/attesttest. It runs only when SOVRA_WRITE_FIXTURES names
+// the directory to write.
+func TestWriteFixtures(t *testing.T) {
+	dir := os.Getenv("SOVRA_WRITE_FIXTURES")
+	if dir == "" {
+		t.Skip("set SOVRA_WRITE_FIXTURES to the attesttest testdata directory to record fixtures")
+	}
+	l := newSwtpmLab(t)
+	tpm, logPath := l.use(t, 0)
+	key, err := agentattest.NewKey(tpm)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := &agentattest.Agent{TPM: tpm, Claims: nodeRoot(t), EventLogPath: logPath, Logger: zaptest.NewLogger(t)}
+	nk, err := agentattest.NewNodeKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	nonce := random(32)
+	req, err := a.EvidenceFor(key, "ek-fixture", nk, nonce)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := claims.Decode(req.Claims); err != nil {
+		t.Fatal(err)
+	}
+	root, _ := os.ReadFile(filepath.Join(l.ca, "swtpm-localca-rootca-cert.pem"))
+	inter, _ := os.ReadFile(filepath.Join(l.ca, "issuercert.pem"))
+	f := &attesttest.Fixture{
+		EKCertificate: key.EKCertificate, EKRootPEM: root, EKIntermediatePEM: inter,
+		AKPublic: key.Params.Public, AKCreateData: key.Params.CreateData,
+		AKCreateAttestation: key.Params.CreateAttestation, AKCreateSignature: key.Params.CreateSignature,
+		Nonce: nonce, Claims: req.Claims, Quote: req.Quote, Signature: req.Signature,
+		PCRs: map[int][]byte{}, EventLog: req.EventLog, CSR: req.Csr,
+	}
+	if f.NodeKey, err = x509.MarshalPKCS8PrivateKey(nk.Signer()); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range req.Pcrs {
+		f.PCRs[int(p.Index)] = p.Digest
+	}
+	b, err := attesttest.Marshal(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "evidence.json"), b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -1,0 +1,7 @@
+package attest
+
+import "testing"
+
+func TestSwtpmStory(t *testing.T) {
+	runStory(t, newSwtpmLab(t))
+}
