@@ -42,6 +42,8 @@ const (
 	DefaultConnectTimeout        = 300 * time.Millisecond
 	DefaultAPITimeout            = 3 * time.Second
 	DefaultPollInterval          = 2 * time.Second
+	// DefaultStateDir is the agent's state directory on a Talos node.
+	DefaultStateDir = "/var/lib/sovra-agent"
 	// DefaultAttestInterval is the time between attestations.
 	DefaultAttestInterval = 10 * time.Minute
 
@@ -80,6 +82,9 @@ type Config struct {
 	TalosConfigPath string
 	// TalosAPIPort is the port of Talos apid on every node. Default 50000.
 	TalosAPIPort int
+	// StateDir is where the agent writes its status document (status.json,
+	// read with `talosctl read`). Default /var/lib/sovra-agent.
+	StateDir string
 	// DaemonEndpoint is the sovra daemon's node API (host:port). Empty means
 	// edge-only mode: peers come from the CIDR scan and there is no lease.
 	DaemonEndpoint string
@@ -145,6 +150,7 @@ func Default() Config {
 		Role:            RoleAuto,
 		TalosConfigPath: DefaultTalosConfigPath,
 		TalosAPIPort:    DefaultTalosAPIPort,
+		StateDir:        DefaultStateDir,
 		Attestation:     Attestation{Interval: DefaultAttestInterval},
 		Bootstrap: Bootstrap{
 			ExpectedControlPlanes: DefaultExpectedControlPlanes,
@@ -199,6 +205,11 @@ func settings() []setting {
 
 			return nil
 		}, func(Config) string { return "" }},
+		{"state-dir", []string{"SOVRA_STATE_DIR"}, "directory of the status document (status.json)", func(c *Config, v string) error {
+			c.StateDir = v
+
+			return nil
+		}, func(c Config) string { return c.StateDir }},
 		{"daemon-ca", []string{"SOVRA_DAEMON_CA"}, "the daemon's node-ca.crt, which verifies the node API", func(c *Config, v string) error {
 			c.Attestation.DaemonCA = v
 

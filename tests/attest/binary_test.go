@@ -30,6 +30,7 @@ func TestBinariesEnrollAndAttest(t *testing.T) {
 		"--controllers", "none")
 
 	uuid := newUUID()
+	stateDir := t.TempDir()
 	agentLog, err := os.Create(filepath.Join(t.TempDir(), "agent.log"))
 	if err != nil {
 		t.Fatal(err)
@@ -39,7 +40,8 @@ func TestBinariesEnrollAndAttest(t *testing.T) {
 		"--daemon-ca", filepath.Join(dir, "node-ca.crt"),
 		"--tpm", "swtpm:"+lab.tpms[0].Addr,
 		"--event-log", eventLog,
-		"--node-uuid", uuid)
+		"--node-uuid", uuid,
+		"--state-dir", stateDir)
 	agent.Stdout, agent.Stderr = agentLog, agentLog
 	if err := agent.Start(); err != nil {
 		t.Fatal(err)
@@ -63,4 +65,20 @@ func TestBinariesEnrollAndAttest(t *testing.T) {
 	if logs, _ := os.ReadFile(agentLog.Name()); !strings.Contains(string(logs), "attest") {
 		t.Fatalf("the agent logged no attestation line:\n%s", logs)
 	}
+
+	// The running agent's status document, as `talosctl read` would fetch
+	// it, pretty-printed by `sovra-agent status`.
+	var status string
+	for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+		b, _ := exec.Command(testutil.Bin(t, "sovra-agent"), "status", "--state-dir", stateDir).CombinedOutput()
+		if status = string(b); strings.Contains(status, "Passed") {
+			break
+		}
+	}
+	for _, want := range []string{"Phase:", "Ready", "Attestation", "Enrolled:", "yes", "State:", "Passed", "Election", "Volumes"} {
+		if !strings.Contains(status, want) {
+			t.Errorf("sovra-agent status lacks %q:\n%s", want, status)
+		}
+	}
+	t.Logf("sovra-agent status:\n%s", status)
 }

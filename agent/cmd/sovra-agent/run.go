@@ -15,7 +15,9 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/sovra-dev/sovra/agent/config"
+	statusctrl "github.com/sovra-dev/sovra/agent/controllers/status"
 	agentruntime "github.com/sovra-dev/sovra/agent/runtime"
+	"github.com/sovra-dev/sovra/agent/status"
 	"github.com/sovra-dev/sovra/internal/version"
 )
 
@@ -44,6 +46,13 @@ func runCommand(args []string, _, stderr io.Writer) int {
 
 		return exitFailed
 	}
+
+	host, _ := os.Hostname()
+	extra = append(extra, &statusctrl.StatusController{
+		Recorder:              status.NewRecorder(cfg.StateDir, version.Version, host, nil),
+		Daemon:                cfg.DaemonEndpoint,
+		ExpectedControlPlanes: cfg.Bootstrap.ExpectedControlPlanes,
+	})
 
 	rt, err := agentruntime.New(agentruntime.Options{Config: cfg, Logger: logger, Controllers: extra})
 	if err != nil {

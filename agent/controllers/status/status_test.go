@@ -1,0 +1,64 @@
+package status_test
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/sovra-dev/sovra/agent/controllers/ctest"
+	statusctrl "github.com/sovra-dev/sovra/agent/controllers/status"
+	"github.com/sovra-dev/sovra/agent/resources/attestation"
+	"github.com/sovra-dev/sovra/agent/resources/bootstrap"
+	"github.com/sovra-dev/sovra/agent/resources/election"
+	agentstatus "github.com/sovra-dev/sovra/agent/status"
+)
+
+func TestDocumentFollowsResources(t *testing.T) {
+	dir := t.TempDir()
+	rec := agentstatus.NewRecorder(dir, "test", "node-1", nil)
+	st := ctest.Start(t, &statusctrl.StatusController{Recorder: rec, Daemon: "10.0.0.1:7443", ExpectedControlPlanes: 3})
+	ctx := context.Background()
+
+	att := attestation.NewStatus()
+	*att.TypedSpec() = attestation.StatusSpec{Phase: attestation.PhaseAttested, Node: "ek-1", LastSuccess: time.Now().UTC().Format(time.RFC3339), Message: "attestation passed"}
+	if err := st.Create(ctx, att); err != nil {
+		t.Fatal(err)
+	}
+	waitDoc(t, dir, func(d agentstatus.Document) bool {
+		return d.Phase == agentstatus.PhaseReady && d.Attestation.State == agentstatus.AttestationPassed && d.Attestation.Enrolled
+	})
+
+	el := election.NewElection()
+	*el.TypedSpec() = election.ElectionSpec{Round: 4, Self: "10.0.0.5", Quorum: 3, Decision: election.DecisionLeader, Leader: "10.0.0.5",
+		Candidates: []election.Candidate{{Address: "10.0.0.5"}, {Address: "10.0.0.6"}, {Address: "10.0.0.7"}}, StableRounds: 2, Reason: "earliest boot"}
+	if err := st.Create(ctx, el); err != nil {
+		t.Fatal(err)
+	}
+	waitDoc(t, dir, func(d agentstatus.Document) bool {
+		return d.Election.Role == agentstatus.RoleLeader && len(d.Election.Candidates) == 3 && d.Phase == agentstatus.PhaseElecting
+	})
+
+	bs := bootstrap.NewStatus()
+	*bs.TypedSpec() = bootstrap.StatusSpec{Phase: bootstrap.PhaseBootstrapped, Leader: "10.0.0.5", Message: "etcd bootstrapped"}
+	if err := st.Create(ctx, bs); err != nil {
+		t.Fatal(err)
+	}
+	waitDoc(t, dir, func(d agentstatus.Document) bool {
+		return d.Election.Bootstrapped && d.Phase == agentstatus.PhaseReady && d.Message == "etcd bootstrapped"
+	})
+}
+
+func waitDoc(t *testing.T, dir string, ok func(agentstatus.Document) bool) {
+	t.Helper()
+	var last agentstatus.Document
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		d, err := agentstatus.Read(agentstatus.Path(dir))
+		if err == nil {
+			last = d
+			if ok(d) {
+				return
+			}
+		}
+	}
+	t.Fatalf("status document never matched; last: %+v", last)
+}
