@@ -25,8 +25,11 @@ help: ## list the targets
 build: bin/sovrad bin/sovra-agent bin/kubectl ## build the daemon, the agent and the test kubectl into bin/
 
 # Go's build cache makes these cheap when nothing changed, so they always run.
-.PHONY: bin/sovrad bin/sovra-agent bin/kubectl
-bin/sovrad:
+.PHONY: bin/sovrad bin/sovra-agent bin/kubectl generate
+generate: ## extract the Cluster API and Talos provider manifests from the pinned modules (git-ignored, embedded in sovrad)
+	$(GO) generate ./daemon/capi/crds
+
+bin/sovrad: generate
 	CGO_ENABLED=1 $(GO) build -ldflags "$(LDFLAGS) $(K8S_LDFLAGS)" -o $@ ./daemon/cmd/sovrad
 
 bin/sovra-agent:

@@ -44,10 +44,11 @@ type Options struct {
 	Clock clock.Clock
 	// Talos defaults to the machinery client with the talosconfig.
 	Talos TalosAPI
-	// PeerSource defaults to a scan of the network CIDR. The daemon's
-	// membership list plugs in here.
+	// PeerSource defaults to a scan of the network CIDR. With a daemon it is
+	// the daemon's membership list (package daemonlink).
 	PeerSource discoveryctrl.PeerSource
-	// Lease is the daemon's bootstrap lease. Nil is edge-only mode.
+	// Lease is the daemon's bootstrap lease (package daemonlink). Nil is
+	// edge-only mode.
 	Lease bootstrapctrl.BootstrapLease
 	// LocalAddrs lists this machine's addresses; nil means the interfaces'.
 	LocalAddrs func() ([]netip.Addr, error)
@@ -106,7 +107,7 @@ func bootstrapControllers(opts Options) ([]controller.Controller, error) {
 	switch {
 	case cfg.DaemonEndpoint != "" && (opts.PeerSource == nil || opts.Lease == nil):
 		logger.Warn("auto-bootstrap disabled: a daemon is configured, and bootstrapping with a daemon needs its membership " +
-			"list and bootstrap lease, which this build does not have; the Talos control-plane provider bootstraps instead")
+			"list and bootstrap lease, which this node has no link to; the Talos control-plane provider bootstraps instead")
 
 		return nil, nil
 	case cfg.DaemonEndpoint == "" && !b.Enabled():

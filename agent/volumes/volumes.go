@@ -110,7 +110,10 @@ func (m *Manager) Prepare(ctx context.Context, v Volume, mapped string) (Outcome
 	var version uint32
 	if formatted {
 		var tok luks.Token[*versionToken]
-		if err := l.ReadToken(ctx, v.Device, keySlot, &tok); err != nil {
+		switch err := l.ReadToken(ctx, v.Device, keySlot, &tok); {
+		case errors.Is(err, encryption.ErrTokenNotFound):
+			return "", "", fmt.Errorf("%w: volume %s has a LUKS header the agent did not write", ErrInvalidVolume, v.ID)
+		case err != nil:
 			return "", "", fmt.Errorf("reading the key version of volume %s: %w", v.ID, err)
 		}
 		if tok.Type != TokenType || tok.UserData == nil || tok.UserData.VolumeID != v.ID || tok.UserData.KeyVersion == 0 {

@@ -17,6 +17,8 @@ import (
 	"github.com/spf13/pflag"
 	"golang.org/x/sys/unix"
 	"k8s.io/apimachinery/pkg/util/validation"
+
+	"github.com/sovra-dev/sovra/daemon/capi/controllers"
 )
 
 const (
@@ -27,6 +29,11 @@ const (
 	defaultListen          = "127.0.0.1:6443"
 	defaultShutdownTimeout = 30 * time.Second
 	defaultUsernameClaim   = "sub"
+	defaultNodeListen      = ":7443"
+	defaultNodeCertTTL     = time.Hour
+	defaultNonceTTL        = time.Minute
+	defaultKMSListen       = ":7444"
+	defaultAttestDeadline  = 10 * time.Minute
 
 	// maxUnixSocketPath is the longest path a unix socket can have on Linux
 	// (sun_path is 108 bytes with the terminating NUL).
@@ -57,6 +64,12 @@ type Config struct {
 	// TLSSANs are extra DNS names and IPs for the API's serving certificate.
 	TLSSANs []string
 
+	// KMS is the Talos KMS (key custody); off when MasterKeyFile is empty.
+	KMS KMS
+
+	// NodeAPI is the API nodes call: enrollment and attestation.
+	NodeAPI NodeAPI
+
 	// OIDC authenticates people with an OpenID Connect provider; off when IssuerURL is empty.
 	OIDC OIDC
 	// AdminGroup, when set, is bound to cluster-admin (for OIDC or certificate groups).
@@ -72,6 +85,11 @@ type Config struct {
 	LogLevel string
 	// ShutdownTimeout bounds a graceful shutdown; past it the process exits.
 	ShutdownTimeout time.Duration
+
+	// Controllers selects the in-process controllers (Cluster API, the Talos
+	// providers, the garbage collector): "all" (the default), "none" to serve
+	// the API only, or names; see package daemon/capi/controllers.
+	Controllers string
 }
 
 // OIDC configures OpenID Connect authentication of the Kubernetes API.
@@ -84,14 +102,53 @@ type OIDC struct {
 	CAFile string
 }
 
+// NodeAPI configures the node API (gRPC over TLS) and who may enroll.
+type NodeAPI struct {
+	// Listen is the node API's TLS address; empty turns it off.
+	Listen string
+	// EKRoots and EKIntermediates are PEM bundles of TPM manufacturer CAs
+	// that an EK certificate must chain to.
+	EKRoots, EKIntermediates string
+	// EKAllowList is a file of hex SHA-256 EK public-key hashes, one a line.
+	EKAllowList string
+	// EKTrustOnFirstUse admits any EK. Labs only: it proves nothing.
+	EKTrustOnFirstUse bool
+	// NodeCertTTL is the lifetime of the node credential a passing
+	// attestation earns; NonceTTL how long an attestation nonce is accepted.
+	NodeCertTTL, NonceTTL time.Duration
+}
+
+// KMS configures the Talos KMS: sidero.kms.KMSService over TLS.
+type KMS struct {
+	// MasterKeyFile is the master keyring (mode 0600, outside the
+	// datastore; the same file on every replica). Empty turns the KMS off;
+	// a missing file is created with a fresh key on first start.
+	MasterKeyFile string
+	// Listen is the KMS's TLS address.
+	Listen string
+	// LabMode lets any node Seal (its record is created on first Seal and
+	// must enroll within AttestDeadline).
+	LabMode bool
+	// AttestDeadline is how long a node has after an Unseal to pass an
+	// attestation before it is quarantined.
+	AttestDeadline time.Duration
+	// BindAddresses refuses calls from addresses the node's record does not list.
+	BindAddresses bool
+	// TrustedProxies are CIDRs or IPs whose X-Forwarded-For is believed.
+	TrustedProxies []string
+}
+
 // New returns the configuration with every default filled in.
 func New() *Config {
 	return &Config{
 		DataDir:         defaultDataDir,
 		Listen:          defaultListen,
 		OIDC:            OIDC{UsernameClaim: defaultUsernameClaim},
+		NodeAPI:         NodeAPI{Listen: defaultNodeListen, NodeCertTTL: defaultNodeCertTTL, NonceTTL: defaultNonceTTL},
+		KMS:             KMS{Listen: defaultKMSListen, AttestDeadline: defaultAttestDeadline},
 		LogLevel:        "info",
 		ShutdownTimeout: defaultShutdownTimeout,
+		Controllers:     controllers.All,
 	}
 }
 
@@ -108,11 +165,25 @@ func (c *Config) FlagSet() *pflag.FlagSet {
 	fs.StringVar(&c.OIDC.UsernameClaim, "oidc-username-claim", c.OIDC.UsernameClaim, "token claim used as the user name")
 	fs.StringVar(&c.OIDC.GroupsClaim, "oidc-groups-claim", c.OIDC.GroupsClaim, "token claim holding the user's groups")
 	fs.StringVar(&c.OIDC.CAFile, "oidc-ca-file", c.OIDC.CAFile, "CA bundle that verifies the issuer (default: system roots)")
+	fs.StringVar(&c.NodeAPI.Listen, "node-listen", c.NodeAPI.Listen, "TLS address of the node API (enrollment, attestation); empty turns it off")
+	fs.StringVar(&c.NodeAPI.EKRoots, "ek-roots", c.NodeAPI.EKRoots, "PEM bundle of TPM manufacturer root CAs an EK certificate must chain to")
+	fs.StringVar(&c.NodeAPI.EKIntermediates, "ek-intermediates", c.NodeAPI.EKIntermediates, "PEM bundle of TPM manufacturer intermediate CAs")
+	fs.StringVar(&c.NodeAPI.EKAllowList, "ek-allow-list", c.NodeAPI.EKAllowList, "file of allowed EK public-key SHA-256 hashes (hex), one a line")
+	fs.BoolVar(&c.NodeAPI.EKTrustOnFirstUse, "ek-trust-on-first-use", c.NodeAPI.EKTrustOnFirstUse, "labs only: let any TPM enroll without checking its EK")
+	fs.DurationVar(&c.NodeAPI.NodeCertTTL, "node-cert-ttl", c.NodeAPI.NodeCertTTL, "lifetime of the node credential a passing attestation earns")
+	fs.DurationVar(&c.NodeAPI.NonceTTL, "nonce-ttl", c.NodeAPI.NonceTTL, "how long an attestation nonce is accepted")
+	fs.StringVar(&c.KMS.MasterKeyFile, "master-key-file", c.KMS.MasterKeyFile, "master keyring of the Talos KMS (mode 0600, outside the datastore, the same on every replica; created when missing); empty turns the KMS off")
+	fs.StringVar(&c.KMS.Listen, "kms-listen", c.KMS.Listen, "TLS address of the Talos KMS (sidero.kms.KMSService)")
+	fs.BoolVar(&c.KMS.LabMode, "kms-lab-mode", c.KMS.LabMode, "labs only: let any node Seal; its record is created on first Seal and must enroll within --attest-deadline")
+	fs.DurationVar(&c.KMS.AttestDeadline, "attest-deadline", c.KMS.AttestDeadline, "how long a node has after an Unseal to pass an attestation before it is quarantined")
+	fs.BoolVar(&c.KMS.BindAddresses, "kms-bind-addresses", c.KMS.BindAddresses, "refuse KMS calls from addresses the node's record does not list")
+	fs.StringSliceVar(&c.KMS.TrustedProxies, "kms-trusted-proxies", c.KMS.TrustedProxies, "CIDRs or IPs of proxies whose X-Forwarded-For the KMS believes (repeat or comma-separate)")
 	fs.StringVar(&c.AdminGroup, "admin-group", c.AdminGroup, "group bound to cluster-admin")
 	fs.StringVar(&c.AuditLog, "audit-log", c.AuditLog, "audit log file, or - for stdout (default: audit.log in the data directory)")
 	fs.StringVar(&c.AuditPolicy, "audit-policy", c.AuditPolicy, "audit policy file replacing the default policy")
 	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "log level: debug, info, warn or error")
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", c.ShutdownTimeout, "longest graceful shutdown before the process exits")
+	fs.StringVar(&c.Controllers, "controllers", c.Controllers, "controllers to run: all, none (serve the API only), or a comma-separated list of "+strings.Join(controllers.Names, ", ")+"; -name excludes one")
 	return fs
 }
 
@@ -171,6 +242,8 @@ func (c *Config) Validate() error {
 	}
 	errs = append(errs, c.validateDataDir()...)
 	errs = append(errs, c.validateOIDC()...)
+	errs = append(errs, c.validateNodeAPI()...)
+	errs = append(errs, c.validateKMS()...)
 	if c.AuditPolicy != "" {
 		if err := readable(c.AuditPolicy); err != nil {
 			add("--audit-policy: %v", err)
@@ -189,7 +262,81 @@ func (c *Config) Validate() error {
 	if c.ShutdownTimeout <= 0 {
 		add("--shutdown-timeout %s: must be positive", c.ShutdownTimeout)
 	}
+	if _, err := controllers.Parse(c.Controllers); err != nil {
+		add("--controllers: %v", err)
+	}
 	return errors.Join(errs...)
+}
+
+func (c *Config) validateNodeAPI() []error {
+	n := c.NodeAPI
+	var errs []error
+	if n.Listen == "" {
+		return nil
+	}
+	if _, _, err := net.SplitHostPort(n.Listen); err != nil {
+		errs = append(errs, fmt.Errorf("--node-listen %q: want host:port: %v", n.Listen, err))
+	}
+	for flag, path := range map[string]string{"--ek-roots": n.EKRoots, "--ek-intermediates": n.EKIntermediates, "--ek-allow-list": n.EKAllowList} {
+		if path != "" {
+			if err := readable(path); err != nil {
+				errs = append(errs, fmt.Errorf("%s: %v", flag, err))
+			}
+		}
+	}
+	if n.EKIntermediates != "" && n.EKRoots == "" {
+		errs = append(errs, errors.New("--ek-intermediates needs --ek-roots"))
+	}
+	if n.NodeCertTTL < time.Minute || n.NodeCertTTL > 24*time.Hour {
+		errs = append(errs, fmt.Errorf("--node-cert-ttl %s: must be between 1m and 24h", n.NodeCertTTL))
+	}
+	if n.NonceTTL < time.Second || n.NonceTTL > 10*time.Minute {
+		errs = append(errs, fmt.Errorf("--nonce-ttl %s: must be between 1s and 10m", n.NonceTTL))
+	}
+	return errs
+}
+
+func (c *Config) validateKMS() []error {
+	k := c.KMS
+	var errs []error
+	if k.MasterKeyFile == "" {
+		if k.LabMode || k.BindAddresses || len(k.TrustedProxies) > 0 {
+			errs = append(errs, errors.New("--kms-lab-mode, --kms-bind-addresses and --kms-trusted-proxies need --master-key-file (the KMS is off without it)"))
+		}
+		return errs
+	}
+	abs, err := filepath.Abs(k.MasterKeyFile)
+	if err != nil {
+		abs = k.MasterKeyFile
+	}
+	if db := filepath.Join(c.absDataDir(), "db"); abs == db || strings.HasPrefix(abs, db+string(filepath.Separator)) {
+		errs = append(errs, fmt.Errorf("--master-key-file %s: must be outside the datastore directory %s", k.MasterKeyFile, db))
+	}
+	fi, err := os.Stat(k.MasterKeyFile)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		if err := writableDir(filepath.Dir(abs)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("--master-key-file %s: cannot be created: %v", k.MasterKeyFile, err))
+		}
+	case err != nil:
+		errs = append(errs, fmt.Errorf("--master-key-file %s: %v", k.MasterKeyFile, err))
+	case !fi.Mode().IsRegular():
+		errs = append(errs, fmt.Errorf("--master-key-file %s: not a regular file", k.MasterKeyFile))
+	case fi.Mode().Perm() != 0o600:
+		errs = append(errs, fmt.Errorf("--master-key-file %s: mode %#o, must be 0600: run chmod 0600 on it", k.MasterKeyFile, fi.Mode().Perm()))
+	}
+	if _, _, err := net.SplitHostPort(k.Listen); err != nil {
+		errs = append(errs, fmt.Errorf("--kms-listen %q: want host:port: %v", k.Listen, err))
+	}
+	if k.AttestDeadline <= 0 {
+		errs = append(errs, fmt.Errorf("--attest-deadline %s: must be positive", k.AttestDeadline))
+	}
+	for _, p := range k.TrustedProxies {
+		if _, _, err := net.ParseCIDR(p); err != nil && net.ParseIP(p) == nil {
+			errs = append(errs, fmt.Errorf("--kms-trusted-proxies %q: neither a CIDR nor an IP address", p))
+		}
+	}
+	return errs
 }
 
 // ListenHostPort splits Listen into an IP and a port.
@@ -254,7 +401,7 @@ func (c *Config) validateDataDir() []error {
 	}
 	fi, err := os.Stat(c.DataDir)
 	switch {
-	case errors.Is(err, os.ErrNotExist):
+	case errors.Is(err, os.ErrNotExist), errors.Is(err, unix.ENOTDIR):
 		parent := filepath.Dir(c.absDataDir())
 		if err := writableDir(parent); err != nil {
 			return []error{fmt.Errorf("--data-dir %s: cannot be created: %v", c.DataDir, err)}
@@ -289,6 +436,8 @@ func (c *Config) validateDataDir() []error {
 // credentials; each must be readable by its owner only.
 var SecretFiles = []string{
 	"ca.key", "apiserver.key", "sa.key", "admin.key", "admin.kubeconfig", "encryption-config.yaml",
+	"node-ca.key", "node-api.key",
+	"webhook.key", // the Cluster API webhooks' serving key (daemon/capi/webhooks)
 }
 
 func (c *Config) validateOIDC() []error {

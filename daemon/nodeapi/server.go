@@ -1,6 +1,8 @@
-// Package nodeapi serves the node API (enrollment, nonces, attestation) over
-// gRPC with TLS, on top of the attestation service. It is the edge: errors
-// become gRPC status codes here and nowhere else.
+// Package nodeapi serves the node API over gRPC with TLS: enrollment, nonces
+// and attestation on top of the attestation service, and, for callers with
+// the node credential, membership and the bootstrap lease on top of the
+// membership service. It is the edge: errors become gRPC status codes here
+// and nowhere else.
 package nodeapi
 
 import (
@@ -18,6 +20,7 @@ import (
 	"k8s.io/client-go/rest"
 
 	"github.com/sovra-dev/sovra/daemon/attestation"
+	"github.com/sovra-dev/sovra/daemon/membership"
 	pb "github.com/sovra-dev/sovra/internal/nodeapi"
 )
 
@@ -49,6 +52,11 @@ type Config struct {
 	TLS *tls.Config
 	// Attestation configures enrollment and attestation.
 	Attestation attestation.Config
+	// Cluster answers the ClusterService (membership, bootstrap lease),
+	// whose callers authenticate with the node credential. NewServer builds
+	// it on the same API when nil; NewServerWithStore serves no
+	// ClusterService when nil.
+	Cluster *membership.Service
 }
 
 // Validate reports every problem of c at once.
@@ -86,6 +94,11 @@ func NewServer(cfg Config, kubeconfig *rest.Config, logger *zap.Logger) (*Server
 	if err != nil {
 		return nil, fmt.Errorf("creating node API: %w", err)
 	}
+	if cfg.Cluster == nil {
+		if cfg.Cluster, err = membership.NewForConfig(membership.Config{}, kubeconfig, logger.Named("membership")); err != nil {
+			return nil, fmt.Errorf("creating node API: %w", err)
+		}
+	}
 	return NewServerWithStore(cfg, store, nil, logger)
 }
 
@@ -106,6 +119,11 @@ func NewServerWithStore(cfg Config, store attestation.Store, clock attestation.C
 	if tlsCfg.MinVersion < tls.VersionTLS12 {
 		tlsCfg.MinVersion = tls.VersionTLS12
 	}
+	if tlsCfg.ClientAuth == tls.NoClientCert {
+		// Ask for the node credential without requiring it (enrollment and
+		// attestation have none); the ClusterService verifies it.
+		tlsCfg.ClientAuth = tls.RequestClientCert
+	}
 	g := grpc.NewServer(
 		grpc.Creds(credentials.NewTLS(tlsCfg)),
 		grpc.MaxRecvMsgSize(MaxMessageSize),
@@ -113,6 +131,9 @@ func NewServerWithStore(cfg Config, store attestation.Store, clock attestation.C
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: keepaliveMinTime}),
 	)
 	pb.RegisterNodeServiceServer(g, &handler{svc: svc, logger: logger})
+	if cfg.Cluster != nil {
+		pb.RegisterClusterServiceServer(g, newClusterHandler(cfg.Cluster, cfg.Attestation.NodeCA, logger))
+	}
 	return &Server{cfg: cfg, service: svc, grpc: g, logger: logger}, nil
 }
 

@@ -5,6 +5,7 @@ package server
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"time"
@@ -15,9 +16,13 @@ import (
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/sovra-dev/sovra/daemon/apiserver"
+	"github.com/sovra-dev/sovra/daemon/capi"
+	"github.com/sovra-dev/sovra/daemon/capi/controllers"
 	"github.com/sovra-dev/sovra/daemon/config"
 	"github.com/sovra-dev/sovra/daemon/datadir"
 	"github.com/sovra-dev/sovra/daemon/datastore"
+	"github.com/sovra-dev/sovra/daemon/kms"
+	"github.com/sovra-dev/sovra/daemon/nodeapi"
 	"github.com/sovra-dev/sovra/internal/version"
 )
 
@@ -53,9 +58,50 @@ func Run(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 		return err
 	}
 
+	selected, err := controllers.Parse(cfg.Controllers)
+	if err != nil {
+		return err
+	}
+
+	var keys *kms.Service
+	var keysTLS *tls.Config
+	if cfg.KMS.MasterKeyFile != "" {
+		if keys, keysTLS, err = kms.NewFromConfig(cfg, files, api.Loopback, log); err != nil {
+			return err
+		}
+	}
+
+	var nodes *nodeapi.Server
+	if cfg.NodeAPI.Listen != "" {
+		if nodes, err = newNodeAPI(cfg.NodeAPI, files, api.Loopback, log); err != nil {
+			return err
+		}
+	}
+
 	g, gctx := errgroup.WithContext(ctx)
+	if nodes != nil {
+		g.Go(func() error {
+			if err := waitReady(gctx, api); err != nil {
+				return nil // shutting down before ready
+			}
+			return runNodeAPI(gctx, nodes, api.Loopback)
+		})
+	}
+	if keys != nil {
+		g.Go(func() error { return keys.Serve(gctx, cfg.KMS.Listen, keysTLS) })
+	}
+	// The API server outlives the Cluster API manager, so that at shutdown the
+	// leader can still release its Lease and another replica takes over at once.
+	capiDone := make(chan struct{})
+	apiCtx, stopAPI := context.WithCancel(context.WithoutCancel(gctx))
+	defer stopAPI()
+	go func() {
+		<-gctx.Done()
+		<-capiDone
+		stopAPI()
+	}()
 	g.Go(func() error {
-		if err := api.Run(gctx); err != nil {
+		if err := api.Run(apiCtx); err != nil {
 			return fmt.Errorf("serving the Kubernetes API: %w", err)
 		}
 		return nil
@@ -69,6 +115,21 @@ func Run(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 			zap.String("kubeconfig", files.AdminKubeconfig),
 			zap.Duration("startup", time.Since(start)))
 		return nil
+	})
+	g.Go(func() error {
+		defer close(capiDone)
+		if err := waitReady(gctx, api); err != nil {
+			return nil // shutting down before ready
+		}
+		return capi.Run(gctx, capi.Config{
+			Loopback:    api.Loopback,
+			CA:          files.CA,
+			DataDir:     files.Dir,
+			WebhookIP:   files.AdvertiseIP,
+			Identity:    files.ServerURL,
+			Controllers: selected,
+			Started:     start,
+		}, log)
 	})
 	err = g.Wait()
 	log.Info("sovrad stopped")

@@ -1,5 +1,8 @@
 // Package nodeapi holds the wire types and gRPC stubs of the node API that the
-// sovra agent uses to enroll its TPM with the daemon and to attest each boot.
+// sovra agent uses to enroll its TPM with the daemon and to attest each boot
+// (NodeService), and, with the node credential an attestation earns, to list
+// the attested members of its cluster and take the cluster's bootstrap lease
+// (ClusterService).
 //
 // The Go code is generated from nodeapi.proto by protoc (Debian
 // protobuf-compiler) with the plugins at the versions go.mod pins:

@@ -25,6 +25,63 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type BootstrapPhase int32
+
+const (
+	BootstrapPhase_BOOTSTRAP_PHASE_UNSPECIFIED BootstrapPhase = 0
+	// The holder won the lease and has not acted on it: it expires unless
+	// renewed, and another node may then win it.
+	BootstrapPhase_BOOTSTRAP_PHASE_HELD BootstrapPhase = 1
+	// The holder is calling Talos Bootstrap. The lease never expires again:
+	// the daemon cannot know whether the call took effect.
+	BootstrapPhase_BOOTSTRAP_PHASE_BOOTSTRAPPING BootstrapPhase = 2
+	// The holder bootstrapped etcd: final.
+	BootstrapPhase_BOOTSTRAP_PHASE_BOOTSTRAPPED BootstrapPhase = 3
+)
+
+// Enum value maps for BootstrapPhase.
+var (
+	BootstrapPhase_name = map[int32]string{
+		0: "BOOTSTRAP_PHASE_UNSPECIFIED",
+		1: "BOOTSTRAP_PHASE_HELD",
+		2: "BOOTSTRAP_PHASE_BOOTSTRAPPING",
+		3: "BOOTSTRAP_PHASE_BOOTSTRAPPED",
+	}
+	BootstrapPhase_value = map[string]int32{
+		"BOOTSTRAP_PHASE_UNSPECIFIED":   0,
+		"BOOTSTRAP_PHASE_HELD":          1,
+		"BOOTSTRAP_PHASE_BOOTSTRAPPING": 2,
+		"BOOTSTRAP_PHASE_BOOTSTRAPPED":  3,
+	}
+)
+
+func (x BootstrapPhase) Enum() *BootstrapPhase {
+	p := new(BootstrapPhase)
+	*p = x
+	return p
+}
+
+func (x BootstrapPhase) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (BootstrapPhase) Descriptor() protoreflect.EnumDescriptor {
+	return file_nodeapi_proto_enumTypes[0].Descriptor()
+}
+
+func (BootstrapPhase) Type() protoreflect.EnumType {
+	return &file_nodeapi_proto_enumTypes[0]
+}
+
+func (x BootstrapPhase) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use BootstrapPhase.Descriptor instead.
+func (BootstrapPhase) EnumDescriptor() ([]byte, []int) {
+	return file_nodeapi_proto_rawDescGZIP(), []int{0}
+}
+
 type EnrollRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Types that are valid to be assigned to Step:
@@ -827,6 +884,339 @@ func (x *AttestResponse) GetWarnings() []string {
 	return nil
 }
 
+type ListMembersRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The address the caller takes part in the election with (its Talos API
+	// address); one of the addresses it enrolled with. Empty announces nothing.
+	Address       string `protobuf:"bytes,1,opt,name=address,proto3" json:"address,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListMembersRequest) Reset() {
+	*x = ListMembersRequest{}
+	mi := &file_nodeapi_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListMembersRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListMembersRequest) ProtoMessage() {}
+
+func (x *ListMembersRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_nodeapi_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListMembersRequest.ProtoReflect.Descriptor instead.
+func (*ListMembersRequest) Descriptor() ([]byte, []int) {
+	return file_nodeapi_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *ListMembersRequest) GetAddress() string {
+	if x != nil {
+		return x.Address
+	}
+	return ""
+}
+
+type Member struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The SovraNode name.
+	Node     string `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	Hostname string `protobuf:"bytes,2,opt,name=hostname,proto3" json:"hostname,omitempty"`
+	// The address the node announced for the election; empty until it has.
+	Address string `protobuf:"bytes,3,opt,name=address,proto3" json:"address,omitempty"`
+	// Every address the node enrolled from and claimed.
+	Addresses []string `protobuf:"bytes,4,rep,name=addresses,proto3" json:"addresses,omitempty"`
+	// True for the caller's own record.
+	Self          bool `protobuf:"varint,5,opt,name=self,proto3" json:"self,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Member) Reset() {
+	*x = Member{}
+	mi := &file_nodeapi_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Member) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Member) ProtoMessage() {}
+
+func (x *Member) ProtoReflect() protoreflect.Message {
+	mi := &file_nodeapi_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Member.ProtoReflect.Descriptor instead.
+func (*Member) Descriptor() ([]byte, []int) {
+	return file_nodeapi_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *Member) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *Member) GetHostname() string {
+	if x != nil {
+		return x.Hostname
+	}
+	return ""
+}
+
+func (x *Member) GetAddress() string {
+	if x != nil {
+		return x.Address
+	}
+	return ""
+}
+
+func (x *Member) GetAddresses() []string {
+	if x != nil {
+		return x.Addresses
+	}
+	return nil
+}
+
+func (x *Member) GetSelf() bool {
+	if x != nil {
+		return x.Self
+	}
+	return false
+}
+
+type ListMembersResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The caller's cluster.
+	Cluster       string    `protobuf:"bytes,1,opt,name=cluster,proto3" json:"cluster,omitempty"`
+	Members       []*Member `protobuf:"bytes,2,rep,name=members,proto3" json:"members,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListMembersResponse) Reset() {
+	*x = ListMembersResponse{}
+	mi := &file_nodeapi_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListMembersResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListMembersResponse) ProtoMessage() {}
+
+func (x *ListMembersResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_nodeapi_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListMembersResponse.ProtoReflect.Descriptor instead.
+func (*ListMembersResponse) Descriptor() ([]byte, []int) {
+	return file_nodeapi_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *ListMembersResponse) GetCluster() string {
+	if x != nil {
+		return x.Cluster
+	}
+	return ""
+}
+
+func (x *ListMembersResponse) GetMembers() []*Member {
+	if x != nil {
+		return x.Members
+	}
+	return nil
+}
+
+type BootstrapLeaseRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The phase the caller asks for: HELD to win or renew, BOOTSTRAPPING
+	// right before it calls Talos Bootstrap, BOOTSTRAPPED once it did.
+	Phase BootstrapPhase `protobuf:"varint,1,opt,name=phase,proto3,enum=sovra.node.v1.BootstrapPhase" json:"phase,omitempty"`
+	// The caller's bootstrap address (one of its enrolled addresses), recorded
+	// with the lease so the Talos control-plane provider knows the holder.
+	Address       string `protobuf:"bytes,2,opt,name=address,proto3" json:"address,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BootstrapLeaseRequest) Reset() {
+	*x = BootstrapLeaseRequest{}
+	mi := &file_nodeapi_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BootstrapLeaseRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BootstrapLeaseRequest) ProtoMessage() {}
+
+func (x *BootstrapLeaseRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_nodeapi_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BootstrapLeaseRequest.ProtoReflect.Descriptor instead.
+func (*BootstrapLeaseRequest) Descriptor() ([]byte, []int) {
+	return file_nodeapi_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *BootstrapLeaseRequest) GetPhase() BootstrapPhase {
+	if x != nil {
+		return x.Phase
+	}
+	return BootstrapPhase_BOOTSTRAP_PHASE_UNSPECIFIED
+}
+
+func (x *BootstrapLeaseRequest) GetAddress() string {
+	if x != nil {
+		return x.Address
+	}
+	return ""
+}
+
+type BootstrapLeaseResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// True when the caller holds the lease in the phase it asked for or a
+	// later one.
+	Granted bool   `protobuf:"varint,1,opt,name=granted,proto3" json:"granted,omitempty"`
+	Cluster string `protobuf:"bytes,2,opt,name=cluster,proto3" json:"cluster,omitempty"`
+	// The holder's SovraNode name and bootstrap address.
+	Holder        string `protobuf:"bytes,3,opt,name=holder,proto3" json:"holder,omitempty"`
+	HolderAddress string `protobuf:"bytes,4,opt,name=holder_address,json=holderAddress,proto3" json:"holder_address,omitempty"`
+	// The lease's phase after the call.
+	Phase BootstrapPhase `protobuf:"varint,5,opt,name=phase,proto3,enum=sovra.node.v1.BootstrapPhase" json:"phase,omitempty"`
+	// While HELD: when the lease expires unless renewed.
+	ExpiresUnix int64 `protobuf:"varint,6,opt,name=expires_unix,json=expiresUnix,proto3" json:"expires_unix,omitempty"`
+	// Why, for the log.
+	Message       string `protobuf:"bytes,7,opt,name=message,proto3" json:"message,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BootstrapLeaseResponse) Reset() {
+	*x = BootstrapLeaseResponse{}
+	mi := &file_nodeapi_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BootstrapLeaseResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BootstrapLeaseResponse) ProtoMessage() {}
+
+func (x *BootstrapLeaseResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_nodeapi_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BootstrapLeaseResponse.ProtoReflect.Descriptor instead.
+func (*BootstrapLeaseResponse) Descriptor() ([]byte, []int) {
+	return file_nodeapi_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *BootstrapLeaseResponse) GetGranted() bool {
+	if x != nil {
+		return x.Granted
+	}
+	return false
+}
+
+func (x *BootstrapLeaseResponse) GetCluster() string {
+	if x != nil {
+		return x.Cluster
+	}
+	return ""
+}
+
+func (x *BootstrapLeaseResponse) GetHolder() string {
+	if x != nil {
+		return x.Holder
+	}
+	return ""
+}
+
+func (x *BootstrapLeaseResponse) GetHolderAddress() string {
+	if x != nil {
+		return x.HolderAddress
+	}
+	return ""
+}
+
+func (x *BootstrapLeaseResponse) GetPhase() BootstrapPhase {
+	if x != nil {
+		return x.Phase
+	}
+	return BootstrapPhase_BOOTSTRAP_PHASE_UNSPECIFIED
+}
+
+func (x *BootstrapLeaseResponse) GetExpiresUnix() int64 {
+	if x != nil {
+		return x.ExpiresUnix
+	}
+	return 0
+}
+
+func (x *BootstrapLeaseResponse) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
 var File_nodeapi_proto protoreflect.FileDescriptor
 
 const file_nodeapi_proto_rawDesc = "" +
@@ -885,11 +1275,41 @@ const file_nodeapi_proto_rawDesc = "" +
 	"\x0eAttestResponse\x12+\n" +
 	"\x11certificate_chain\x18\x01 \x03(\fR\x10certificateChain\x12!\n" +
 	"\fexpires_unix\x18\x02 \x01(\x03R\vexpiresUnix\x12\x1a\n" +
-	"\bwarnings\x18\x03 \x03(\tR\bwarnings2\xe6\x01\n" +
+	"\bwarnings\x18\x03 \x03(\tR\bwarnings\".\n" +
+	"\x12ListMembersRequest\x12\x18\n" +
+	"\aaddress\x18\x01 \x01(\tR\aaddress\"\x84\x01\n" +
+	"\x06Member\x12\x12\n" +
+	"\x04node\x18\x01 \x01(\tR\x04node\x12\x1a\n" +
+	"\bhostname\x18\x02 \x01(\tR\bhostname\x12\x18\n" +
+	"\aaddress\x18\x03 \x01(\tR\aaddress\x12\x1c\n" +
+	"\taddresses\x18\x04 \x03(\tR\taddresses\x12\x12\n" +
+	"\x04self\x18\x05 \x01(\bR\x04self\"`\n" +
+	"\x13ListMembersResponse\x12\x18\n" +
+	"\acluster\x18\x01 \x01(\tR\acluster\x12/\n" +
+	"\amembers\x18\x02 \x03(\v2\x15.sovra.node.v1.MemberR\amembers\"f\n" +
+	"\x15BootstrapLeaseRequest\x123\n" +
+	"\x05phase\x18\x01 \x01(\x0e2\x1d.sovra.node.v1.BootstrapPhaseR\x05phase\x12\x18\n" +
+	"\aaddress\x18\x02 \x01(\tR\aaddress\"\xfd\x01\n" +
+	"\x16BootstrapLeaseResponse\x12\x18\n" +
+	"\agranted\x18\x01 \x01(\bR\agranted\x12\x18\n" +
+	"\acluster\x18\x02 \x01(\tR\acluster\x12\x16\n" +
+	"\x06holder\x18\x03 \x01(\tR\x06holder\x12%\n" +
+	"\x0eholder_address\x18\x04 \x01(\tR\rholderAddress\x123\n" +
+	"\x05phase\x18\x05 \x01(\x0e2\x1d.sovra.node.v1.BootstrapPhaseR\x05phase\x12!\n" +
+	"\fexpires_unix\x18\x06 \x01(\x03R\vexpiresUnix\x12\x18\n" +
+	"\amessage\x18\a \x01(\tR\amessage*\x90\x01\n" +
+	"\x0eBootstrapPhase\x12\x1f\n" +
+	"\x1bBOOTSTRAP_PHASE_UNSPECIFIED\x10\x00\x12\x18\n" +
+	"\x14BOOTSTRAP_PHASE_HELD\x10\x01\x12!\n" +
+	"\x1dBOOTSTRAP_PHASE_BOOTSTRAPPING\x10\x02\x12 \n" +
+	"\x1cBOOTSTRAP_PHASE_BOOTSTRAPPED\x10\x032\xe6\x01\n" +
 	"\vNodeService\x12I\n" +
 	"\x06Enroll\x12\x1c.sovra.node.v1.EnrollRequest\x1a\x1d.sovra.node.v1.EnrollResponse(\x010\x01\x12E\n" +
 	"\bGetNonce\x12\x1b.sovra.node.v1.NonceRequest\x1a\x1c.sovra.node.v1.NonceResponse\x12E\n" +
-	"\x06Attest\x12\x1c.sovra.node.v1.AttestRequest\x1a\x1d.sovra.node.v1.AttestResponseB-Z+github.com/sovra-dev/sovra/internal/nodeapib\x06proto3"
+	"\x06Attest\x12\x1c.sovra.node.v1.AttestRequest\x1a\x1d.sovra.node.v1.AttestResponse2\xc5\x01\n" +
+	"\x0eClusterService\x12T\n" +
+	"\vListMembers\x12!.sovra.node.v1.ListMembersRequest\x1a\".sovra.node.v1.ListMembersResponse\x12]\n" +
+	"\x0eBootstrapLease\x12$.sovra.node.v1.BootstrapLeaseRequest\x1a%.sovra.node.v1.BootstrapLeaseResponseB-Z+github.com/sovra-dev/sovra/internal/nodeapib\x06proto3"
 
 var (
 	file_nodeapi_proto_rawDescOnce sync.Once
@@ -903,39 +1323,53 @@ func file_nodeapi_proto_rawDescGZIP() []byte {
 	return file_nodeapi_proto_rawDescData
 }
 
-var file_nodeapi_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
+var file_nodeapi_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
+var file_nodeapi_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
 var file_nodeapi_proto_goTypes = []any{
-	(*EnrollRequest)(nil),       // 0: sovra.node.v1.EnrollRequest
-	(*EnrollBegin)(nil),         // 1: sovra.node.v1.EnrollBegin
-	(*AttestationKey)(nil),      // 2: sovra.node.v1.AttestationKey
-	(*ActivationProof)(nil),     // 3: sovra.node.v1.ActivationProof
-	(*EnrollResponse)(nil),      // 4: sovra.node.v1.EnrollResponse
-	(*ActivationChallenge)(nil), // 5: sovra.node.v1.ActivationChallenge
-	(*EnrollResult)(nil),        // 6: sovra.node.v1.EnrollResult
-	(*NonceRequest)(nil),        // 7: sovra.node.v1.NonceRequest
-	(*NonceResponse)(nil),       // 8: sovra.node.v1.NonceResponse
-	(*PCRValue)(nil),            // 9: sovra.node.v1.PCRValue
-	(*AttestRequest)(nil),       // 10: sovra.node.v1.AttestRequest
-	(*AttestResponse)(nil),      // 11: sovra.node.v1.AttestResponse
+	(BootstrapPhase)(0),            // 0: sovra.node.v1.BootstrapPhase
+	(*EnrollRequest)(nil),          // 1: sovra.node.v1.EnrollRequest
+	(*EnrollBegin)(nil),            // 2: sovra.node.v1.EnrollBegin
+	(*AttestationKey)(nil),         // 3: sovra.node.v1.AttestationKey
+	(*ActivationProof)(nil),        // 4: sovra.node.v1.ActivationProof
+	(*EnrollResponse)(nil),         // 5: sovra.node.v1.EnrollResponse
+	(*ActivationChallenge)(nil),    // 6: sovra.node.v1.ActivationChallenge
+	(*EnrollResult)(nil),           // 7: sovra.node.v1.EnrollResult
+	(*NonceRequest)(nil),           // 8: sovra.node.v1.NonceRequest
+	(*NonceResponse)(nil),          // 9: sovra.node.v1.NonceResponse
+	(*PCRValue)(nil),               // 10: sovra.node.v1.PCRValue
+	(*AttestRequest)(nil),          // 11: sovra.node.v1.AttestRequest
+	(*AttestResponse)(nil),         // 12: sovra.node.v1.AttestResponse
+	(*ListMembersRequest)(nil),     // 13: sovra.node.v1.ListMembersRequest
+	(*Member)(nil),                 // 14: sovra.node.v1.Member
+	(*ListMembersResponse)(nil),    // 15: sovra.node.v1.ListMembersResponse
+	(*BootstrapLeaseRequest)(nil),  // 16: sovra.node.v1.BootstrapLeaseRequest
+	(*BootstrapLeaseResponse)(nil), // 17: sovra.node.v1.BootstrapLeaseResponse
 }
 var file_nodeapi_proto_depIdxs = []int32{
-	1,  // 0: sovra.node.v1.EnrollRequest.begin:type_name -> sovra.node.v1.EnrollBegin
-	3,  // 1: sovra.node.v1.EnrollRequest.proof:type_name -> sovra.node.v1.ActivationProof
-	2,  // 2: sovra.node.v1.EnrollBegin.ak:type_name -> sovra.node.v1.AttestationKey
-	5,  // 3: sovra.node.v1.EnrollResponse.challenge:type_name -> sovra.node.v1.ActivationChallenge
-	6,  // 4: sovra.node.v1.EnrollResponse.result:type_name -> sovra.node.v1.EnrollResult
-	9,  // 5: sovra.node.v1.AttestRequest.pcrs:type_name -> sovra.node.v1.PCRValue
-	0,  // 6: sovra.node.v1.NodeService.Enroll:input_type -> sovra.node.v1.EnrollRequest
-	7,  // 7: sovra.node.v1.NodeService.GetNonce:input_type -> sovra.node.v1.NonceRequest
-	10, // 8: sovra.node.v1.NodeService.Attest:input_type -> sovra.node.v1.AttestRequest
-	4,  // 9: sovra.node.v1.NodeService.Enroll:output_type -> sovra.node.v1.EnrollResponse
-	8,  // 10: sovra.node.v1.NodeService.GetNonce:output_type -> sovra.node.v1.NonceResponse
-	11, // 11: sovra.node.v1.NodeService.Attest:output_type -> sovra.node.v1.AttestResponse
-	9,  // [9:12] is the sub-list for method output_type
-	6,  // [6:9] is the sub-list for method input_type
-	6,  // [6:6] is the sub-list for extension type_name
-	6,  // [6:6] is the sub-list for extension extendee
-	0,  // [0:6] is the sub-list for field type_name
+	2,  // 0: sovra.node.v1.EnrollRequest.begin:type_name -> sovra.node.v1.EnrollBegin
+	4,  // 1: sovra.node.v1.EnrollRequest.proof:type_name -> sovra.node.v1.ActivationProof
+	3,  // 2: sovra.node.v1.EnrollBegin.ak:type_name -> sovra.node.v1.AttestationKey
+	6,  // 3: sovra.node.v1.EnrollResponse.challenge:type_name -> sovra.node.v1.ActivationChallenge
+	7,  // 4: sovra.node.v1.EnrollResponse.result:type_name -> sovra.node.v1.EnrollResult
+	10, // 5: sovra.node.v1.AttestRequest.pcrs:type_name -> sovra.node.v1.PCRValue
+	14, // 6: sovra.node.v1.ListMembersResponse.members:type_name -> sovra.node.v1.Member
+	0,  // 7: sovra.node.v1.BootstrapLeaseRequest.phase:type_name -> sovra.node.v1.BootstrapPhase
+	0,  // 8: sovra.node.v1.BootstrapLeaseResponse.phase:type_name -> sovra.node.v1.BootstrapPhase
+	1,  // 9: sovra.node.v1.NodeService.Enroll:input_type -> sovra.node.v1.EnrollRequest
+	8,  // 10: sovra.node.v1.NodeService.GetNonce:input_type -> sovra.node.v1.NonceRequest
+	11, // 11: sovra.node.v1.NodeService.Attest:input_type -> sovra.node.v1.AttestRequest
+	13, // 12: sovra.node.v1.ClusterService.ListMembers:input_type -> sovra.node.v1.ListMembersRequest
+	16, // 13: sovra.node.v1.ClusterService.BootstrapLease:input_type -> sovra.node.v1.BootstrapLeaseRequest
+	5,  // 14: sovra.node.v1.NodeService.Enroll:output_type -> sovra.node.v1.EnrollResponse
+	9,  // 15: sovra.node.v1.NodeService.GetNonce:output_type -> sovra.node.v1.NonceResponse
+	12, // 16: sovra.node.v1.NodeService.Attest:output_type -> sovra.node.v1.AttestResponse
+	15, // 17: sovra.node.v1.ClusterService.ListMembers:output_type -> sovra.node.v1.ListMembersResponse
+	17, // 18: sovra.node.v1.ClusterService.BootstrapLease:output_type -> sovra.node.v1.BootstrapLeaseResponse
+	14, // [14:19] is the sub-list for method output_type
+	9,  // [9:14] is the sub-list for method input_type
+	9,  // [9:9] is the sub-list for extension type_name
+	9,  // [9:9] is the sub-list for extension extendee
+	0,  // [0:9] is the sub-list for field type_name
 }
 
 func init() { file_nodeapi_proto_init() }
@@ -956,13 +1390,14 @@ func file_nodeapi_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_nodeapi_proto_rawDesc), len(file_nodeapi_proto_rawDesc)),
-			NumEnums:      0,
-			NumMessages:   12,
+			NumEnums:      1,
+			NumMessages:   17,
 			NumExtensions: 0,
-			NumServices:   1,
+			NumServices:   2,
 		},
 		GoTypes:           file_nodeapi_proto_goTypes,
 		DependencyIndexes: file_nodeapi_proto_depIdxs,
+		EnumInfos:         file_nodeapi_proto_enumTypes,
 		MessageInfos:      file_nodeapi_proto_msgTypes,
 	}.Build()
 	File_nodeapi_proto = out.File

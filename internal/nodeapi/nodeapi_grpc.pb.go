@@ -214,3 +214,169 @@ var NodeService_ServiceDesc = grpc.ServiceDesc{
 	},
 	Metadata: "nodeapi.proto",
 }
+
+const (
+	ClusterService_ListMembers_FullMethodName    = "/sovra.node.v1.ClusterService/ListMembers"
+	ClusterService_BootstrapLease_FullMethodName = "/sovra.node.v1.ClusterService/BootstrapLease"
+)
+
+// ClusterServiceClient is the client API for ClusterService service.
+//
+// For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
+//
+// ClusterService is served beside NodeService, on the same address. Every
+// call must present the node credential (the client certificate a passing
+// attestation earns) over mutual TLS: the caller is the SovraNode the
+// certificate names, and its cluster is the daemon's record of it (the
+// sovra.dev/cluster label), never something the node says.
+type ClusterServiceClient interface {
+	// ListMembers returns the enrolled nodes of the caller's cluster whose last
+	// attestation passed, the caller included, with their addresses. The
+	// caller announces its own bootstrap address with it.
+	ListMembers(ctx context.Context, in *ListMembersRequest, opts ...grpc.CallOption) (*ListMembersResponse, error)
+	// BootstrapLease moves the caller's cluster's bootstrap lease, a
+	// compare-and-swap in the daemon's API, towards the phase the caller asks
+	// for, and says who holds it. Exactly one node of a cluster ever holds it
+	// past HELD.
+	BootstrapLease(ctx context.Context, in *BootstrapLeaseRequest, opts ...grpc.CallOption) (*BootstrapLeaseResponse, error)
+}
+
+type clusterServiceClient struct {
+	cc grpc.ClientConnInterface
+}
+
+func NewClusterServiceClient(cc grpc.ClientConnInterface) ClusterServiceClient {
+	return &clusterServiceClient{cc}
+}
+
+func (c *clusterServiceClient) ListMembers(ctx context.Context, in *ListMembersRequest, opts ...grpc.CallOption) (*ListMembersResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListMembersResponse)
+	err := c.cc.Invoke(ctx, ClusterService_ListMembers_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *clusterServiceClient) BootstrapLease(ctx context.Context, in *BootstrapLeaseRequest, opts ...grpc.CallOption) (*BootstrapLeaseResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(BootstrapLeaseResponse)
+	err := c.cc.Invoke(ctx, ClusterService_BootstrapLease_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// ClusterServiceServer is the server API for ClusterService service.
+// All implementations must embed UnimplementedClusterServiceServer
+// for forward compatibility.
+//
+// ClusterService is served beside NodeService, on the same address. Every
+// call must present the node credential (the client certificate a passing
+// attestation earns) over mutual TLS: the caller is the SovraNode the
+// certificate names, and its cluster is the daemon's record of it (the
+// sovra.dev/cluster label), never something the node says.
+type ClusterServiceServer interface {
+	// ListMembers returns the enrolled nodes of the caller's cluster whose last
+	// attestation passed, the caller included, with their addresses. The
+	// caller announces its own bootstrap address with it.
+	ListMembers(context.Context, *ListMembersRequest) (*ListMembersResponse, error)
+	// BootstrapLease moves the caller's cluster's bootstrap lease, a
+	// compare-and-swap in the daemon's API, towards the phase the caller asks
+	// for, and says who holds it. Exactly one node of a cluster ever holds it
+	// past HELD.
+	BootstrapLease(context.Context, *BootstrapLeaseRequest) (*BootstrapLeaseResponse, error)
+	mustEmbedUnimplementedClusterServiceServer()
+}
+
+// UnimplementedClusterServiceServer must be embedded to have
+// forward compatible implementations.
+//
+// NOTE: this should be embedded by value instead of pointer to avoid a nil
+// pointer dereference when methods are called.
+type UnimplementedClusterServiceServer struct{}
+
+func (UnimplementedClusterServiceServer) ListMembers(context.Context, *ListMembersRequest) (*ListMembersResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListMembers not implemented")
+}
+func (UnimplementedClusterServiceServer) BootstrapLease(context.Context, *BootstrapLeaseRequest) (*BootstrapLeaseResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method BootstrapLease not implemented")
+}
+func (UnimplementedClusterServiceServer) mustEmbedUnimplementedClusterServiceServer() {}
+func (UnimplementedClusterServiceServer) testEmbeddedByValue()                        {}
+
+// UnsafeClusterServiceServer may be embedded to opt out of forward compatibility for this service.
+// Use of this interface is not recommended, as added methods to ClusterServiceServer will
+// result in compilation errors.
+type UnsafeClusterServiceServer interface {
+	mustEmbedUnimplementedClusterServiceServer()
+}
+
+func RegisterClusterServiceServer(s grpc.ServiceRegistrar, srv ClusterServiceServer) {
+	// If the following call panics, it indicates UnimplementedClusterServiceServer was
+	// embedded by pointer and is nil.  This will cause panics if an
+	// unimplemented method is ever invoked, so we test this at initialization
+	// time to prevent it from happening at runtime later due to I/O.
+	if t, ok := srv.(interface{ testEmbeddedByValue() }); ok {
+		t.testEmbeddedByValue()
+	}
+	s.RegisterService(&ClusterService_ServiceDesc, srv)
+}
+
+func _ClusterService_ListMembers_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListMembersRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ClusterServiceServer).ListMembers(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ClusterService_ListMembers_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ClusterServiceServer).ListMembers(ctx, req.(*ListMembersRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ClusterService_BootstrapLease_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(BootstrapLeaseRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ClusterServiceServer).BootstrapLease(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ClusterService_BootstrapLease_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ClusterServiceServer).BootstrapLease(ctx, req.(*BootstrapLeaseRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+// ClusterService_ServiceDesc is the grpc.ServiceDesc for ClusterService service.
+// It's only intended for direct use with grpc.RegisterService,
+// and not to be introspected or modified (even as a copy)
+var ClusterService_ServiceDesc = grpc.ServiceDesc{
+	ServiceName: "sovra.node.v1.ClusterService",
+	HandlerType: (*ClusterServiceServer)(nil),
+	Methods: []grpc.MethodDesc{
+		{
+			MethodName: "ListMembers",
+			Handler:    _ClusterService_ListMembers_Handler,
+		},
+		{
+			MethodName: "BootstrapLease",
+			Handler:    _ClusterService_BootstrapLease_Handler,
+		},
+	},
+	Streams:  []grpc.StreamDesc{},
+	Metadata: "nodeapi.proto",
+}

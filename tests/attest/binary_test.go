@@ -25,8 +25,8 @@ func TestBinariesEnrollAndAttest(t *testing.T) {
 	nodePort := freePort(t)
 	d := sovradtest.Start(t, dir,
 		"--node-listen", fmt.Sprintf("127.0.0.1:%d", nodePort),
-		"--ek-roots", filepath.Join(lab.ca, "swtpm-localca-rootca-cert.pem"),
-		"--ek-intermediates", filepath.Join(lab.ca, "issuercert.pem"),
+		"--ek-roots", lab.Roots(),
+		"--ek-intermediates", lab.Intermediates(),
 		"--controllers", "none")
 
 	uuid := newUUID()
@@ -38,7 +38,7 @@ func TestBinariesEnrollAndAttest(t *testing.T) {
 	agent := exec.Command(testutil.Bin(t, "sovra-agent"), "run",
 		"--daemon-endpoint", fmt.Sprintf("127.0.0.1:%d", nodePort),
 		"--daemon-ca", filepath.Join(dir, "node-ca.crt"),
-		"--tpm", "swtpm:"+lab.tpms[0].Addr,
+		"--tpm", "swtpm:"+lab.TPMs[0].Addr,
 		"--event-log", eventLog,
 		"--node-uuid", uuid,
 		"--state-dir", stateDir)

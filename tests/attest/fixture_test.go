@@ -40,8 +40,8 @@ func TestWriteFixtures(t *testing.T) {
 	if _, err := claims.Decode(req.Claims); err != nil {
 		t.Fatal(err)
 	}
-	root, _ := os.ReadFile(filepath.Join(l.ca, "swtpm-localca-rootca-cert.pem"))
-	inter, _ := os.ReadFile(filepath.Join(l.ca, "issuercert.pem"))
+	root, _ := os.ReadFile(l.Roots())
+	inter, _ := os.ReadFile(l.Intermediates())
 	f := &attesttest.Fixture{
 		EKCertificate: key.EKCertificate, EKRootPEM: root, EKIntermediatePEM: inter,
 		AKPublic: key.Params.Public, AKCreateData: key.Params.CreateData,

@@ -2,14 +2,10 @@ package attest
 
 import (
 	"crypto/x509"
-	"fmt"
 	"io"
 	"net"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"testing"
-	"time"
 
 	"github.com/google/go-tpm/legacy/tpm2"
 	"github.com/google/go-tpm/tpmutil"
@@ -17,7 +13,7 @@ import (
 	agentattest "github.com/sovra-dev/sovra/agent/attest"
 	"github.com/sovra-dev/sovra/agent/tpm/swtpm"
 	"github.com/sovra-dev/sovra/internal/attest"
-	"github.com/sovra-dev/sovra/internal/testutil"
+	"github.com/sovra-dev/sovra/tests/swtpmlab"
 )
 
 // lab provides the TPMs of a story: TPM 0 is the node under test, TPM 1 is
@@ -42,74 +38,25 @@ func extend(t testing.TB, rw io.ReadWriter, pcr int, digest []byte) {
 	}
 }
 
-// swtpmLab runs two swtpm instances in socket mode, each manufactured by
-// swtpm_setup with an EK certificate from one local CA.
+// swtpmLab is two swtpm instances in socket mode, manufactured by
+// swtpm_setup with EK certificates from one local CA (tests/swtpmlab).
 type swtpmLab struct {
-	ca    string // directory of the local CA
-	tpms  [2]swtpm.TCP
-	logs  [2]string
-	roots string
+	*swtpmlab.Lab
 }
 
 func newSwtpmLab(t *testing.T) *swtpmLab {
-	testutil.Require(t, "swtpm", "swtpm_setup", "swtpm_localca")
-	dir := t.TempDir()
-	l := &swtpmLab{ca: filepath.Join(dir, "ca")}
-	if err := os.MkdirAll(l.ca, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	caConf := filepath.Join(dir, "localca.conf")
-	writeFile(t, caConf, fmt.Sprintf("statedir = %[1]s\nsigningkey = %[1]s/signkey.pem\nissuercert = %[1]s/issuercert.pem\ncertserial = %[1]s/certserial\n", l.ca))
-	caOpts := filepath.Join(dir, "localca.options")
-	writeFile(t, caOpts, "--platform-manufacturer sovra\n--platform-version 2.1\n--platform-model test\n")
-	setupConf := filepath.Join(dir, "setup.conf")
-	writeFile(t, setupConf, fmt.Sprintf("create_certs_tool = /usr/bin/swtpm_localca\ncreate_certs_tool_config = %s\ncreate_certs_tool_options = %s\nactive_pcr_banks = sha1,sha256\n", caConf, caOpts))
-	for i := range l.tpms {
-		state := filepath.Join(dir, fmt.Sprintf("tpm%d", i))
-		if err := os.MkdirAll(state, 0o700); err != nil {
-			t.Fatal(err)
-		}
-		out, err := exec.Command("swtpm_setup", "--tpm2", "--tpmstate", state, "--create-ek-cert",
-			"--create-platform-cert", "--config", setupConf, "--overwrite").CombinedOutput()
-		if err != nil {
-			t.Fatalf("swtpm_setup: %v\n%s", err, out)
-		}
-		port, ctrl := freePort(t), freePort(t)
-		cmd := exec.Command("swtpm", "socket", "--tpm2", "--tpmstate", "dir="+state,
-			"--server", fmt.Sprintf("type=tcp,port=%d,bindaddr=127.0.0.1", port),
-			"--ctrl", fmt.Sprintf("type=tcp,port=%d,bindaddr=127.0.0.1", ctrl),
-			"--flags", "not-need-init,startup-clear")
-		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-		if err := cmd.Start(); err != nil {
-			t.Fatalf("starting swtpm: %v", err)
-		}
-		t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
-		l.tpms[i] = swtpm.TCP{Addr: fmt.Sprintf("127.0.0.1:%d", port)}
-		waitPort(t, l.tpms[i].Addr)
-		logDir := filepath.Join(dir, fmt.Sprintf("log%d", i))
-		if err := os.MkdirAll(logDir, 0o700); err != nil {
-			t.Fatal(err)
-		}
-		l.logs[i] = boot(t, l.tpms[i], logDir)
-	}
-	return l
+	return &swtpmLab{swtpmlab.New(t, 2, "127.0.0.1")}
 }
 
-func (l *swtpmLab) use(t *testing.T, i int) (agentattest.TPM, string) { return l.tpms[i], l.logs[i] }
-func (l *swtpmLab) ekCertificates() bool                              { return true }
-func (l *swtpmLab) restore(*testing.T) bool                           { return false }
+func (l *swtpmLab) use(_ *testing.T, i int) (agentattest.TPM, string) {
+	return swtpm.TCP{Addr: l.TPMs[i].Addr}, l.TPMs[i].EventLog
+}
+func (l *swtpmLab) ekCertificates() bool    { return true }
+func (l *swtpmLab) restore(*testing.T) bool { return false }
 
 // ekPolicy trusts the local CA: its root, with its issuing CA as intermediate.
 func (l *swtpmLab) ekPolicy(t *testing.T) attest.EKPolicy {
-	roots, inter := poolFromFile(t, filepath.Join(l.ca, "swtpm-localca-rootca-cert.pem")), poolFromFile(t, filepath.Join(l.ca, "issuercert.pem"))
-	return attest.EKPolicy{Roots: roots, Intermediates: inter}
-}
-
-func writeFile(t testing.TB, p, s string) {
-	t.Helper()
-	if err := os.WriteFile(p, []byte(s), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	return attest.EKPolicy{Roots: poolFromFile(t, l.Roots()), Intermediates: poolFromFile(t, l.Intermediates())}
 }
 
 func freePort(t testing.TB) int {
@@ -120,19 +67,6 @@ func freePort(t testing.TB) int {
 	}
 	defer l.Close()
 	return l.Addr().(*net.TCPAddr).Port
-}
-
-func waitPort(t testing.TB, addr string) {
-	t.Helper()
-	const attempts = 100
-	for range attempts {
-		if c, err := net.Dial("tcp", addr); err == nil {
-			c.Close()
-			return
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	t.Fatalf("swtpm did not listen on %s", addr)
 }
 
 func poolFromFile(t testing.TB, p string) *x509.CertPool {

@@ -278,6 +278,13 @@ func (h *host) agentEnv(expected int, extra ...string) []string {
 
 // startAgent starts the real agent binary in the host's namespace.
 func (h *host) startAgent(expected int, extra ...string) {
+	h.c.t.Helper()
+	h.startAgentEnv(h.agentEnv(expected, extra...))
+}
+
+// startAgentEnv starts the real agent binary in the host's namespace with
+// exactly env.
+func (h *host) startAgentEnv(env []string) {
 	t := h.c.t
 	t.Helper()
 
@@ -287,7 +294,7 @@ func (h *host) startAgent(expected int, extra ...string) {
 	}
 
 	h.agent = exec.Command("ip", "netns", "exec", h.ns, testutil.Bin(t, "sovra-agent"), "run")
-	h.agent.Env = h.agentEnv(expected, extra...)
+	h.agent.Env = env
 	h.agent.Stdout, h.agent.Stderr = log, log
 	h.agent.SysProcAttr = dieWithTest()
 	h.agentDone = make(chan struct{})

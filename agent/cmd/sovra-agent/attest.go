@@ -22,32 +22,29 @@ const productUUIDPath = "/sys/class/dmi/id/product_uuid"
 
 // attestationControllers builds the attestation controller when a daemon is
 // configured: the TPM, the node API connection and the node's identity
-// claims. It returns no controller in edge-only mode.
-func attestationControllers(cfg config.Config, logger *zap.Logger) ([]controller.Controller, error) {
+// claims, and returns the attestation agent, whose node credential
+// authenticates the agent's other daemon calls. It returns no controller and
+// a nil agent in edge-only mode.
+func attestationControllers(cfg config.Config, logger *zap.Logger) ([]controller.Controller, *agentattest.Agent, error) {
 	if cfg.DaemonEndpoint == "" {
 		logger.Info("no daemon endpoint: attestation off (edge-only mode)")
 
-		return nil, nil
+		return nil, nil, nil
 	}
 
 	opener, err := tpm.FromSpec(cfg.Attestation.TPM)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 
-	serverName := cfg.Attestation.DaemonServerName
-	if serverName == "" {
-		serverName, _, _ = net.SplitHostPort(cfg.DaemonEndpoint)
-	}
-
-	conn, err := agentattest.Dial(cfg.DaemonEndpoint, cfg.Attestation.DaemonCA, serverName)
+	conn, err := agentattest.Dial(cfg.DaemonEndpoint, cfg.Attestation.DaemonCA, daemonServerName(cfg))
 	if err != nil {
-		return nil, fmt.Errorf("connecting to the daemon: %w", err)
+		return nil, nil, fmt.Errorf("connecting to the daemon: %w", err)
 	}
 
 	node, err := nodeIdentity(cfg)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 
 	agent := &agentattest.Agent{
@@ -66,7 +63,18 @@ func attestationControllers(cfg config.Config, logger *zap.Logger) ([]controller
 		Clock:    clock.Real{},
 		Interval: cfg.Attestation.Interval,
 		Backoff:  agentattest.Backoff{},
-	}}, nil
+	}}, agent, nil
+}
+
+// daemonServerName is the name the daemon's certificate must carry.
+func daemonServerName(cfg config.Config) string {
+	if cfg.Attestation.DaemonServerName != "" {
+		return cfg.Attestation.DaemonServerName
+	}
+
+	host, _, _ := net.SplitHostPort(cfg.DaemonEndpoint)
+
+	return host
 }
 
 // nodeIdentity is what the node claims about itself at enrollment: its

@@ -40,11 +40,25 @@ func runCommand(args []string, _, stderr io.Writer) int {
 
 	logger.Info("sovra-agent starting", zap.String("version", version.Version), zap.String("role", string(cfg.Role)))
 
-	extra, err := attestationControllers(cfg, logger)
+	extra, attester, err := attestationControllers(cfg, logger)
 	if err != nil {
 		logger.Error("setting up attestation failed", zap.Error(err))
 
 		return exitFailed
+	}
+
+	link, err := clusterLink(cfg, attester, logger)
+	if err != nil {
+		logger.Error("setting up the daemon's membership and bootstrap lease failed", zap.Error(err))
+
+		return exitFailed
+	}
+
+	opts := agentruntime.Options{Config: cfg, Logger: logger}
+	if link != nil {
+		defer link.Close() //nolint:errcheck
+
+		opts.PeerSource, opts.Lease = link, link
 	}
 
 	host, _ := os.Hostname()
@@ -54,7 +68,9 @@ func runCommand(args []string, _, stderr io.Writer) int {
 		ExpectedControlPlanes: cfg.Bootstrap.ExpectedControlPlanes,
 	})
 
-	rt, err := agentruntime.New(agentruntime.Options{Config: cfg, Logger: logger, Controllers: extra})
+	opts.Controllers = extra
+
+	rt, err := agentruntime.New(opts)
 	if err != nil {
 		logger.Error("composing the agent failed", zap.Error(err))
 

@@ -36,9 +36,18 @@ type Talos interface {
 
 // BootstrapLease is the cluster-wide bootstrap lease held in the daemon's API
 // (a compare-and-swap), which also fences the Talos control-plane provider.
-// Acquire returns true when holder owns the lease, now or already.
+// holder is this node's address; the daemon knows the node by its credential.
 type BootstrapLease interface {
+	// Acquire returns true when this node holds the lease, now or already.
+	// A lease that is held but not committed expires unless renewed, and
+	// another node may then win it.
 	Acquire(ctx context.Context, holder string) (bool, error)
+	// Commit makes this node's lease permanent right before it calls Talos
+	// Bootstrap, and returns false when the node no longer holds it (it
+	// expired and another node won it): then it must not bootstrap.
+	Commit(ctx context.Context, holder string) (bool, error)
+	// Complete reports that this node bootstrapped etcd: the lease is final.
+	Complete(ctx context.Context, holder string) error
 }
 
 // BootstrapController bootstraps etcd on the elected leader and follows it
@@ -185,6 +194,15 @@ func (ctrl *BootstrapController) lead(ctx context.Context, r controller.Runtime,
 
 			return false, ctrl.write(ctx, r, bootstrap.PhaseWaiting, spec.Self, "waiting for the bootstrap lease")
 		}
+
+		committed, err := ctrl.Lease.Commit(ctx, spec.Self)
+		if err != nil || !committed {
+			logger.Warn("bootstrap lease lost before committing: not bootstrapping this round", zap.Bool("committed", committed), zap.Error(err))
+
+			return false, ctrl.write(ctx, r, bootstrap.PhaseWaiting, spec.Self, "waiting for the bootstrap lease")
+		}
+
+		logger.Info("bootstrap lease won and committed: this node alone may bootstrap", zap.String("self", spec.Self))
 	}
 
 	logger.Info("bootstrapping etcd on this node", zap.String("self", spec.Self), zap.Int("round", spec.Round))
@@ -204,6 +222,13 @@ func (ctrl *BootstrapController) lead(ctx context.Context, r controller.Runtime,
 		return false, ctrl.write(ctx, r, bootstrap.PhaseWaiting, spec.Self, "Talos Bootstrap failed; retrying")
 	default:
 		logger.Info("bootstrapped etcd on this node", zap.String("self", spec.Self))
+	}
+
+	if ctrl.Lease != nil {
+		if err := ctrl.Lease.Complete(ctx, spec.Self); err != nil {
+			// The lease stays committed to this node: still exactly one.
+			logger.Warn("reporting the bootstrap to the daemon failed; the lease stays with this node", zap.Error(err))
+		}
 	}
 
 	return true, ctrl.write(ctx, r, bootstrap.PhaseBootstrapped, spec.Self, "this node bootstrapped etcd")

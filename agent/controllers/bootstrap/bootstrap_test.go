@@ -3,6 +3,7 @@ package bootstrap_test
 import (
 	"context"
 	"net/netip"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -152,6 +153,10 @@ type deniedLease struct{}
 
 func (deniedLease) Acquire(context.Context, string) (bool, error) { return false, nil }
 
+func (deniedLease) Commit(context.Context, string) (bool, error) { return false, nil }
+
+func (deniedLease) Complete(context.Context, string) error { return nil }
+
 func TestLeaseMustBeWon(t *testing.T) {
 	talos := &fakeTalos{}
 	h := setup(t, talos, deniedLease{}, clock.Real{}, true)
@@ -161,5 +166,66 @@ func TestLeaseMustBeWon(t *testing.T) {
 
 	if len(talos.calls()) != 0 {
 		t.Fatal("bootstrapped without the lease")
+	}
+}
+
+// scriptedLease grants Acquire, answers Commit with commit, and records the
+// calls.
+type scriptedLease struct {
+	commit bool
+	mu     sync.Mutex // guards log
+	log    []string
+}
+
+func (l *scriptedLease) record(s string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.log = append(l.log, s)
+}
+
+func (l *scriptedLease) calls() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return strings.Join(l.log, ",")
+}
+
+func (l *scriptedLease) Acquire(_ context.Context, h string) (bool, error) {
+	l.record("acquire " + h)
+	return true, nil
+}
+
+func (l *scriptedLease) Commit(_ context.Context, h string) (bool, error) {
+	l.record("commit " + h)
+	return l.commit, nil
+}
+
+func (l *scriptedLease) Complete(_ context.Context, h string) error {
+	l.record("complete " + h)
+	return nil
+}
+
+func TestLeaseLostBeforeCommitDoesNotBootstrap(t *testing.T) {
+	talos := &fakeTalos{}
+	lease := &scriptedLease{commit: false}
+	h := setup(t, talos, lease, clock.Real{}, true)
+
+	h.put(election.ElectionSpec{Round: 2, Self: "10.0.0.1", Leader: "10.0.0.1", Decision: election.DecisionLeader})
+	time.Sleep(100 * time.Millisecond)
+
+	if len(talos.calls()) != 0 || !strings.HasPrefix(lease.calls(), "acquire 10.0.0.1,commit 10.0.0.1") {
+		t.Fatalf("bootstrap calls %v, lease calls %s: want no bootstrap after a lost commit", talos.calls(), lease.calls())
+	}
+}
+
+func TestLeaseCommittedThenCompleted(t *testing.T) {
+	talos := &fakeTalos{}
+	lease := &scriptedLease{commit: true}
+	h := setup(t, talos, lease, clock.Real{}, true)
+
+	h.put(election.ElectionSpec{Round: 2, Self: "10.0.0.1", Leader: "10.0.0.1", Decision: election.DecisionLeader})
+	h.wait(bootstrap.PhaseBootstrapped)
+
+	if len(talos.calls()) != 1 || lease.calls() != "acquire 10.0.0.1,commit 10.0.0.1,complete 10.0.0.1" {
+		t.Fatalf("bootstrap calls %v, lease calls %s", talos.calls(), lease.calls())
 	}
 }

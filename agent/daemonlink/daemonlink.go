@@ -1,0 +1,222 @@
+// Package daemonlink is the agent's authenticated link to the daemon's
+// ClusterService: the membership list of the node's cluster as a discovery
+// PeerSource, and the cluster's bootstrap lease as the bootstrap controller's
+// BootstrapLease. Every call presents the node credential (mutual TLS); the
+// daemon knows the node, and its cluster, from it.
+package daemonlink
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/sovra-dev/sovra/agent/controllers/bootstrap"
+	"github.com/sovra-dev/sovra/agent/controllers/discovery"
+	"github.com/sovra-dev/sovra/agent/runtime/clock"
+	"github.com/sovra-dev/sovra/internal/nodeapi"
+)
+
+// Defaults for Link fields left zero.
+const (
+	// DefaultTimeout bounds one call to the daemon.
+	DefaultTimeout = 10 * time.Second
+	// completeAttempts and completeRetry pace the report of a done
+	// bootstrap, which the daemon should hear even through a hiccup.
+	completeAttempts = 5
+	completeRetry    = 2 * time.Second
+)
+
+// Dialer opens a connection to the daemon's node API whose TLS client
+// certificate is the node credential (attest.Agent.ClientCertificate).
+type Dialer func() (*grpc.ClientConn, error)
+
+// Link talks to the ClusterService. It is safe for concurrent use.
+type Link struct {
+	// Dial opens the connection; it is called again after the daemon
+	// refused the credential of the current one (renewed credentials are
+	// presented only on a new TLS handshake).
+	Dial Dialer
+	// Self is the address this node takes part in the election with; it is
+	// announced to the daemon with every membership call.
+	Self netip.Addr
+	// Timeout bounds one call; zero means DefaultTimeout.
+	Timeout time.Duration
+	// Logger receives the decisions; nil discards.
+	Logger *zap.Logger
+	// Clock paces the retries of Complete; nil is the wall clock.
+	Clock clock.Clock
+
+	mu   sync.Mutex // guards conn
+	conn *grpc.ClientConn
+}
+
+var (
+	_ discovery.PeerSource     = (*Link)(nil)
+	_ bootstrap.BootstrapLease = (*Link)(nil)
+)
+
+// Close closes the connection, if any.
+func (l *Link) Close() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.conn == nil {
+		return nil
+	}
+	err := l.conn.Close()
+	l.conn = nil
+	return err
+}
+
+// call runs fn with a client and a deadline, and drops the connection when
+// the daemon refused the credential, so the next call handshakes anew.
+func (l *Link) call(ctx context.Context, fn func(context.Context, nodeapi.ClusterServiceClient) error) error {
+	l.mu.Lock()
+	if l.conn == nil {
+		conn, err := l.Dial()
+		if err != nil {
+			l.mu.Unlock()
+			return fmt.Errorf("connecting to the daemon: %w", err)
+		}
+		l.conn = conn
+	}
+	conn := l.conn
+	l.mu.Unlock()
+
+	timeout := l.Timeout
+	if timeout <= 0 {
+		timeout = DefaultTimeout
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	err := fn(ctx, nodeapi.NewClusterServiceClient(conn))
+	if c := status.Code(err); c == codes.Unauthenticated || c == codes.Unavailable {
+		l.mu.Lock()
+		if l.conn == conn {
+			_ = conn.Close()
+			l.conn = nil
+		}
+		l.mu.Unlock()
+	}
+	return err
+}
+
+func (l *Link) clock() clock.Clock {
+	if l.Clock == nil {
+		return clock.Real{}
+	}
+	return l.Clock
+}
+
+func (l *Link) logger() *zap.Logger {
+	if l.Logger == nil {
+		return zap.NewNop()
+	}
+	return l.Logger
+}
+
+// Peers implements discovery.PeerSource: the announced addresses of the
+// other attested members of this node's cluster. A member that has not
+// announced its address yet is left out until it does (on its own first
+// membership call); each member gives at most one address, so no node is
+// ever counted twice.
+func (l *Link) Peers(ctx context.Context) ([]netip.Addr, error) {
+	var resp *nodeapi.ListMembersResponse
+	err := l.call(ctx, func(ctx context.Context, c nodeapi.ClusterServiceClient) error {
+		var err error
+		resp, err = c.ListMembers(ctx, &nodeapi.ListMembersRequest{Address: l.Self.String()})
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("listing the cluster's members from the daemon: %w", err)
+	}
+	var out []netip.Addr
+	for _, m := range resp.GetMembers() {
+		if m.GetSelf() {
+			continue
+		}
+		a, err := netip.ParseAddr(m.GetAddress())
+		if err != nil {
+			l.logger().Debug("member has not announced its address yet", zap.String("member", m.GetNode()))
+			continue
+		}
+		if a == l.Self || slices.Contains(out, a) {
+			continue
+		}
+		out = append(out, a)
+	}
+	slices.SortFunc(out, netip.Addr.Compare)
+	return out, nil
+}
+
+// lease asks for phase and returns the daemon's answer.
+func (l *Link) lease(ctx context.Context, holder string, phase nodeapi.BootstrapPhase) (*nodeapi.BootstrapLeaseResponse, error) {
+	var resp *nodeapi.BootstrapLeaseResponse
+	err := l.call(ctx, func(ctx context.Context, c nodeapi.ClusterServiceClient) error {
+		var err error
+		resp, err = c.BootstrapLease(ctx, &nodeapi.BootstrapLeaseRequest{Phase: phase, Address: holder})
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("asking the daemon for the bootstrap lease (%s): %w", phase, err)
+	}
+	fields := []zap.Field{
+		zap.String("asked", phase.String()), zap.String("cluster", resp.GetCluster()),
+		zap.String("holder", resp.GetHolder()), zap.String("holder_address", resp.GetHolderAddress()),
+		zap.String("phase", resp.GetPhase().String()), zap.String("message", resp.GetMessage()),
+	}
+	if resp.GetGranted() {
+		l.logger().Info("bootstrap lease granted", fields...)
+	} else {
+		l.logger().Info("bootstrap lease denied", fields...)
+	}
+	return resp, nil
+}
+
+// Acquire implements bootstrap.BootstrapLease.
+func (l *Link) Acquire(ctx context.Context, holder string) (bool, error) {
+	resp, err := l.lease(ctx, holder, nodeapi.BootstrapPhase_BOOTSTRAP_PHASE_HELD)
+	if err != nil {
+		return false, err
+	}
+	return resp.GetGranted(), nil
+}
+
+// Commit implements bootstrap.BootstrapLease.
+func (l *Link) Commit(ctx context.Context, holder string) (bool, error) {
+	resp, err := l.lease(ctx, holder, nodeapi.BootstrapPhase_BOOTSTRAP_PHASE_BOOTSTRAPPING)
+	if err != nil {
+		return false, err
+	}
+	return resp.GetGranted(), nil
+}
+
+// Complete implements bootstrap.BootstrapLease, retrying a few times.
+func (l *Link) Complete(ctx context.Context, holder string) error {
+	var err error
+	for attempt := range completeAttempts {
+		if attempt > 0 {
+			select {
+			case <-ctx.Done():
+				return errors.Join(err, ctx.Err())
+			case <-l.clock().After(completeRetry):
+			}
+		}
+		var resp *nodeapi.BootstrapLeaseResponse
+		if resp, err = l.lease(ctx, holder, nodeapi.BootstrapPhase_BOOTSTRAP_PHASE_BOOTSTRAPPED); err == nil {
+			if !resp.GetGranted() {
+				return fmt.Errorf("the daemon refused the report: %s", resp.GetMessage())
+			}
+			return nil
+		}
+	}
+	return err
+}

@@ -1,0 +1,129 @@
+package daemonlink
+
+import (
+	"context"
+	"net"
+	"net/netip"
+	"slices"
+	"sync"
+	"testing"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+
+	"github.com/sovra-dev/sovra/internal/nodeapi"
+)
+
+// stubDaemon answers the ClusterService from fixed data and records calls.
+type stubDaemon struct {
+	nodeapi.UnimplementedClusterServiceServer
+	members []*nodeapi.Member
+	grant   map[nodeapi.BootstrapPhase]bool
+
+	mu        sync.Mutex // guards announced, phases, refuse
+	announced []string
+	phases    []nodeapi.BootstrapPhase
+	refuse    int // refuse this many calls with Unauthenticated
+}
+
+func (d *stubDaemon) ListMembers(_ context.Context, req *nodeapi.ListMembersRequest) (*nodeapi.ListMembersResponse, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.refuse > 0 {
+		d.refuse--
+		return nil, status.Error(codes.Unauthenticated, "present the node credential")
+	}
+	d.announced = append(d.announced, req.GetAddress())
+	return &nodeapi.ListMembersResponse{Cluster: "prod", Members: d.members}, nil
+}
+
+func (d *stubDaemon) BootstrapLease(_ context.Context, req *nodeapi.BootstrapLeaseRequest) (*nodeapi.BootstrapLeaseResponse, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.phases = append(d.phases, req.GetPhase())
+	return &nodeapi.BootstrapLeaseResponse{Granted: d.grant[req.GetPhase()], Holder: "ek-a", HolderAddress: req.GetAddress(), Phase: req.GetPhase()}, nil
+}
+
+func start(t *testing.T, d *stubDaemon) (*Link, *int) {
+	t.Helper()
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := grpc.NewServer()
+	nodeapi.RegisterClusterServiceServer(g, d)
+	go func() { _ = g.Serve(lis) }()
+	t.Cleanup(g.Stop)
+	dials := new(int)
+	l := &Link{
+		Self: netip.MustParseAddr("10.0.0.1"),
+		Dial: func() (*grpc.ClientConn, error) {
+			*dials++
+			return grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+		},
+	}
+	t.Cleanup(func() { l.Close() })
+	return l, dials
+}
+
+func TestPeersOneAnnouncedAddressPerOtherMember(t *testing.T) {
+	d := &stubDaemon{members: []*nodeapi.Member{
+		{Node: "ek-a", Address: "10.0.0.1", Addresses: []string{"10.0.0.1", "192.168.1.1"}, Self: true},
+		{Node: "ek-c", Address: "10.0.0.3", Addresses: []string{"10.0.0.3", "10.0.0.33"}},
+		{Node: "ek-b", Address: "10.0.0.2", Addresses: []string{"10.0.0.2"}},
+		{Node: "ek-d", Addresses: []string{"10.0.0.4"}},                      // not announced yet
+		{Node: "ek-e", Address: "10.0.0.2", Addresses: []string{"10.0.0.2"}}, // duplicate address
+	}}
+	l, _ := start(t, d)
+	peers, err := l.Peers(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []netip.Addr{netip.MustParseAddr("10.0.0.2"), netip.MustParseAddr("10.0.0.3")}
+	if !slices.Equal(peers, want) {
+		t.Fatalf("Peers = %v, want %v", peers, want)
+	}
+	if len(d.announced) != 1 || d.announced[0] != "10.0.0.1" {
+		t.Fatalf("announced %v, want this node's address", d.announced)
+	}
+}
+
+func TestRedialAfterRefusedCredential(t *testing.T) {
+	d := &stubDaemon{refuse: 1}
+	l, dials := start(t, d)
+	if _, err := l.Peers(context.Background()); status.Code(err) != codes.Unauthenticated {
+		t.Fatalf("first call = %v, want Unauthenticated", err)
+	}
+	if _, err := l.Peers(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if *dials != 2 {
+		t.Fatalf("dials = %d, want a new connection after the refusal", *dials)
+	}
+}
+
+func TestLeasePhases(t *testing.T) {
+	d := &stubDaemon{grant: map[nodeapi.BootstrapPhase]bool{
+		nodeapi.BootstrapPhase_BOOTSTRAP_PHASE_HELD:         true,
+		nodeapi.BootstrapPhase_BOOTSTRAP_PHASE_BOOTSTRAPPED: true,
+	}}
+	l, _ := start(t, d)
+	ctx := context.Background()
+	if won, err := l.Acquire(ctx, "10.0.0.1"); !won || err != nil {
+		t.Fatalf("Acquire = %v, %v", won, err)
+	}
+	if ok, err := l.Commit(ctx, "10.0.0.1"); ok || err != nil {
+		t.Fatalf("Commit = %v, %v; want not granted", ok, err)
+	}
+	if err := l.Complete(ctx, "10.0.0.1"); err != nil {
+		t.Fatal(err)
+	}
+	want := []nodeapi.BootstrapPhase{
+		nodeapi.BootstrapPhase_BOOTSTRAP_PHASE_HELD, nodeapi.BootstrapPhase_BOOTSTRAP_PHASE_BOOTSTRAPPING, nodeapi.BootstrapPhase_BOOTSTRAP_PHASE_BOOTSTRAPPED,
+	}
+	if !slices.Equal(d.phases, want) {
+		t.Fatalf("phases = %v, want %v", d.phases, want)
+	}
+}

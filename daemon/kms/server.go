@@ -1,0 +1,85 @@
+package kms
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"time"
+
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/keepalive"
+)
+
+const (
+	// DefaultListen is the default of sovrad's --kms-listen.
+	DefaultListen = ":7444"
+	// shutdownGrace is how long Serve waits for calls in flight.
+	shutdownGrace = 5 * time.Second
+	// maxConcurrentStreams bounds calls per connection (Talos makes one).
+	maxConcurrentStreams = 16
+)
+
+// NewGRPCServer returns a gRPC server over TLS for the KMS and the volume
+// key API, with requests bounded by MaxRequestSize. Client certificates
+// may be verified but never required: Talos presents none. Used until both
+// are registered on the node API server.
+func NewGRPCServer(tlsCfg *tls.Config) (*grpc.Server, error) {
+	if tlsCfg == nil || (len(tlsCfg.Certificates) == 0 && tlsCfg.GetCertificate == nil) {
+		return nil, errors.New("the KMS needs a TLS serving certificate")
+	}
+	if tlsCfg.ClientAuth > tls.VerifyClientCertIfGiven {
+		return nil, errors.New("the KMS must not require client certificates: Talos presents none")
+	}
+	tlsCfg = tlsCfg.Clone()
+	tlsCfg.MinVersion = max(tlsCfg.MinVersion, tls.VersionTLS12)
+	return grpc.NewServer(
+		grpc.Creds(credentials.NewTLS(tlsCfg)),
+		grpc.MaxRecvMsgSize(MaxRequestSize),
+		grpc.MaxConcurrentStreams(maxConcurrentStreams),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second}),
+	), nil
+}
+
+// Serve runs the KMS on its own TLS listener at addr until ctx ends: the
+// gRPC server and Run together.
+func (s *Service) Serve(ctx context.Context, addr string, tlsCfg *tls.Config) error {
+	g, err := NewGRPCServer(tlsCfg)
+	if err != nil {
+		return err
+	}
+	s.Register(g)
+	s.RegisterVolumeKeys(g)
+	lis, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("listening for the KMS on %s: %w", addr, err)
+	}
+	s.logger.Info("KMS listening", zap.String("address", lis.Addr().String()))
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	errc := make(chan error, 2)
+	go func() { errc <- s.Run(ctx) }()
+	go func() {
+		if err := g.Serve(lis); err != nil {
+			errc <- fmt.Errorf("serving the KMS: %w", err)
+		}
+	}()
+	select {
+	case err := <-errc:
+		cancel()
+		g.Stop()
+		return err
+	case <-ctx.Done():
+	}
+	done := make(chan struct{})
+	go func() { g.GracefulStop(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(shutdownGrace):
+		g.Stop()
+	}
+	return nil
+}

@@ -1,0 +1,71 @@
+package server
+
+import (
+	"context"
+	"crypto/tls"
+	"fmt"
+
+	"go.uber.org/zap"
+	"k8s.io/client-go/rest"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	"github.com/sovra-dev/sovra/daemon/attestation"
+	"github.com/sovra-dev/sovra/daemon/config"
+	"github.com/sovra-dev/sovra/daemon/datadir"
+	"github.com/sovra-dev/sovra/daemon/nodeapi"
+)
+
+// newNodeAPI builds the node API from the configuration: its TLS identity
+// from the node CA in the data directory, and the EK policy from its files.
+func newNodeAPI(cfg config.NodeAPI, files *datadir.Files, loopback *rest.Config, log *zap.Logger) (*nodeapi.Server, error) {
+	ek, err := attestation.EKPolicyFiles{
+		Roots:           cfg.EKRoots,
+		Intermediates:   cfg.EKIntermediates,
+		AllowList:       cfg.EKAllowList,
+		TrustOnFirstUse: cfg.EKTrustOnFirstUse,
+	}.Load()
+	if err != nil {
+		return nil, err
+	}
+	switch {
+	case cfg.EKTrustOnFirstUse:
+		log.Warn("EK TRUST ON FIRST USE: any TPM, or anything claiming to be one, may enroll. Labs only: this proves nothing about a machine's identity")
+	case cfg.EKRoots == "" && cfg.EKAllowList == "":
+		log.Warn("no EK policy configured (--ek-roots, --ek-allow-list): every enrollment will be refused")
+	}
+	cert, err := tls.LoadX509KeyPair(files.NodeServingCert, files.NodeServingKey)
+	if err != nil {
+		return nil, fmt.Errorf("loading the node API certificate: %w", err)
+	}
+	return nodeapi.NewServer(nodeapi.Config{
+		Listen: cfg.Listen,
+		TLS:    &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12},
+		Attestation: attestation.Config{
+			EK:        ek,
+			NonceTTL:  cfg.NonceTTL,
+			CertTTL:   cfg.NodeCertTTL,
+			NodeCA:    files.NodeCA.Cert,
+			NodeCAKey: files.NodeCA.Key,
+		},
+	}, loopback, log.Named("nodeapi"))
+}
+
+// runNodeAPI installs the attestation CRDs in the API, waits for them, and
+// serves the node API until ctx ends.
+func runNodeAPI(ctx context.Context, srv *nodeapi.Server, loopback *rest.Config) error {
+	scheme, err := attestation.Scheme()
+	if err != nil {
+		return err
+	}
+	c, err := client.New(loopback, client.Options{Scheme: scheme})
+	if err != nil {
+		return fmt.Errorf("creating a client for the attestation CRDs: %w", err)
+	}
+	if err := attestation.InstallCRDs(ctx, c); err != nil {
+		return err
+	}
+	if err := attestation.WaitForCRDs(ctx, c); err != nil {
+		return err
+	}
+	return srv.Run(ctx)
+}

@@ -1,0 +1,73 @@
+package kms
+
+import (
+	"bytes"
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
+	"github.com/sovra-dev/sovra/daemon/kms"
+)
+
+// TestLabMode: a node nobody registered seals on its first boot (before any
+// extension runs); its record is created then, its salt moves to its
+// enrolled record when it enrolls, and it unseals once attested. A node
+// that never enrolls is quarantined at the deadline.
+func TestLabMode(t *testing.T) {
+	d := startKMS(t, "--kms-lab-mode", "--attest-deadline", "4s")
+	ctx := context.Background()
+	n := newNode(t)
+	secret := key(t)
+	blob, err := d.Seal(ctx, n.UUID, secret)
+	if err != nil {
+		t.Fatalf("lab-mode Seal of an unknown node: %v\n%s", err, d.Tail(10))
+	}
+	// Talos seals EPHEMERAL right after STATE: same record, same salt.
+	blob2, err := d.Seal(ctx, n.UUID, key(t))
+	if err != nil {
+		t.Fatalf("second Seal: %v", err)
+	}
+	lab := node{Name: "kms-lab-" + n.UUID, UUID: n.UUID}
+	rec := d.getNode(ctx, lab)
+	if rec.Labels[kms.LabelLabPending] != "true" || len(rec.Status.KeySalt) != 32 {
+		t.Fatalf("lab record: labels %v, salt %d bytes", rec.Labels, len(rec.Status.KeySalt))
+	}
+	// Not enrolled: no Unseal.
+	data, err := d.Unseal(ctx, n.UUID, blob)
+	requireDenied(t, data, err)
+
+	// The node enrolls and attests: the enrolled record adopts the salt.
+	if err := d.createNode(ctx, n, attestedNode); err != nil {
+		t.Fatal(err)
+	}
+	if got := d.unsealEventually(ctx, n, blob); !bytes.Equal(got, secret) {
+		t.Fatal("unsealed other data")
+	}
+	d.unsealEventually(ctx, n, blob2)
+	if out, _ := d.TryKubectl("get", "sovranode", lab.Name); strings.Contains(out, lab.Name) {
+		t.Fatal("the lab record outlived the adoption")
+	}
+	waitEvent(t, d, n.Name, "LabRecordAdopted")
+	d.setNodeState(ctx, n, nodeState{Enrolled: true, Attested: true, Result: v1alpha1.ResultPassed,
+		Addresses: attestedNode.Addresses, AttestedAt: time.Now().Add(time.Second)})
+
+	// A node that seals and never enrolls is quarantined at the deadline.
+	ghost := newNode(t)
+	if _, err := d.Seal(ctx, ghost.UUID, key(t)); err != nil {
+		t.Fatal(err)
+	}
+	ghostLab := node{Name: "kms-lab-" + ghost.UUID, UUID: ghost.UUID}
+	deadline := time.Now().Add(converge)
+	for !quarantinedRecord(d.getNode(ctx, ghostLab)) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the never-enrolled lab node was not quarantined:\n%s", d.Tail(10))
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	waitLog(t, d, kms.ReasonEnrollmentMissed)
+	// Quarantined: not even Seal.
+	_, err = d.Seal(ctx, ghost.UUID, key(t))
+	requireDenied(t, nil, err)
+}
