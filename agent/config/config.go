@@ -42,6 +42,10 @@ const (
 	DefaultConnectTimeout        = 300 * time.Millisecond
 	DefaultAPITimeout            = 3 * time.Second
 	DefaultPollInterval          = 2 * time.Second
+	// DefaultKeyPort is the port of the daemon's key service (its KMS listener).
+	DefaultKeyPort = "7444"
+	// DefaultMapPrefix prefixes the device-mapper name of each volume.
+	DefaultMapPrefix = "sovra-"
 	// DefaultStateDir is the agent's state directory on a Talos node.
 	DefaultStateDir = "/var/lib/sovra-agent"
 	// DefaultAttestInterval is the time between attestations.
@@ -93,6 +97,22 @@ type Config struct {
 	// Attestation configures enrollment and attestation with the daemon; it
 	// runs when DaemonEndpoint is set.
 	Attestation Attestation
+	// Volumes configures the data volumes the agent encrypts itself.
+	Volumes Volumes
+}
+
+// Volumes configures agent-managed LUKS2 volumes: their keys come from the
+// daemon after this boot's attestation and live only in memory.
+type Volumes struct {
+	// Devices maps a volume ID (its name to the daemon) to its raw
+	// partition. Empty: the agent manages no volume.
+	Devices map[string]string
+	// KeyEndpoint is the daemon's key service (host:port); empty means the
+	// daemon endpoint's host on DefaultKeyPort.
+	KeyEndpoint string
+	// MapPrefix opens each volume at /dev/mapper/<prefix><id>. Empty only
+	// checks that the volume takes its key. Default "sovra-".
+	MapPrefix string
 }
 
 // Attestation configures how the agent proves its boot to the daemon.
@@ -238,6 +258,19 @@ func settings() []setting {
 
 			return nil
 		}, func(Config) string { return "" }},
+		{"volumes", []string{"SOVRA_VOLUMES"}, "agent-managed volumes as ID=DEVICE, comma-separated (keys from the daemon)", func(c *Config, v string) error {
+			return parseVolumes(v, c)
+		}, func(Config) string { return "" }},
+		{"key-endpoint", []string{"SOVRA_KEY_ENDPOINT"}, "daemon key service host:port (default: the daemon's host, port " + DefaultKeyPort + ")", func(c *Config, v string) error {
+			c.Volumes.KeyEndpoint = v
+
+			return nil
+		}, func(Config) string { return "" }},
+		{"volume-map-prefix", []string{"SOVRA_VOLUME_MAP_PREFIX"}, "open volumes at /dev/mapper/<prefix><id>; empty only checks the key", func(c *Config, v string) error {
+			c.Volumes.MapPrefix = v
+
+			return nil
+		}, func(c Config) string { return c.Volumes.MapPrefix }},
 		{"network-cidr", []string{"SOVRA_BOOTSTRAP_NETWORK_CIDR", "KOMMODITY_AUTOBOOTSTRAP_NETWORK_CIDR"}, "private range scanned for Talos peers (empty: no bootstrap)", func(c *Config, v string) error {
 			p, err := netip.ParsePrefix(v)
 			c.Bootstrap.NetworkCIDR = p.Masked()
@@ -392,6 +425,10 @@ func (c Config) Validate() error {
 		}
 	}
 
+	if len(c.Volumes.Devices) > 0 && c.DaemonEndpoint == "" {
+		add("volumes need a daemon endpoint: their keys are released only after attestation")
+	}
+
 	if c.Attestation.Interval < time.Minute {
 		add("attest interval %s: want at least 1m", c.Attestation.Interval)
 	}
@@ -497,3 +534,39 @@ func parseDuration(v string, out *time.Duration) error {
 type devNull struct{}
 
 func (devNull) Write(p []byte) (int, error) { return len(p), nil }
+
+// parseVolumes reads "id=device,id2=device2" into c.Volumes.Devices.
+func parseVolumes(v string, c *Config) error {
+	devices := map[string]string{}
+
+	for _, item := range strings.Split(v, ",") {
+		id, dev, ok := strings.Cut(strings.TrimSpace(item), "=")
+		if !ok || id == "" || dev == "" {
+			return fmt.Errorf("%q: want ID=DEVICE", item)
+		}
+
+		if _, dup := devices[id]; dup {
+			return fmt.Errorf("volume %q given twice", id)
+		}
+
+		devices[id] = dev
+	}
+
+	c.Volumes.Devices = devices
+
+	return nil
+}
+
+// KeyEndpoint returns the daemon's key service address.
+func (c Config) KeyEndpoint() string {
+	if c.Volumes.KeyEndpoint != "" {
+		return c.Volumes.KeyEndpoint
+	}
+
+	host, _, err := net.SplitHostPort(c.DaemonEndpoint)
+	if err != nil {
+		return ""
+	}
+
+	return net.JoinHostPort(host, DefaultKeyPort)
+}

@@ -47,6 +47,15 @@ func runCommand(args []string, _, stderr io.Writer) int {
 		return exitFailed
 	}
 
+	vols, err := volumeControllers(cfg, attester, logger)
+	if err != nil {
+		logger.Error("setting up the agent-managed volumes failed", zap.Error(err))
+
+		return exitFailed
+	}
+
+	extra = append(extra, vols...)
+
 	link, err := clusterLink(cfg, attester, logger)
 	if err != nil {
 		logger.Error("setting up the daemon's membership and bootstrap lease failed", zap.Error(err))

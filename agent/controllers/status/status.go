@@ -16,6 +16,7 @@ import (
 	"github.com/sovra-dev/sovra/agent/resources/attestation"
 	"github.com/sovra-dev/sovra/agent/resources/bootstrap"
 	"github.com/sovra-dev/sovra/agent/resources/election"
+	"github.com/sovra-dev/sovra/agent/resources/volumes"
 	agentstatus "github.com/sovra-dev/sovra/agent/status"
 )
 
@@ -38,6 +39,7 @@ func (ctrl *StatusController) Inputs() []controller.Input {
 		{Namespace: attestation.NamespaceName, Type: attestation.StatusType, Kind: controller.InputWeak},
 		{Namespace: election.NamespaceName, Type: election.ElectionType, Kind: controller.InputWeak},
 		{Namespace: bootstrap.NamespaceName, Type: bootstrap.StatusType, Kind: controller.InputWeak},
+		{Namespace: volumes.NamespaceName, Type: volumes.StatusType, Kind: controller.InputWeak},
 	}
 }
 
@@ -68,7 +70,15 @@ func (ctrl *StatusController) Run(ctx context.Context, r controller.Runtime, log
 			return fmt.Errorf("reading the bootstrap status: %w", err)
 		}
 
-		if err := ctrl.Recorder.Update(func(d *agentstatus.Document) { ctrl.fill(d, att, el, bs) }); err != nil {
+		vols, err := safe.ReaderListAll[*volumes.Status](ctx, r)
+		if err != nil {
+			return fmt.Errorf("reading the volume statuses: %w", err)
+		}
+
+		if err := ctrl.Recorder.Update(func(d *agentstatus.Document) {
+			ctrl.fill(d, att, el, bs)
+			fillVolumes(d, vols)
+		}); err != nil {
 			// The document is for people debugging the node: a write failure
 			// is logged, not fatal.
 			logger.Warn("writing the status document", zap.Error(err))
@@ -155,6 +165,28 @@ func (ctrl *StatusController) fill(d *agentstatus.Document, att *attestation.Sta
 		case s.Phase == bootstrap.PhaseBootstrapping:
 			d.Phase, d.Message = agentstatus.PhaseBootstrapping, s.Message
 		}
+	}
+}
+
+// fillVolumes lists every agent-managed volume with its state.
+func fillVolumes(d *agentstatus.Document, vols safe.List[*volumes.Status]) {
+	d.Volumes = d.Volumes[:0]
+
+	for v := range vols.All() {
+		s := v.TypedSpec()
+		state := agentstatus.VolumeWaiting
+
+		switch s.Phase {
+		case volumes.PhaseReady:
+			state = agentstatus.VolumeUnlocked
+		case volumes.PhaseFailed:
+			state = agentstatus.VolumeFailed
+		case volumes.PhaseWaiting:
+		}
+
+		d.Volumes = append(d.Volumes, agentstatus.Volume{
+			Name: v.Metadata().ID(), Device: s.Device, State: state, Message: s.Message, UpdatedAt: parseTime(s.LastAttempt),
+		})
 	}
 }
 

@@ -10,6 +10,7 @@ import (
 	"github.com/sovra-dev/sovra/agent/resources/attestation"
 	"github.com/sovra-dev/sovra/agent/resources/bootstrap"
 	"github.com/sovra-dev/sovra/agent/resources/election"
+	"github.com/sovra-dev/sovra/agent/resources/volumes"
 	agentstatus "github.com/sovra-dev/sovra/agent/status"
 )
 
@@ -45,6 +46,15 @@ func TestDocumentFollowsResources(t *testing.T) {
 	}
 	waitDoc(t, dir, func(d agentstatus.Document) bool {
 		return d.Election.Bootstrapped && d.Phase == agentstatus.PhaseReady && d.Message == "etcd bootstrapped"
+	})
+
+	vol := volumes.NewStatus("data")
+	*vol.TypedSpec() = volumes.StatusSpec{Phase: volumes.PhaseReady, Device: "/dev/sdb1", Outcome: "formatted"}
+	if err := st.Create(ctx, vol); err != nil {
+		t.Fatal(err)
+	}
+	waitDoc(t, dir, func(d agentstatus.Document) bool {
+		return len(d.Volumes) == 1 && d.Volumes[0].Name == "data" && d.Volumes[0].State == agentstatus.VolumeUnlocked && d.Volumes[0].Device == "/dev/sdb1"
 	})
 }
 
