@@ -42,8 +42,6 @@ const (
 	DefaultConnectTimeout        = 300 * time.Millisecond
 	DefaultAPITimeout            = 3 * time.Second
 	DefaultPollInterval          = 2 * time.Second
-	// DefaultKeyPort is the port of the daemon's key service (its KMS listener).
-	DefaultKeyPort = "7444"
 	// DefaultMapPrefix prefixes the device-mapper name of each volume.
 	DefaultMapPrefix = "sovra-"
 	// DefaultStateDir is the agent's state directory on a Talos node.
@@ -108,7 +106,7 @@ type Volumes struct {
 	// partition. Empty: the agent manages no volume.
 	Devices map[string]string
 	// KeyEndpoint is the daemon's key service (host:port); empty means the
-	// daemon endpoint's host on DefaultKeyPort.
+	// daemon endpoint, where sovrad serves it by default.
 	KeyEndpoint string
 	// MapPrefix opens each volume at /dev/mapper/<prefix><id>. Empty only
 	// checks that the volume takes its key. Default "sovra-".
@@ -261,7 +259,7 @@ func settings() []setting {
 		{"volumes", []string{"SOVRA_VOLUMES"}, "agent-managed volumes as ID=DEVICE, comma-separated (keys from the daemon)", func(c *Config, v string) error {
 			return parseVolumes(v, c)
 		}, func(Config) string { return "" }},
-		{"key-endpoint", []string{"SOVRA_KEY_ENDPOINT"}, "daemon key service host:port (default: the daemon's host, port " + DefaultKeyPort + ")", func(c *Config, v string) error {
+		{"key-endpoint", []string{"SOVRA_KEY_ENDPOINT"}, "daemon key service host:port (default: the daemon endpoint)", func(c *Config, v string) error {
 			c.Volumes.KeyEndpoint = v
 
 			return nil
@@ -563,10 +561,5 @@ func (c Config) KeyEndpoint() string {
 		return c.Volumes.KeyEndpoint
 	}
 
-	host, _, err := net.SplitHostPort(c.DaemonEndpoint)
-	if err != nil {
-		return ""
-	}
-
-	return net.JoinHostPort(host, DefaultKeyPort)
+	return c.DaemonEndpoint
 }

@@ -34,6 +34,7 @@ import (
 	"github.com/sovra-dev/sovra/daemon/capi/controllers"
 	"github.com/sovra-dev/sovra/daemon/capi/crds"
 	"github.com/sovra-dev/sovra/daemon/capi/gc"
+	"github.com/sovra-dev/sovra/daemon/capi/namespace"
 	"github.com/sovra-dev/sovra/daemon/capi/webhooks"
 	"github.com/sovra-dev/sovra/daemon/pki"
 )
@@ -183,6 +184,12 @@ func runManager(ctx context.Context, cfg Config, restCfg *rest.Config, scheme *r
 	}
 	if cfg.Controllers.Has(controllers.GarbageCollector) {
 		if err := mgr.Add(&gc.Collector{Config: cfg.Loopback, Log: log.Named("gc")}); err != nil {
+			hooks.Close()
+			return err
+		}
+	}
+	if cfg.Controllers.Has(controllers.Namespace) {
+		if err := mgr.Add(&namespace.Controller{Config: cfg.Loopback, Log: log.Named("namespace")}); err != nil {
 			hooks.Close()
 			return err
 		}

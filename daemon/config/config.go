@@ -32,7 +32,6 @@ const (
 	defaultNodeListen      = ":7443"
 	defaultNodeCertTTL     = time.Hour
 	defaultNonceTTL        = time.Minute
-	defaultKMSListen       = ":7444"
 	defaultAttestDeadline  = 10 * time.Minute
 
 	// maxUnixSocketPath is the longest path a unix socket can have on Linux
@@ -145,7 +144,7 @@ func New() *Config {
 		Listen:          defaultListen,
 		OIDC:            OIDC{UsernameClaim: defaultUsernameClaim},
 		NodeAPI:         NodeAPI{Listen: defaultNodeListen, NodeCertTTL: defaultNodeCertTTL, NonceTTL: defaultNonceTTL},
-		KMS:             KMS{Listen: defaultKMSListen, AttestDeadline: defaultAttestDeadline},
+		KMS:             KMS{AttestDeadline: defaultAttestDeadline},
 		LogLevel:        "info",
 		ShutdownTimeout: defaultShutdownTimeout,
 		Controllers:     controllers.All,
@@ -173,7 +172,7 @@ func (c *Config) FlagSet() *pflag.FlagSet {
 	fs.DurationVar(&c.NodeAPI.NodeCertTTL, "node-cert-ttl", c.NodeAPI.NodeCertTTL, "lifetime of the node credential a passing attestation earns")
 	fs.DurationVar(&c.NodeAPI.NonceTTL, "nonce-ttl", c.NodeAPI.NonceTTL, "how long an attestation nonce is accepted")
 	fs.StringVar(&c.KMS.MasterKeyFile, "master-key-file", c.KMS.MasterKeyFile, "master keyring of the Talos KMS (mode 0600, outside the datastore, the same on every replica; created when missing); empty turns the KMS off")
-	fs.StringVar(&c.KMS.Listen, "kms-listen", c.KMS.Listen, "TLS address of the Talos KMS (sidero.kms.KMSService)")
+	fs.StringVar(&c.KMS.Listen, "kms-listen", c.KMS.Listen, "TLS address of the Talos KMS (sidero.kms.KMSService) and the volume key service; empty serves them on the node API (--node-listen)")
 	fs.BoolVar(&c.KMS.LabMode, "kms-lab-mode", c.KMS.LabMode, "labs only: let any node Seal; its record is created on first Seal and must enroll within --attest-deadline")
 	fs.DurationVar(&c.KMS.AttestDeadline, "attest-deadline", c.KMS.AttestDeadline, "how long a node has after an Unseal to pass an attestation before it is quarantined")
 	fs.BoolVar(&c.KMS.BindAddresses, "kms-bind-addresses", c.KMS.BindAddresses, "refuse KMS calls from addresses the node's record does not list")
@@ -325,7 +324,9 @@ func (c *Config) validateKMS() []error {
 	case fi.Mode().Perm() != 0o600:
 		errs = append(errs, fmt.Errorf("--master-key-file %s: mode %#o, must be 0600: run chmod 0600 on it", k.MasterKeyFile, fi.Mode().Perm()))
 	}
-	if _, _, err := net.SplitHostPort(k.Listen); err != nil {
+	if k.Listen == "" && c.NodeAPI.Listen == "" {
+		errs = append(errs, errors.New("--master-key-file: the KMS is served on the node API or on --kms-listen: set one of them"))
+	} else if _, _, err := net.SplitHostPort(k.Listen); k.Listen != "" && err != nil {
 		errs = append(errs, fmt.Errorf("--kms-listen %q: want host:port: %v", k.Listen, err))
 	}
 	if k.AttestDeadline <= 0 {

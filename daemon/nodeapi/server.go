@@ -137,6 +137,11 @@ func NewServerWithStore(cfg Config, store attestation.Store, clock attestation.C
 	return &Server{cfg: cfg, service: svc, grpc: g, logger: logger}, nil
 }
 
+// Register adds a further service to the node API's gRPC server, on the
+// same listener and TLS identity (sovrad puts the Talos KMS there). Call it
+// before Run.
+func (s *Server) Register(register func(grpc.ServiceRegistrar)) { register(s.grpc) }
+
 // Service returns the attestation service behind the server.
 func (s *Server) Service() *attestation.Service { return s.service }
 

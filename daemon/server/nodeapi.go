@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"fmt"
 
 	"go.uber.org/zap"
@@ -37,9 +38,19 @@ func newNodeAPI(cfg config.NodeAPI, files *datadir.Files, loopback *rest.Config,
 	if err != nil {
 		return nil, fmt.Errorf("loading the node API certificate: %w", err)
 	}
+	nodeCAs := x509.NewCertPool()
+	nodeCAs.AddCert(files.NodeCA.Cert)
+
 	return nodeapi.NewServer(nodeapi.Config{
 		Listen: cfg.Listen,
-		TLS:    &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12},
+		// A node credential, when a call presents one, must chain to the node
+		// CA; calls before the first attestation (enrollment) present none.
+		TLS: &tls.Config{
+			Certificates: []tls.Certificate{cert},
+			MinVersion:   tls.VersionTLS12,
+			ClientAuth:   tls.VerifyClientCertIfGiven,
+			ClientCAs:    nodeCAs,
+		},
 		Attestation: attestation.Config{
 			EK:        ek,
 			NonceTTL:  cfg.NonceTTL,

@@ -87,7 +87,14 @@ func Run(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 			return runNodeAPI(gctx, nodes, api.Loopback)
 		})
 	}
-	if keys != nil {
+	switch {
+	case keys != nil && cfg.KMS.Listen == "":
+		// The KMS and the volume key service share the node API's listener:
+		// one port, one TLS identity for everything a node calls.
+		nodes.Register(keys.Register)
+		nodes.Register(keys.RegisterVolumeKeys)
+		g.Go(func() error { return keys.Run(gctx) })
+	case keys != nil:
 		g.Go(func() error { return keys.Serve(gctx, cfg.KMS.Listen, keysTLS) })
 	}
 	// The API server outlives the Cluster API manager, so that at shutdown the

@@ -26,14 +26,16 @@ const (
 	cpLabel = "cluster.x-k8s.io/control-plane"
 )
 
-// capiKinds are every kind the story's Cluster owns, directly or not.
+// capiKinds are every kind a Cluster can own, directly or not, in its
+// namespace: after the Cluster is deleted none may be left.
 var capiKinds = []string{
 	"clusters.cluster.x-k8s.io", "machines.cluster.x-k8s.io", "machinesets.cluster.x-k8s.io",
-	"machinedeployments.cluster.x-k8s.io", "machinehealthchecks.cluster.x-k8s.io",
+	"machinedeployments.cluster.x-k8s.io", "machinehealthchecks.cluster.x-k8s.io", "machinepools.cluster.x-k8s.io",
+	"clusterresourcesetbindings.addons.cluster.x-k8s.io", "ipaddressclaims.ipam.cluster.x-k8s.io",
 	"taloscontrolplanes.controlplane.cluster.x-k8s.io", "talosconfigs.bootstrap.cluster.x-k8s.io",
 	"talosconfigtemplates.bootstrap.cluster.x-k8s.io", "sovratestclusters.infrastructure.cluster.x-k8s.io",
 	"sovratestmachines.infrastructure.cluster.x-k8s.io", "sovratestmachinetemplates.infrastructure.cluster.x-k8s.io",
-	"secrets",
+	"secrets", "configmaps",
 }
 
 // startDaemon starts the built sovrad with args and without the node API,

@@ -86,6 +86,16 @@ func TestStoryOnSQLite(t *testing.T) {
 	if bytes.Contains(db, []byte(secretValue)) {
 		t.Fatal("the secret's value is stored in plaintext")
 	}
+
+	// Deleting a namespace empties it and removes it, as in Kubernetes (the
+	// upstream namespace controller runs in sovrad).
+	d.Kubectl("delete", "namespace", "story", "--timeout=90s")
+	if _, err := d.TryKubectl("get", "namespace", "story"); err == nil || !strings.Contains(err.Error(), "NotFound") {
+		t.Fatalf("namespace story still there after delete: %v", err)
+	}
+	if out := d.Kubectl("get", "widgets", "-A", "-o", "name"); out != "" {
+		t.Fatalf("the namespace's objects outlived it: %q", out)
+	}
 }
 
 // coreStory creates, lists, watches and deletes objects through kubectl and

@@ -15,7 +15,7 @@ import (
 )
 
 // TestAgentBinaryVolume is the agent-managed volume story with the shipped
-// binaries: the agent attests with swtpm, is released its volume's key over
+// binaries and sovrad's defaults (the key service on the node API's port): the agent attests with swtpm, is released its volume's key over
 // mutual TLS with the credential that attestation earned, formats the volume
 // as LUKS2, and after a restart (a new boot of the agent) the key it is
 // released again opens the same header. The key is never on disk.
@@ -24,12 +24,11 @@ func TestAgentBinaryVolume(t *testing.T) {
 	lab := swtpmlab.New(t, 1, "127.0.0.1")
 	dir := filepath.Join(t.TempDir(), "data")
 	keyDir := t.TempDir()
-	nodePort, keyPort := sovradtest.FreePort(t), sovradtest.FreePort(t)
+	nodePort := sovradtest.FreePort(t)
 	d := sovradtest.Start(t, dir,
 		"--node-listen", fmt.Sprintf("127.0.0.1:%d", nodePort),
 		"--ek-roots", lab.Roots(), "--ek-intermediates", lab.Intermediates(),
 		"--master-key-file", filepath.Join(keyDir, "master.key"),
-		"--kms-listen", fmt.Sprintf("127.0.0.1:%d", keyPort),
 		"--controllers", "none")
 
 	volume := filepath.Join(t.TempDir(), "data.img")
@@ -49,7 +48,6 @@ func TestAgentBinaryVolume(t *testing.T) {
 		agent := exec.Command(testutil.Bin(t, "sovra-agent"), "run",
 			"--daemon-endpoint", fmt.Sprintf("127.0.0.1:%d", nodePort),
 			"--daemon-ca", filepath.Join(dir, "node-ca.crt"),
-			"--key-endpoint", fmt.Sprintf("127.0.0.1:%d", keyPort),
 			"--tpm", "swtpm:"+lab.TPMs[0].Addr,
 			"--event-log", lab.TPMs[0].EventLog,
 			"--node-uuid", uuid,

@@ -138,26 +138,36 @@ func (s *Server) run(name string, args ...string) {
 }
 
 // command runs a PostgreSQL program, as the server user when we are root.
+// The process runs under that user's credentials directly (not through
+// runuser), so the signals Stop sends reach the server itself.
 func (s *Server) command(name string, args ...string) *exec.Cmd {
-	path := filepath.Join(s.bin, name)
+	cmd := exec.Command(filepath.Join(s.bin, name), args...)
 	if os.Geteuid() == 0 {
-		return exec.Command("runuser", append([]string{"-u", serverUser, "--", path}, args...)...)
+		uid, gid := s.serverUser()
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: gid}}
+		cmd.Dir = s.dir
 	}
-	return exec.Command(path, args...)
+	return cmd
 }
 
-func (s *Server) chownToServerUser(paths ...string) {
-	if os.Geteuid() != 0 {
-		return
-	}
+// serverUser returns the uid and gid of the account that runs PostgreSQL.
+func (s *Server) serverUser() (uint32, uint32) {
 	u, err := user.Lookup(serverUser)
 	if err != nil {
 		s.t.Fatalf("running PostgreSQL as root needs the %q user (apt install postgresql): %v", serverUser, err)
 	}
 	uid, _ := strconv.Atoi(u.Uid)
 	gid, _ := strconv.Atoi(u.Gid)
+	return uint32(uid), uint32(gid)
+}
+
+func (s *Server) chownToServerUser(paths ...string) {
+	if os.Geteuid() != 0 {
+		return
+	}
+	uid, gid := s.serverUser()
 	for _, p := range paths {
-		if err := os.Chown(p, uid, gid); err != nil {
+		if err := os.Chown(p, int(uid), int(gid)); err != nil {
 			s.t.Fatal(err)
 		}
 	}

@@ -64,6 +64,10 @@ func (d *Daemon) start() {
 		d.t.Fatal(err)
 	}
 	args := append([]string{"--data-dir", d.DataDir, "--listen", "127.0.0.1:" + strconv.Itoa(d.Port)}, d.Args...)
+	if !hasFlag(d.Args, "--node-listen") {
+		// The node API's default (:7443) would collide between daemons.
+		args = append(args, "--node-listen", "127.0.0.1:"+strconv.Itoa(FreePort(d.t)))
+	}
 	d.cmd = exec.Command(testutil.Bin(d.t, "sovrad"), args...)
 	d.cmd.Stdout, d.cmd.Stderr = logFile, logFile
 	d.StartedAt = time.Now()
@@ -102,6 +106,16 @@ func (d *Daemon) waitReady() error {
 		time.Sleep(pollInterval)
 	}
 	return errors.New("timed out")
+}
+
+// hasFlag reports whether args set flag, as "--flag value" or "--flag=value".
+func hasFlag(args []string, flag string) bool {
+	for _, a := range args {
+		if a == flag || strings.HasPrefix(a, flag+"=") {
+			return true
+		}
+	}
+	return false
 }
 
 // URL is the API's base URL.

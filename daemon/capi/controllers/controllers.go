@@ -21,6 +21,7 @@ const (
 	TalosConfig        = "talosconfig"
 	TalosControlPlane  = "taloscontrolplane"
 	GarbageCollector   = "garbagecollector"
+	Namespace          = "namespace"
 
 	// All selects every controller; None selects none (the replica serves the
 	// API only); -name removes one from the selection so far.
@@ -31,7 +32,7 @@ const (
 // Names lists every controller, in the order they are set up.
 var Names = []string{
 	Cluster, Machine, MachineSet, MachineDeployment, MachineHealthCheck, ClusterResourceSet,
-	TalosConfig, TalosControlPlane, GarbageCollector,
+	TalosConfig, TalosControlPlane, GarbageCollector, Namespace,
 }
 
 // Set is a selection of controllers. The zero value selects none.

@@ -53,8 +53,10 @@ type Provider struct {
 	// Module is the Go module and version the manifests come from, e.g.
 	// sigs.k8s.io/cluster-api@v1.10.10.
 	Module string
-	// CRDs are ready to apply: unstructured so that server-side apply sends
-	// exactly the upstream fields.
+	// CRDs are as kustomize built them, but for cert-manager's annotation:
+	// unstructured, so that server-side apply sends only upstream's fields.
+	// Install points their conversion at sovrad and leaves out the versions
+	// no release serves any more (see pruneUnserved).
 	CRDs []*unstructured.Unstructured
 	// Mutating and Validating are the upstream webhook registrations, still
 	// pointing at the upstream Service: the webhooks package rewrites them.
