@@ -15,8 +15,6 @@ import (
 )
 
 const (
-	// DefaultListen is the default of sovrad's --kms-listen.
-	DefaultListen = ":7444"
 	// shutdownGrace is how long Serve waits for calls in flight.
 	shutdownGrace = 5 * time.Second
 	// maxConcurrentStreams bounds calls per connection (Talos makes one).

@@ -14,8 +14,8 @@ import (
 
 // sharedKeys are the files every replica of one deployment must hold: the
 // CA (each replica issues its own serving certificate from it), the
-// service-account signing key and the Secret encryption key.
-var sharedKeys = []string{"ca.crt", "ca.key", "sa.key", "sa.pub", "encryption-config.yaml"}
+// service-account signing key, the Secret encryption key and the node CA.
+var sharedKeys = []string{"ca.crt", "ca.key", "sa.key", "sa.pub", "encryption-config.yaml", "node-ca.crt", "node-ca.key"}
 
 // TestStoryOnPostgres runs the same story on PostgreSQL, then a second
 // replica on the same database: both serve reads and writes, a watch on one
