@@ -9,6 +9,7 @@ package extension_test
 import (
 	"context"
 	"debug/elf"
+	agentconfig "github.com/sovra-dev/sovra/agent/config"
 	"io/fs"
 	"maps"
 	"net/url"
@@ -526,14 +527,46 @@ func TestExampleExtensionServiceConfig(t *testing.T) {
 		t.Errorf("name %q, want %q (the service spec's name)", esc.Name(), extension.Name)
 	}
 
-	for _, env := range esc.Environment() {
-		if k, _, ok := strings.Cut(env, "="); !ok || !strings.HasPrefix(k, "SOVRA_") {
-			t.Errorf("environment %q: want SOVRA_*=value", env)
+	env := map[string]string{}
+	for _, e := range esc.Environment() {
+		k, v, ok := strings.Cut(e, "=")
+		if !ok || !strings.HasPrefix(k, "SOVRA_") {
+			t.Errorf("environment %q: want SOVRA_*=value", e)
 		}
+		env[k] = v
 	}
 
 	if len(esc.ConfigFiles()) == 0 {
 		t.Error("no config files")
+	}
+
+	// The agent itself accepts the example's settings, with the config files
+	// where Talos would mount them (here under a temporary root).
+	root := t.TempDir()
+	mounted := map[string]string{}
+	for _, f := range esc.ConfigFiles() {
+		p := filepath.Join(root, filepath.FromSlash(f.MountPath()))
+		if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, []byte(f.Content()), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		mounted[f.MountPath()] = p
+	}
+	for _, k := range []string{"SOVRA_DAEMON_CA", "SOVRA_TALOSCONFIG"} {
+		if v, ok := env[k]; ok {
+			if mounted[v] == "" {
+				t.Errorf("%s=%s is not one of the example's config files", k, v)
+			}
+			env[k] = mounted[v]
+		}
+	}
+	if _, ok := env["SOVRA_TALOSCONFIG"]; !ok {
+		env["SOVRA_TALOSCONFIG"] = mounted[agentconfig.DefaultTalosConfigPath]
+	}
+	if _, err := agentconfig.Load(nil, func(k string) (string, bool) { v, ok := env[k]; return v, ok }); err != nil {
+		t.Errorf("the agent rejects the example's settings: %v", err)
 	}
 }
 
