@@ -1,6 +1,8 @@
 // Package server composes sovrad from its parts (the data directory, the
-// datastore and the API server) and runs them until the context ends, then
-// shuts them down in order: the API server first, the datastore last.
+// datastore, the API server, the node API with attestation and the KMS, and
+// the in-process controllers) and runs them until the context ends, then
+// shuts them down in order: the controllers first, then the API server, the
+// datastore last.
 package server
 
 import (

@@ -68,10 +68,10 @@ func mustApply(t testing.TB, d *sovradtest.Daemon, manifest string) {
 func startInfra(t testing.TB, d *sovradtest.Daemon) {
 	t.Helper()
 	mustApply(t, d, testinfra.CRDs)
-	d.Kubectl("wait", "--for=condition=Established", "--timeout=60s",
-		"crd/sovratestclusters.infrastructure.cluster.x-k8s.io",
-		"crd/sovratestmachines.infrastructure.cluster.x-k8s.io",
-		"crd/sovratestmachinetemplates.infrastructure.cluster.x-k8s.io")
+	d.WaitEstablished(
+		"sovratestclusters.infrastructure.cluster.x-k8s.io",
+		"sovratestmachines.infrastructure.cluster.x-k8s.io",
+		"sovratestmachinetemplates.infrastructure.cluster.x-k8s.io")
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { defer close(done); _ = testinfra.Run(ctx, d.Kubeconfig()) }()

@@ -109,7 +109,7 @@ func coreStory(t *testing.T, d *sovradtest.Daemon) string {
 	d.Kubectl("-n", "story", "create", "secret", "generic", "creds", "--from-literal=password="+secretValue)
 	d.Kubectl("-n", "story", "create", "configmap", "cfg", "--from-literal=colour=blue")
 	apply(t, d, widgetCRD)
-	d.Kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/widgets.example.sovra.dev")
+	d.WaitEstablished("widgets.example.sovra.dev")
 	apply(t, d, widget)
 
 	if out := d.Kubectl("-n", "story", "get", "secret", "creds", "-o", "jsonpath={.data.password}"); out == "" {

@@ -174,6 +174,26 @@ func (d *Daemon) Tail(n int) string {
 	return strings.Join(lines, "\n")
 }
 
+// WaitEstablished waits until every named CRD is Established. (kubectl wait
+// --for=condition=Established fails, rather than waits, while a new CRD has
+// no conditions yet.)
+func (d *Daemon) WaitEstablished(crds ...string) {
+	d.t.Helper()
+	deadline := time.Now().Add(readyTimeout)
+	for _, crd := range crds {
+		for {
+			out, err := d.TryKubectl("get", "crd", crd, "-o", `jsonpath={.status.conditions[?(@.type=="Established")].status}`)
+			if err == nil && out == "True" {
+				break
+			}
+			if time.Now().After(deadline) {
+				d.t.Fatalf("CRD %s not Established within %s: %q %v", crd, readyTimeout, out, err)
+			}
+			time.Sleep(pollInterval)
+		}
+	}
+}
+
 // Kubectl runs the built kubectl with the admin kubeconfig and fails the test
 // on error. It returns stdout.
 func (d *Daemon) Kubectl(args ...string) string {
