@@ -260,43 +260,12 @@ func (s *Service) sealRecord(ctx context.Context, st Store, c *call) (*v1alpha1.
 	default:
 		name = rec.Name
 	}
-	for range saltAttempts {
-		rec, err := st.Get(ctx, name)
-		if errors.Is(err, errNotFound) {
-			return nil, reasonUnknown, "record " + name + " was deleted"
-		} else if err != nil {
-			return nil, reasonInternal, err.Error()
+	return s.ensureSalt(ctx, st, name, c, reasonUnknown, func(rec *v1alpha1.SovraNode) (string, string) {
+		if s.cfg.BindAddresses && len(rec.Spec.Addresses) > 0 && !knowsAddress(rec, c.src.Addr) {
+			return reasonAddress, "source is not a known address of the node"
 		}
-		c.record = rec
-		switch {
-		case !strings.EqualFold(rec.Spec.UUID, c.uuid):
-			return nil, reasonUnknown, "record " + name + " no longer claims this UUID"
-		case quarantined(rec):
-			return nil, reasonQuarantined, "record is quarantined"
-		case s.cfg.BindAddresses && len(rec.Spec.Addresses) > 0 && !knowsAddress(rec, c.src.Addr):
-			return nil, reasonAddress, "source is not a known address of the node"
-		case len(rec.Status.KeySalt) == custody.SaltSize:
-			return rec, "", ""
-		case len(rec.Status.KeySalt) != 0:
-			return nil, reasonBadSalt, fmt.Sprintf("salt of %d bytes", len(rec.Status.KeySalt))
-		}
-		salt, err := custody.NewSalt()
-		if err != nil {
-			return nil, reasonInternal, err.Error()
-		}
-		rec = rec.DeepCopy()
-		rec.Status.KeySalt = salt
-		switch err := st.UpdateStatus(ctx, rec); {
-		case err == nil:
-			s.logger.Info("node key salt created", zap.String("node", rec.Name), zap.String("node_uuid", c.uuid))
-			return rec, "", ""
-		case errors.Is(err, errConflict):
-			continue // someone else wrote first: read theirs
-		default:
-			return nil, reasonInternal, err.Error()
-		}
-	}
-	return nil, reasonInternal, "the record kept changing while its salt was written"
+		return "", ""
+	})
 }
 
 func (s *Service) createLabRecord(ctx context.Context, st Store, c *call, name string) error {

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"time"
 
+	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
@@ -88,7 +89,7 @@ func (v *volumeKeys) GetVolumeKey(ctx context.Context, req *volumeapi.GetVolumeK
 	}
 	ctx, cancel := context.WithTimeout(ctx, volumeKeyTimeout)
 	defer cancel()
-	salted, reason, detail := s.ensureSalt(ctx, st, rec.Name, c)
+	salted, reason, detail := s.ensureSalt(ctx, st, rec.Name, c, reasonRecordClaim, nil)
 	if salted == nil {
 		return nil, s.deny(c, reason, detail)
 	}
@@ -104,9 +105,13 @@ func (v *volumeKeys) GetVolumeKey(ctx context.Context, req *volumeapi.GetVolumeK
 	return &volumeapi.GetVolumeKeyResponse{Key: key, KeyVersion: version}, nil
 }
 
-// ensureSalt returns the record name with a salt, writing one if it has
-// none (optimistically: a concurrent writer's salt wins and is used).
-func (s *Service) ensureSalt(ctx context.Context, st Store, name string, c *call) (*v1alpha1.SovraNode, string, string) {
+// ensureSalt reads record name from the API (not the cache: a key derived
+// from a stale salt would be lost) and returns it with a salt, writing one
+// if it has none (optimistically: a concurrent writer's salt wins and is
+// used). A record that no longer claims the call's UUID is refused with
+// mismatch; admit, when set, may refuse the record before any salt is written.
+func (s *Service) ensureSalt(ctx context.Context, st Store, name string, c *call, mismatch string,
+	admit func(*v1alpha1.SovraNode) (reason, detail string)) (*v1alpha1.SovraNode, string, string) {
 	for range saltAttempts {
 		rec, err := st.Get(ctx, name)
 		switch {
@@ -114,10 +119,20 @@ func (s *Service) ensureSalt(ctx context.Context, st Store, name string, c *call
 			return nil, reasonUnknown, "record " + name + " was deleted"
 		case err != nil:
 			return nil, reasonInternal, err.Error()
+		}
+		c.record = rec
+		switch {
 		case lowerUUID(rec.Spec.UUID) != c.uuid:
-			return nil, reasonRecordClaim, "record " + name + " changed its UUID"
+			return nil, mismatch, "record " + name + " no longer claims this UUID"
 		case quarantined(rec):
 			return nil, reasonQuarantined, "record is quarantined"
+		}
+		if admit != nil {
+			if reason, detail := admit(rec); reason != "" {
+				return nil, reason, detail
+			}
+		}
+		switch {
 		case len(rec.Status.KeySalt) == custody.SaltSize:
 			return rec, "", ""
 		case len(rec.Status.KeySalt) != 0:
@@ -127,9 +142,11 @@ func (s *Service) ensureSalt(ctx context.Context, st Store, name string, c *call
 		if err != nil {
 			return nil, reasonInternal, err.Error()
 		}
+		rec = rec.DeepCopy()
 		rec.Status.KeySalt = salt
 		switch err := st.UpdateStatus(ctx, rec); {
 		case err == nil:
+			s.logger.Info("node key salt created", zap.String("node", rec.Name), zap.String("node_uuid", c.uuid))
 			return rec, "", ""
 		case !errors.Is(err, errConflict):
 			return nil, reasonInternal, err.Error()
