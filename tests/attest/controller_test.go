@@ -14,6 +14,7 @@ import (
 	"github.com/sovra-dev/sovra/agent/resources/attestation"
 	"github.com/sovra-dev/sovra/agent/runtime/clock"
 	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
+	"github.com/sovra-dev/sovra/tests/swtpmlab"
 )
 
 // TestControllerAgainstDaemon runs the agent's attestation controller in the
@@ -23,7 +24,7 @@ func TestControllerAgainstDaemon(t *testing.T) {
 	l := newSwtpmLab(t)
 	d := startDaemon(t, l.ekPolicy(t))
 	tpm, log := l.use(t, 0)
-	a := &agentattest.Agent{TPM: tpm, Client: d.api, Claims: nodeRoot(t), EventLogPath: log,
+	a := &agentattest.Agent{TPM: tpm, Client: d.api, Claims: swtpmlab.NodeRoot(t), EventLogPath: log,
 		Node: agentattest.Node{UUID: newUUID(), Hostname: "cp-2"}, Logger: zaptest.NewLogger(t)}
 	st := ctest.Start(t, &ctrlattestation.AttestationController{
 		Attester: a, Clock: clock.Real{}, Interval: time.Hour,

@@ -11,7 +11,6 @@ import (
 	"math/big"
 	"net"
 	"os"
-	"path/filepath"
 	"sync"
 	"testing"
 	"time"
@@ -28,7 +27,6 @@ import (
 	"github.com/sovra-dev/sovra/daemon/nodeapi"
 	"github.com/sovra-dev/sovra/internal/attest"
 	pb "github.com/sovra-dev/sovra/internal/nodeapi"
-	"github.com/sovra-dev/sovra/internal/tcglog"
 )
 
 // fakeClock is a settable Clock.
@@ -157,53 +155,4 @@ func realAPI(t testing.TB, kubeconfig string) *attestation.KubeStore {
 		t.Fatal(err)
 	}
 	return store
-}
-
-// boot plays the firmware on a freshly reset TPM: it measures a boot into
-// PCRs 0-7 and 11 and writes the matching event log into dir.
-func boot(t testing.TB, tpm agentattest.TPM, dir string) string {
-	t.Helper()
-	log := tcglog.Firmware()
-	rw, err := tpm.Open()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rw.Close()
-	for _, e := range log.Events {
-		extend(t, rw, e.PCR, e.Digest[:])
-	}
-	uki := tcglog.Log{}
-	ev := uki.Measure(11, tcglog.EVAction, []byte("talos uki v1.13.0"))
-	extend(t, rw, 11, ev.Digest[:])
-	p := filepath.Join(dir, "binary_bios_measurements")
-	if err := os.WriteFile(p, log.Bytes(), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	return p
-}
-
-// node is a fake Talos root: the files the claims come from.
-func nodeRoot(t testing.TB) agentattest.Collector {
-	t.Helper()
-	dir := t.TempDir()
-	write := func(name string, b []byte) string {
-		p := filepath.Join(dir, name)
-		if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(p, b, 0o600); err != nil {
-			t.Fatal(err)
-		}
-		return p
-	}
-	layer := write("layers/000.registry.example-sovra-agent-v0.1.0.sqsh", []byte("squashfs image"))
-	return agentattest.Collector{
-		SecureBootPath: write("efivars/SecureBoot", []byte{6, 0, 0, 0, 1}),
-		LockdownPath:   write("security/lockdown", []byte("none [integrity] confidentiality\n")),
-		SELinuxPath:    write("selinux/enforce", []byte("1")),
-		AppArmorPath:   filepath.Join(dir, "absent"),
-		OSReleasePath:  write("os-release", []byte("NAME=\"Talos\"\nID=talos\nVERSION_ID=v1.13.0\n")),
-		ExtensionsPath: write("extensions.yaml", []byte("layers:\n  - image: "+filepath.Base(layer)+"\n    metadata:\n      name: sovra-agent\n      version: v0.1.0\n")),
-		LayersDir:      filepath.Dir(layer),
-	}
 }

@@ -11,6 +11,7 @@ import (
 	agentattest "github.com/sovra-dev/sovra/agent/attest"
 	"github.com/sovra-dev/sovra/internal/attest/attesttest"
 	"github.com/sovra-dev/sovra/internal/claims"
+	"github.com/sovra-dev/sovra/tests/swtpmlab"
 )
 
 // TestWriteFixtures records an enrollment and an attestation of swtpm for
@@ -27,7 +28,7 @@ func TestWriteFixtures(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	a := &agentattest.Agent{TPM: tpm, Claims: nodeRoot(t), EventLogPath: logPath, Logger: zaptest.NewLogger(t)}
+	a := &agentattest.Agent{TPM: tpm, Claims: swtpmlab.NodeRoot(t), EventLogPath: logPath, Logger: zaptest.NewLogger(t)}
 	nk, err := agentattest.NewNodeKey()
 	if err != nil {
 		t.Fatal(err)

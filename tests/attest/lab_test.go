@@ -2,13 +2,9 @@ package attest
 
 import (
 	"crypto/x509"
-	"io"
 	"net"
 	"os"
 	"testing"
-
-	"github.com/google/go-tpm/legacy/tpm2"
-	"github.com/google/go-tpm/tpmutil"
 
 	agentattest "github.com/sovra-dev/sovra/agent/attest"
 	"github.com/sovra-dev/sovra/agent/tpm/swtpm"
@@ -29,13 +25,6 @@ type lab interface {
 	// restore makes TPM 0 current again and reports whether that rebooted
 	// it into a state where its AKs no longer load (then the node re-enrolls).
 	restore(t *testing.T) bool
-}
-
-func extend(t testing.TB, rw io.ReadWriter, pcr int, digest []byte) {
-	t.Helper()
-	if err := tpm2.PCRExtend(rw, tpmutil.Handle(pcr), tpm2.AlgSHA256, digest, ""); err != nil {
-		t.Fatalf("extending PCR %d: %v", pcr, err)
-	}
 }
 
 // swtpmLab is two swtpm instances in socket mode, manufactured by

@@ -12,6 +12,7 @@ import (
 	agentattest "github.com/sovra-dev/sovra/agent/attest"
 	"github.com/sovra-dev/sovra/agent/tpm/simulator"
 	"github.com/sovra-dev/sovra/internal/attest"
+	"github.com/sovra-dev/sovra/tests/swtpmlab"
 )
 
 // simLab runs one reference simulator at a time; TPM i has seed i+1, so
@@ -58,7 +59,7 @@ func (l *simLab) switchTo(i int) {
 		l.t.Fatal(err)
 	}
 	l.sim, l.cur = sim, i
-	l.logs[i] = boot(l.t, sim, l.dirs[i])
+	l.logs[i] = swtpmlab.Boot(l.t, sim, l.dirs[i])
 }
 
 func (l *simLab) use(t *testing.T, i int) (agentattest.TPM, string) {

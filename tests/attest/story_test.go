@@ -34,6 +34,7 @@ import (
 	pb "github.com/sovra-dev/sovra/internal/nodeapi"
 	"github.com/sovra-dev/sovra/internal/tcglog"
 	"github.com/sovra-dev/sovra/internal/testutil"
+	"github.com/sovra-dev/sovra/tests/swtpmlab"
 )
 
 // attackerUUID is the SMBIOS UUID the attacks claim.
@@ -56,7 +57,7 @@ func runStory(t *testing.T, l lab) {
 	d := startDaemon(t, l.ekPolicy(t))
 	tpm, log := l.use(t, 0)
 	a := &agentattest.Agent{
-		TPM: tpm, Client: d.api, Claims: nodeRoot(t), EventLogPath: log,
+		TPM: tpm, Client: d.api, Claims: swtpmlab.NodeRoot(t), EventLogPath: log,
 		Node:   agentattest.Node{UUID: newUUID(), Hostname: "cp-1", Addresses: []string{"10.5.0.2"}},
 		Logger: zaptest.NewLogger(t),
 	}

@@ -8,22 +8,18 @@ import (
 	"crypto/tls"
 	"fmt"
 	"net"
-	"os"
-	"path/filepath"
 	"testing"
 	"time"
 
-	"github.com/google/go-tpm/legacy/tpm2"
-	"github.com/google/go-tpm/tpmutil"
 	"go.uber.org/zap/zaptest"
 
 	agentattest "github.com/sovra-dev/sovra/agent/attest"
 	"github.com/sovra-dev/sovra/agent/tpm/simulator"
 	"github.com/sovra-dev/sovra/agent/volumes"
 	"github.com/sovra-dev/sovra/daemon/kms"
-	"github.com/sovra-dev/sovra/internal/tcglog"
 	"github.com/sovra-dev/sovra/internal/testutil"
 	"github.com/sovra-dev/sovra/tests/sovradtest"
+	"github.com/sovra-dev/sovra/tests/swtpmlab"
 )
 
 // TestStoryAttestedNode is the whole path with no stand-in on the node
@@ -62,7 +58,7 @@ func TestStoryAttestedNode(t *testing.T) {
 	}
 	t.Cleanup(func() { conn.Close() })
 	agent := &agentattest.Agent{
-		TPM: sim, Client: agentattest.NewClient(conn), Claims: nodeRoot(t), EventLogPath: measureBoot(t, sim),
+		TPM: sim, Client: agentattest.NewClient(conn), Claims: swtpmlab.NodeRoot(t), EventLogPath: swtpmlab.Boot(t, sim, t.TempDir()),
 		Node:   agentattest.Node{UUID: uuid, Hostname: "worker-1", Addresses: []string{"127.0.0.1"}},
 		Logger: zaptest.NewLogger(t),
 	}
@@ -122,59 +118,5 @@ func TestStoryAttestedNode(t *testing.T) {
 	d.deniedEventually(ctx, n, blob)
 	if _, _, err := remote.VolumeKey(ctx, vol.ID, 1); err == nil {
 		t.Fatal("a revoked node got its volume key")
-	}
-}
-
-// measureBoot plays the firmware on the simulator: it measures a boot into
-// PCRs 0-7 and 11 and writes the matching event log.
-func measureBoot(t *testing.T, tpm agentattest.TPM) string {
-	t.Helper()
-	log := tcglog.Firmware()
-	rw, err := tpm.Open()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rw.Close()
-	extend := func(pcr int, digest []byte) {
-		if err := tpm2.PCRExtend(rw, tpmutil.Handle(pcr), tpm2.AlgSHA256, digest, ""); err != nil {
-			t.Fatal(err)
-		}
-	}
-	for _, e := range log.Events {
-		extend(e.PCR, e.Digest[:])
-	}
-	uki := tcglog.Log{}
-	ev := uki.Measure(11, tcglog.EVAction, []byte("talos uki v1.13.0"))
-	extend(11, ev.Digest[:])
-	p := filepath.Join(t.TempDir(), "binary_bios_measurements")
-	if err := os.WriteFile(p, log.Bytes(), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	return p
-}
-
-// nodeRoot is a fake Talos root: the files the agent's claims come from.
-func nodeRoot(t *testing.T) agentattest.Collector {
-	t.Helper()
-	dir := t.TempDir()
-	write := func(name string, b []byte) string {
-		p := filepath.Join(dir, name)
-		if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(p, b, 0o600); err != nil {
-			t.Fatal(err)
-		}
-		return p
-	}
-	layer := write("layers/000.registry.example-sovra-agent-v0.1.0.sqsh", []byte("squashfs image"))
-	return agentattest.Collector{
-		SecureBootPath: write("efivars/SecureBoot", []byte{6, 0, 0, 0, 1}),
-		LockdownPath:   write("security/lockdown", []byte("none [integrity] confidentiality\n")),
-		SELinuxPath:    write("selinux/enforce", []byte("1")),
-		AppArmorPath:   filepath.Join(dir, "absent"),
-		OSReleasePath:  write("os-release", []byte("NAME=\"Talos\"\nID=talos\nVERSION_ID=v1.13.0\n")),
-		ExtensionsPath: write("extensions.yaml", []byte("layers:\n  - image: "+filepath.Base(layer)+"\n    metadata:\n      name: sovra-agent\n      version: v0.1.0\n")),
-		LayersDir:      filepath.Dir(layer),
 	}
 }

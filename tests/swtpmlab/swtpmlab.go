@@ -2,11 +2,13 @@
 // manufactured by swtpm_setup with an EK certificate from one local CA (which
 // sovrad trusts with --ek-roots and --ek-intermediates), serves in socket
 // mode on a given address, and is booted: the test firmware's events and the
-// Talos UKI are measured into its PCRs and its event log is written.
+// Talos UKI are measured into its PCRs and its event log is written. Boot
+// and NodeRoot serve the stories that use the TPM simulator too.
 package swtpmlab
 
 import (
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -17,6 +19,7 @@ import (
 	"github.com/google/go-tpm/legacy/tpm2"
 	"github.com/google/go-tpm/tpmutil"
 
+	agentattest "github.com/sovra-dev/sovra/agent/attest"
 	"github.com/sovra-dev/sovra/agent/tpm/swtpm"
 	"github.com/sovra-dev/sovra/internal/tcglog"
 	"github.com/sovra-dev/sovra/internal/testutil"
@@ -93,15 +96,21 @@ func New(t testing.TB, n int, host string) *Lab {
 		if err := os.MkdirAll(logDir, 0o700); err != nil {
 			t.Fatal(err)
 		}
-		tpm.EventLog = boot(t, swtpm.TCP{Addr: tpm.Addr}, logDir)
+		tpm.EventLog = Boot(t, swtpm.TCP{Addr: tpm.Addr}, logDir)
 		l.TPMs = append(l.TPMs, tpm)
 	}
 	return l
 }
 
-// boot measures the test firmware and the UKI into the TPM and writes the
-// matching event log into dir.
-func boot(t testing.TB, tpm swtpm.TCP, dir string) string {
+// Opener opens a TPM's command channel (swtpm, the simulator, a device).
+type Opener interface {
+	Open() (io.ReadWriteCloser, error)
+}
+
+// Boot plays the firmware on a freshly reset TPM: it measures the test
+// firmware into PCRs 0-7 and the Talos UKI into PCR 11, and writes the
+// matching event log into dir. It returns the log's path.
+func Boot(t testing.TB, tpm Opener, dir string) string {
 	t.Helper()
 	rw, err := tpm.Open()
 	if err != nil {
@@ -154,4 +163,32 @@ func waitListen(t testing.TB, addr string) {
 		time.Sleep(listenPause)
 	}
 	t.Fatalf("swtpm did not listen on %s", addr)
+}
+
+// NodeRoot is a fake Talos root: the files the agent's claims come from
+// (Secure Boot, lockdown, SELinux, AppArmor absent, os-release, one
+// installed extension), in a temporary directory.
+func NodeRoot(t testing.TB) agentattest.Collector {
+	t.Helper()
+	dir := t.TempDir()
+	write := func(name string, b []byte) string {
+		p := filepath.Join(dir, name)
+		if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	layer := write("layers/000.registry.example-sovra-agent-v0.1.0.sqsh", []byte("squashfs image"))
+	return agentattest.Collector{
+		SecureBootPath: write("efivars/SecureBoot", []byte{6, 0, 0, 0, 1}),
+		LockdownPath:   write("security/lockdown", []byte("none [integrity] confidentiality\n")),
+		SELinuxPath:    write("selinux/enforce", []byte("1")),
+		AppArmorPath:   filepath.Join(dir, "absent"),
+		OSReleasePath:  write("os-release", []byte("NAME=\"Talos\"\nID=talos\nVERSION_ID=v1.13.0\n")),
+		ExtensionsPath: write("extensions.yaml", []byte("layers:\n  - image: "+filepath.Base(layer)+"\n    metadata:\n      name: sovra-agent\n      version: v0.1.0\n")),
+		LayersDir:      filepath.Dir(layer),
+	}
 }
