@@ -22,7 +22,7 @@ func TestBinariesEnrollAndAttest(t *testing.T) {
 	_, eventLog := lab.use(t, 0)
 
 	dir := filepath.Join(t.TempDir(), "data")
-	nodePort := freePort(t)
+	nodePort := testutil.FreePort(t)
 	d := sovradtest.Start(t, dir,
 		"--node-listen", fmt.Sprintf("127.0.0.1:%d", nodePort),
 		"--ek-roots", lab.Roots(),

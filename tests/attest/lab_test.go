@@ -2,7 +2,6 @@ package attest
 
 import (
 	"crypto/x509"
-	"net"
 	"os"
 	"testing"
 
@@ -46,16 +45,6 @@ func (l *swtpmLab) restore(*testing.T) bool { return false }
 // ekPolicy trusts the local CA: its root, with its issuing CA as intermediate.
 func (l *swtpmLab) ekPolicy(t *testing.T) attest.EKPolicy {
 	return attest.EKPolicy{Roots: poolFromFile(t, l.Roots()), Intermediates: poolFromFile(t, l.Intermediates())}
-}
-
-func freePort(t testing.TB) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
 }
 
 func poolFromFile(t testing.TB, p string) *x509.CertPool {

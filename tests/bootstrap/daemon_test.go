@@ -66,7 +66,7 @@ func TestDaemonMembershipAndLeaseBootstrapOnce(t *testing.T) {
 	lab := swtpmlab.New(t, 3, leg)
 
 	dataDir := filepath.Join(t.TempDir(), "data")
-	endpoint := net.JoinHostPort(leg, strconv.Itoa(sovradtest.FreePort(t)))
+	endpoint := net.JoinHostPort(leg, strconv.Itoa(testutil.FreePort(t)))
 	d := sovradtest.Start(t, dataDir,
 		"--node-listen", endpoint, "--tls-san", leg,
 		"--ek-roots", lab.Roots(), "--ek-intermediates", lab.Intermediates(),

@@ -22,7 +22,6 @@ import (
 
 	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
 	"github.com/sovra-dev/sovra/internal/testutil"
-	"github.com/sovra-dev/sovra/tests/sovradtest"
 )
 
 const (
@@ -201,7 +200,7 @@ func refServer(tb testing.TB, d *kmsDaemon, n int) (*kmsDaemon, *os.Process, []s
 	if err := os.WriteFile(keyPath, key(tb), 0o600); err != nil {
 		tb.Fatal(err)
 	}
-	addr := "127.0.0.1:" + strconv.Itoa(sovradtest.FreePort(tb))
+	addr := "127.0.0.1:" + strconv.Itoa(testutil.FreePort(tb))
 	cmd := exec.Command(bin, "--kms-api-endpoint", addr, "--key-path", keyPath, "--tls-enable",
 		"--tls-cert-path", filepath.Join(d.DataDir, "node-api.crt"), "--tls-key-path", filepath.Join(d.DataDir, "node-api.key"))
 	if err := cmd.Start(); err != nil {

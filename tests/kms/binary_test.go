@@ -24,7 +24,7 @@ func TestAgentBinaryVolume(t *testing.T) {
 	lab := swtpmlab.New(t, 1, "127.0.0.1")
 	dir := filepath.Join(t.TempDir(), "data")
 	keyDir := t.TempDir()
-	nodePort := sovradtest.FreePort(t)
+	nodePort := testutil.FreePort(t)
 	d := sovradtest.Start(t, dir,
 		"--node-listen", fmt.Sprintf("127.0.0.1:%d", nodePort),
 		"--ek-roots", lab.Roots(), "--ek-intermediates", lab.Intermediates(),

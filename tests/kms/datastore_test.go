@@ -16,8 +16,8 @@ import (
 	"testing"
 
 	"github.com/sovra-dev/sovra/daemon/custody"
+	"github.com/sovra-dev/sovra/internal/testutil"
 	"github.com/sovra-dev/sovra/tests/pgtest"
-	"github.com/sovra-dev/sovra/tests/sovradtest"
 )
 
 // sealed is what a node holds after sealing: its blob, and (for the test's
@@ -174,7 +174,7 @@ func TestDatastoreHoldsNoKeyPostgres(t *testing.T) {
 	pg := pgtest.Start(t)
 	dataDir := filepath.Join(t.TempDir(), "data")
 	keyFile := filepath.Join(t.TempDir(), "master.key")
-	d := startKMSWith(t, dataDir, keyFile, sovradtest.FreePort(t), "--datastore", pg.DSN("sovra"))
+	d := startKMSWith(t, dataDir, keyFile, testutil.FreePort(t), "--datastore", pg.DSN("sovra"))
 	all := sealSome(t, d, 3)
 	inspect(t, decodeBytea(pg.Dump("sovra")), d, all)
 }

@@ -11,8 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sovra-dev/sovra/internal/testutil"
 	"github.com/sovra-dev/sovra/tests/pgtest"
-	"github.com/sovra-dev/sovra/tests/sovradtest"
 )
 
 const (
@@ -160,7 +160,7 @@ func TestPostgresRestartUnderTwoReplicas(t *testing.T) {
 	dsn := pg.DSN("sovra")
 	keyFile := filepath.Join(t.TempDir(), "master.key")
 	dirA := filepath.Join(t.TempDir(), "a")
-	a := startKMSWith(t, dirA, keyFile, sovradtest.FreePort(t), "--datastore", dsn)
+	a := startKMSWith(t, dirA, keyFile, testutil.FreePort(t), "--datastore", dsn)
 	dirB := filepath.Join(t.TempDir(), "b")
 	if err := os.Mkdir(dirB, 0o700); err != nil {
 		t.Fatal(err)
@@ -174,7 +174,7 @@ func TestPostgresRestartUnderTwoReplicas(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	b := startKMSWith(t, dirB, keyFile, sovradtest.FreePort(t), "--datastore", dsn)
+	b := startKMSWith(t, dirB, keyFile, testutil.FreePort(t), "--datastore", dsn)
 
 	boots := prepareBoots(t, a)
 	lost := storm(t, []*kmsDaemon{a, b}, boots, func() {

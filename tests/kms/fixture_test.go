@@ -33,6 +33,7 @@ import (
 
 	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
 	"github.com/sovra-dev/sovra/daemon/attestation"
+	"github.com/sovra-dev/sovra/internal/testutil"
 	"github.com/sovra-dev/sovra/tests/sovradtest"
 )
 
@@ -60,7 +61,7 @@ func startKMS(t testing.TB, extra ...string) *kmsDaemon {
 	t.Helper()
 	dataDir := filepath.Join(t.TempDir(), "data")
 	keyFile := filepath.Join(t.TempDir(), "secrets", "master.key")
-	return startKMSWith(t, dataDir, keyFile, sovradtest.FreePort(t), extra...)
+	return startKMSWith(t, dataDir, keyFile, testutil.FreePort(t), extra...)
 }
 
 func startKMSWith(t testing.TB, dataDir, keyFile string, port int, extra ...string) *kmsDaemon {

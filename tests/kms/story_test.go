@@ -18,7 +18,6 @@ import (
 	"github.com/sovra-dev/sovra/agent/volumes"
 	"github.com/sovra-dev/sovra/daemon/kms"
 	"github.com/sovra-dev/sovra/internal/testutil"
-	"github.com/sovra-dev/sovra/tests/sovradtest"
 	"github.com/sovra-dev/sovra/tests/swtpmlab"
 )
 
@@ -31,7 +30,7 @@ import (
 // with it. Revocation with kubectl delete ends both.
 func TestStoryAttestedNode(t *testing.T) {
 	testutil.Require(t, "cryptsetup")
-	nodeAddr := fmt.Sprintf("127.0.0.1:%d", sovradtest.FreePort(t))
+	nodeAddr := fmt.Sprintf("127.0.0.1:%d", testutil.FreePort(t))
 	d := startKMS(t, "--node-listen", nodeAddr, "--ek-trust-on-first-use", "--attest-deadline", "20s")
 	ctx := context.Background()
 

@@ -26,6 +26,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	pb "github.com/sovra-dev/sovra/internal/nodeapi"
+	"github.com/sovra-dev/sovra/internal/testutil"
 	"github.com/sovra-dev/sovra/tests/sovradtest"
 )
 
@@ -51,7 +52,7 @@ type lab struct {
 func start(t *testing.T) *lab {
 	t.Helper()
 	dir := filepath.Join(t.TempDir(), "data")
-	port := sovradtest.FreePort(t)
+	port := testutil.FreePort(t)
 	// No node enrolls here (the records are written with kubectl), but the
 	// node API needs an EK policy to start: trust on first use admits none
 	// of these calls anyway, which need a node credential.

@@ -5,7 +5,6 @@ package pgtest
 
 import (
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"os/user"
@@ -63,7 +62,7 @@ func Start(t testing.TB) *Server {
 	data := filepath.Join(dir, "data")
 	s.chownToServerUser(dir, pwfile)
 	s.run("initdb", "-D", data, "-U", Role, "--pwfile", pwfile, "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8")
-	s.Port = freePort(t)
+	s.Port = testutil.FreePort(t)
 	s.Start()
 	return s
 }
@@ -185,13 +184,4 @@ func binDir() string {
 		return filepath.Dir(p)
 	}
 	return ""
-}
-
-func freePort(t testing.TB) int {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
 }

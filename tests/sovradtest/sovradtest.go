@@ -9,7 +9,6 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -50,7 +49,7 @@ type Daemon struct {
 // waits until /readyz answers ok, and stops it when the test ends.
 func Start(t testing.TB, dataDir string, args ...string) *Daemon {
 	t.Helper()
-	d := &Daemon{t: t, DataDir: dataDir, Port: FreePort(t), Args: args}
+	d := &Daemon{t: t, DataDir: dataDir, Port: testutil.FreePort(t), Args: args}
 	d.start()
 	t.Cleanup(func() { d.Kill() })
 	return d
@@ -66,7 +65,7 @@ func (d *Daemon) start() {
 	args := append([]string{"--data-dir", d.DataDir, "--listen", "127.0.0.1:" + strconv.Itoa(d.Port)}, d.Args...)
 	if !hasFlag(d.Args, "--node-listen") {
 		// The node API's default (:7443) would collide between daemons.
-		args = append(args, "--node-listen", "127.0.0.1:"+strconv.Itoa(FreePort(d.t)))
+		args = append(args, "--node-listen", "127.0.0.1:"+strconv.Itoa(testutil.FreePort(d.t)))
 	}
 	d.cmd = exec.Command(testutil.Bin(d.t, "sovrad"), args...)
 	d.cmd.Stdout, d.cmd.Stderr = logFile, logFile
@@ -223,17 +222,6 @@ func Kubectl(t testing.TB, args ...string) (string, error) {
 		return stdout.String(), fmt.Errorf("%w: %s", err, strings.TrimSpace(stderr.String()))
 	}
 	return stdout.String(), nil
-}
-
-// FreePort returns a TCP port on 127.0.0.1 that nothing listens on.
-func FreePort(t testing.TB) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
 }
 
 // RSS returns the resident set size of the process in bytes.

@@ -53,10 +53,10 @@ func TestReadRejectsBadSize(t *testing.T) {
 func TestSwtpm(t *testing.T) {
 	testutil.Require(t, "swtpm")
 	dir := t.TempDir()
-	port := freePort(t)
+	port := testutil.FreePort(t)
 	cmd := exec.Command("swtpm", "socket", "--tpm2", "--tpmstate", "dir="+dir,
 		"--server", fmt.Sprintf("type=tcp,port=%d,bindaddr=127.0.0.1", port),
-		"--ctrl", fmt.Sprintf("type=tcp,port=%d,bindaddr=127.0.0.1", freePort(t)),
+		"--ctrl", fmt.Sprintf("type=tcp,port=%d,bindaddr=127.0.0.1", testutil.FreePort(t)),
 		"--flags", "not-need-init,startup-clear")
 	cmd.Stderr = os.Stderr
 	if err := cmd.Start(); err != nil {
@@ -80,14 +80,4 @@ func TestSwtpm(t *testing.T) {
 	if err != nil || len(b) != 16 {
 		t.Fatalf("GetRandom = %x, %v", b, err)
 	}
-}
-
-func freePort(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
 }
