@@ -81,9 +81,12 @@ func Run(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 	}
 
 	g, gctx := errgroup.WithContext(ctx)
+	// ready is closed once the API server answers /readyz; the components
+	// that need the API wait for it.
+	ready := make(chan struct{})
 	if nodes != nil {
 		g.Go(func() error {
-			if err := waitReady(gctx, api); err != nil {
+			if !readyOrDone(gctx, ready) {
 				return nil // shutting down before ready
 			}
 			return runNodeAPI(gctx, nodes, api.Loopback)
@@ -119,6 +122,7 @@ func Run(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 		if err := waitReady(gctx, api); err != nil {
 			return nil // shutting down before ready
 		}
+		close(ready)
 		log.Info("sovrad ready",
 			zap.String("server", files.ServerURL),
 			zap.String("kubeconfig", files.AdminKubeconfig),
@@ -127,7 +131,7 @@ func Run(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 	})
 	g.Go(func() error {
 		defer close(capiDone)
-		if err := waitReady(gctx, api); err != nil {
+		if !readyOrDone(gctx, ready) {
 			return nil // shutting down before ready
 		}
 		return capi.Run(gctx, capi.Config{
@@ -146,6 +150,16 @@ func Run(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 		return nil
 	}
 	return err
+}
+
+// readyOrDone waits for ready and reports whether it came before ctx ended.
+func readyOrDone(ctx context.Context, ready <-chan struct{}) bool {
+	select {
+	case <-ready:
+		return true
+	case <-ctx.Done():
+		return false
+	}
 }
 
 // waitReady polls the server's /readyz until it answers ok.
