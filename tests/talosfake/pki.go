@@ -1,6 +1,7 @@
 package talosfake
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -11,6 +12,7 @@ import (
 	talosconfig "github.com/siderolabs/talos/pkg/machinery/config"
 	"github.com/siderolabs/talos/pkg/machinery/config/generate/secrets"
 	"github.com/siderolabs/talos/pkg/machinery/role"
+	"go.yaml.in/yaml/v4"
 )
 
 // PKI file names written by WritePKI.
@@ -20,8 +22,8 @@ const (
 	TalosconfigFile = "talosconfig"
 )
 
-// PKI is the Talos PKI of one fake cluster, made by the machinery secrets
-// generator: the OS CA and an os:admin client talosconfig.
+// PKI is the Talos PKI of one fake cluster, from a machinery secrets bundle:
+// the OS CA and an os:admin client talosconfig.
 type PKI struct {
 	// CA is the cluster's Talos (OS) CA with its key.
 	CA *x509.PEMEncodedCertificateAndKey
@@ -36,6 +38,32 @@ func NewPKI(clusterName string) (*PKI, error) {
 		return nil, fmt.Errorf("generating the secrets bundle: %w", err)
 	}
 
+	return pkiFromBundle(clusterName, bundle)
+}
+
+// PKIFromBundle loads the PKI of a cluster whose secrets the Cluster API
+// bootstrap provider generated: bundleYAML is its secrets bundle, key
+// "bundle" of Secret "<cluster>-talos". The talosconfig gets a fresh
+// os:admin client certificate, so fake nodes and agents made from the PKI
+// trust, and are trusted by, the talosconfig the providers use.
+func PKIFromBundle(clusterName string, bundleYAML []byte) (*PKI, error) {
+	// The providers decode the bundle the same way, with a clock for the
+	// certificates they issue from it.
+	bundle := &secrets.Bundle{Clock: secrets.NewFixedClock(time.Now())}
+	if err := yaml.Unmarshal(bundleYAML, bundle); err != nil {
+		return nil, fmt.Errorf("decoding the secrets bundle: %w", err)
+	}
+
+	if bundle.Certs == nil || bundle.Certs.OS == nil {
+		return nil, errors.New("decoding the secrets bundle: it has no Talos (OS) CA")
+	}
+
+	return pkiFromBundle(clusterName, bundle)
+}
+
+// pkiFromBundle is the PKI of a secrets bundle: its OS CA, and a
+// talosconfig with an os:admin client certificate from that CA.
+func pkiFromBundle(clusterName string, bundle *secrets.Bundle) (*PKI, error) {
 	admin, err := bundle.GenerateTalosAPIClientCertificate(role.MakeSet(role.Admin))
 	if err != nil {
 		return nil, fmt.Errorf("generating the admin client certificate: %w", err)

@@ -2,8 +2,10 @@
 // machinery MachineService (Version, SystemStat, Bootstrap, EtcdMemberList,
 // List) and the real COSI state server over an in-memory state, behind
 // apid-like mutual TLS with a server certificate from the cluster's Talos CA.
-// It is built only from the upstream Talos protobufs and libraries, and it
-// records every Bootstrap call.
+// Like apid it routes calls that name other nodes in their gRPC metadata
+// ("nodes", "node") to those nodes' fakes. It is built only from the
+// upstream Talos protobufs and libraries, and it records every Bootstrap
+// call.
 package talosfake
 
 import (
@@ -17,6 +19,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -29,6 +32,7 @@ import (
 	"github.com/siderolabs/talos/pkg/machinery/api/common"
 	"github.com/siderolabs/talos/pkg/machinery/api/machine"
 	machinetype "github.com/siderolabs/talos/pkg/machinery/config/machine"
+	"github.com/siderolabs/talos/pkg/machinery/constants"
 	"github.com/siderolabs/talos/pkg/machinery/resources/config"
 	"github.com/siderolabs/talos/pkg/machinery/resources/etcd"
 	timeres "github.com/siderolabs/talos/pkg/machinery/resources/time"
@@ -37,6 +41,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/emptypb"
@@ -52,15 +57,23 @@ const (
 	etcdDataDir    = "/var/lib/etcd/member"
 	talosVersion   = "v1.13.0"
 	serverCertTTL  = 24 * time.Hour
+	certBackdate   = time.Minute
 	defaultEtcdGap = 200 * time.Millisecond
 )
 
 // Options describe one fake node.
 type Options struct {
-	// Address is the node's address: the server certificate names it.
+	// Address is the node's address: the server certificate names it, a
+	// routed call naming it is answered locally, and calls forwarded to
+	// other nodes come from it when it can reach them.
 	Address netip.Addr
+	// APIPort is the port every node's fake serves the Talos API on: a call
+	// routed to another node is forwarded to <node>:APIPort. Zero means
+	// 50000, apid's port.
+	APIPort int
 	// CA is the cluster's Talos (OS) CA; its key signs the server
-	// certificate, and clients must present a certificate it signed.
+	// certificate and the client certificate for forwarded calls, and
+	// clients must present a certificate it signed.
 	CA *x509.PEMEncodedCertificateAndKey
 	// MachineType is controlplane, init or worker.
 	MachineType machinetype.Type
@@ -84,8 +97,13 @@ type Options struct {
 
 // BootstrapCall is one recorded Bootstrap call.
 type BootstrapCall struct {
-	Time   time.Time
+	Time time.Time
+	// Client is the caller's address: for a call another node forwarded,
+	// that node.
 	Client string
+	// Origin is, for a forwarded call, the address of the client that
+	// called the forwarding node; empty for a direct call.
+	Origin string
 	// Accepted is false when the call was answered AlreadyExists.
 	Accepted bool
 }
@@ -97,6 +115,14 @@ type Node struct {
 	opts  Options
 	state state.State
 	creds credentials.TransportCredentials
+	// peerTLS is the client side of calls forwarded to other nodes.
+	peerTLS *tls.Config
+
+	// peersMu guards peers.
+	peersMu sync.Mutex
+	// peers holds a connection per node calls were forwarded to; Serve
+	// closes them when it returns.
+	peers map[string]*grpc.ClientConn
 
 	// mu guards the fields below.
 	mu          sync.Mutex
@@ -115,12 +141,21 @@ func New(opts Options) (*Node, error) {
 		opts.EtcdStartDelay = defaultEtcdGap
 	}
 
+	if opts.APIPort == 0 {
+		opts.APIPort = constants.ApidPort
+	}
+
 	creds, err := serverCredentials(opts.CA, opts.Address)
 	if err != nil {
 		return nil, err
 	}
 
-	n := &Node{opts: opts, creds: creds, state: state.WrapCore(namespaced.NewState(inmem.Build))}
+	peerTLS, err := peerTLSConfig(opts.CA)
+	if err != nil {
+		return nil, err
+	}
+
+	n := &Node{opts: opts, creds: creds, peerTLS: peerTLS, state: state.WrapCore(namespaced.NewState(inmem.Build))}
 
 	mt := config.NewMachineType()
 	mt.SetMachineType(opts.MachineType)
@@ -163,7 +198,7 @@ func serverCredentials(ca *x509.PEMEncodedCertificateAndKey, addr netip.Addr) (c
 	kp, err := x509.NewKeyPair(authority,
 		x509.CommonName(addr.String()),
 		x509.IPAddresses([]net.IP{addr.AsSlice(), net.IPv4(127, 0, 0, 1)}),
-		x509.NotBefore(now.Add(-time.Minute)),
+		x509.NotBefore(now.Add(-certBackdate)),
 		x509.NotAfter(now.Add(serverCertTTL)),
 		x509.KeyUsage(stdx509.KeyUsageDigitalSignature),
 		x509.ExtKeyUsage([]stdx509.ExtKeyUsage{stdx509.ExtKeyUsageServerAuth}),
@@ -187,9 +222,12 @@ func serverCredentials(ca *x509.PEMEncodedCertificateAndKey, addr netip.Addr) (c
 
 // Serve serves the Talos API on lis until ctx is done.
 func (n *Node) Serve(ctx context.Context, lis net.Listener) error {
-	srv := grpc.NewServer(grpc.Creds(n.creds))
+	srv := grpc.NewServer(grpc.Creds(n.creds),
+		grpc.ChainUnaryInterceptor(n.routeUnary), grpc.ChainStreamInterceptor(n.routeStream))
 	machine.RegisterMachineServiceServer(srv, n)
 	v1alpha1.RegisterStateServer(srv, server.NewState(n.state))
+
+	defer n.closePeers()
 
 	go func() {
 		<-ctx.Done()
@@ -249,40 +287,48 @@ func (n *Node) Bootstrap(ctx context.Context, _ *machine.BootstrapRequest) (*mac
 		return nil, status.Error(codes.FailedPrecondition, "bootstrap can only be performed on a control plane node")
 	}
 
-	client := "unknown"
+	call := BootstrapCall{Time: time.Now(), Client: "unknown"}
 	if p, ok := peer.FromContext(ctx); ok {
-		client = p.Addr.String()
+		call.Client = p.Addr.String()
+	}
+
+	if md, ok := metadata.FromIncomingContext(ctx); ok && len(md.Get(proxyFromKey)) > 0 {
+		call.Origin = strings.Join(md.Get(originKey), ",")
 	}
 
 	n.mu.Lock()
-	accepted := !n.etcdData
-	n.calls = append(n.calls, BootstrapCall{Time: time.Now(), Client: client, Accepted: accepted})
+	call.Accepted = !n.etcdData
+	n.calls = append(n.calls, call)
 	n.etcdData = true
 	n.mu.Unlock()
 
-	if err := n.record(accepted, client); err != nil {
+	if err := n.record(call); err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
 
-	if !accepted {
-		n.opts.Logger.Info("Bootstrap refused: etcd data directory is not empty", zap.String("client", client))
+	fields := []zap.Field{zap.String("client", call.Client), zap.String("origin", call.Origin)}
+
+	if !call.Accepted {
+		n.opts.Logger.Info("Bootstrap refused: etcd data directory is not empty", fields...)
 
 		return nil, status.Error(codes.AlreadyExists, "etcd data directory is not empty")
 	}
 
-	n.opts.Logger.Info("Bootstrap accepted: etcd bootstrapping", zap.String("client", client))
+	n.opts.Logger.Info("Bootstrap accepted: etcd bootstrapping", fields...)
 
 	time.AfterFunc(n.opts.EtcdStartDelay, n.startEtcd)
 
 	return &machine.BootstrapResponse{Messages: []*machine.Bootstrap{{Metadata: n.metadata()}}}, nil
 }
 
-func (n *Node) record(accepted bool, client string) error {
+// record appends call to the Bootstrap log as
+// "<time> accepted|already-exists <client>[ origin=<origin>]".
+func (n *Node) record(call BootstrapCall) error {
 	if n.opts.StateDir == "" {
 		return nil
 	}
 
-	if accepted {
+	if call.Accepted {
 		if err := os.WriteFile(filepath.Join(n.opts.StateDir, EtcdDataFile), nil, 0o600); err != nil {
 			return fmt.Errorf("recording etcd data: %w", err)
 		}
@@ -295,11 +341,17 @@ func (n *Node) record(accepted bool, client string) error {
 	defer f.Close() //nolint:errcheck
 
 	outcome := "accepted"
-	if !accepted {
+	if !call.Accepted {
 		outcome = "already-exists"
 	}
 
-	_, err = fmt.Fprintf(f, "%s %s %s\n", time.Now().UTC().Format(time.RFC3339Nano), outcome, client)
+	line := fmt.Sprintf("%s %s %s", call.Time.UTC().Format(time.RFC3339Nano), outcome, call.Client)
+
+	if call.Origin != "" {
+		line += " origin=" + call.Origin
+	}
+
+	_, err = fmt.Fprintln(f, line)
 
 	return err
 }
@@ -347,20 +399,4 @@ func (n *Node) List(req *machine.ListRequest, stream machine.MachineService_List
 	}
 
 	return stream.Send(&machine.FileInfo{Metadata: n.metadata(), Name: req.GetRoot(), IsDir: true, Mode: uint32(os.ModeDir | 0o700)})
-}
-
-// hasRole reports whether the client certificate carries r (Talos roles are
-// the certificate's organizations).
-func hasRole(ctx context.Context, r role.Role) bool {
-	p, ok := peer.FromContext(ctx)
-	if !ok {
-		return false
-	}
-
-	info, ok := p.AuthInfo.(credentials.TLSInfo)
-	if !ok || len(info.State.VerifiedChains) == 0 || len(info.State.VerifiedChains[0]) == 0 {
-		return false
-	}
-
-	return slices.Contains(info.State.VerifiedChains[0][0].Subject.Organization, string(r))
 }

@@ -23,25 +23,46 @@ import (
 func startNode(t *testing.T, pki *talosfake.PKI, bootTime time.Time) (*talosfake.Node, string) {
 	t.Helper()
 
-	node, err := talosfake.New(talosfake.Options{
-		Address: netip.MustParseAddr("127.0.0.1"), CA: pki.CA, MachineType: machinetype.TypeControlPlane,
-		BootTime: bootTime, Hostname: "cp-1", EtcdStartDelay: time.Millisecond,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
-
-	go node.Serve(ctx, lis) //nolint:errcheck
+	node := serveNode(t, talosfake.Options{
+		Address: netip.MustParseAddr("127.0.0.1"), CA: pki.CA, MachineType: machinetype.TypeControlPlane,
+		BootTime: bootTime, Hostname: "cp-1", EtcdStartDelay: time.Millisecond,
+	}, lis)
 
 	return node, lis.Addr().String()
+}
+
+// serveNode serves a fake node on lis until the test ends.
+func serveNode(t *testing.T, opts talosfake.Options, lis net.Listener) *talosfake.Node {
+	t.Helper()
+
+	node, err := talosfake.New(opts)
+	if err != nil {
+		lis.Close()
+		t.Fatal(err)
+	}
+
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+
+	t.Cleanup(func() {
+		cancel()
+		<-done
+	})
+
+	go func() {
+		defer close(done)
+
+		if err := node.Serve(ctx, lis); err != nil {
+			t.Errorf("serving %s: %v", opts.Address, err)
+		}
+	}()
+
+	return node
 }
 
 func newClient(t *testing.T, pki *talosfake.PKI, endpoint string) *client.Client {

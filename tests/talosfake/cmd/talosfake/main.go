@@ -4,8 +4,9 @@
 //	talosfake --pki-dir DIR --address 10.66.0.11 --boot-time 1700000000 \
 //	          --machine-type controlplane --state-dir DIR
 //
-// It serves until SIGTERM or SIGINT. Bootstrap calls are logged and appended
-// to <state-dir>/bootstrap.log.
+// It serves until SIGTERM or SIGINT. Calls naming other nodes (gRPC metadata
+// "nodes" or "node") are forwarded to their fakes on the same --port.
+// Bootstrap calls are logged and appended to <state-dir>/bootstrap.log.
 package main
 
 import (
@@ -37,7 +38,7 @@ func run() error {
 	var (
 		pkiDir   = flag.String("pki-dir", "", "directory with ca.crt and ca.key (talosfake.PKI.Write)")
 		address  = flag.String("address", "", "node address: listened on, and named by the server certificate")
-		port     = flag.Int("port", 50000, "apid port")
+		port     = flag.Int("port", 50000, "apid port, listened on and dialed on the other nodes for calls routed to them")
 		mtype    = flag.String("machine-type", "controlplane", "controlplane, init or worker")
 		bootTime = flag.Int64("boot-time", 0, "boot time in seconds since the epoch (default: now)")
 		stateDir = flag.String("state-dir", "", "directory for the etcd data marker and the Bootstrap log")
@@ -80,7 +81,7 @@ func run() error {
 	logger = logger.With(zap.String("node", addr.String()))
 
 	node, err := talosfake.New(talosfake.Options{
-		Address: addr, CA: ca, MachineType: mt, BootTime: bt, Hostname: *hostname,
+		Address: addr, APIPort: *port, CA: ca, MachineType: mt, BootTime: bt, Hostname: *hostname,
 		StateDir: *stateDir, EtcdData: *etcdData, TimeUnsynced: *unsynced, Logger: logger,
 	})
 	if err != nil {
