@@ -145,8 +145,13 @@ func bootstrapControllers(opts Options) ([]controller.Controller, error) {
 		logger.Warn("expected control-plane count is 1: this node bootstraps etcd alone as soon as it sees itself")
 	}
 
+	cidr := "none: peers from the daemon"
+	if b.NetworkCIDR.IsValid() {
+		cidr = b.NetworkCIDR.String()
+	}
+
 	logger.Info("auto-bootstrap enabled",
-		zap.Stringer("network_cidr", b.NetworkCIDR), zap.Stringer("self", self),
+		zap.String("network_cidr", cidr), zap.Stringer("self", self),
 		zap.Int("expected_control_planes", b.ExpectedControlPlanes), zap.Duration("scan_interval", b.ScanInterval),
 		zap.Bool("daemon_peers", opts.PeerSource != nil), zap.Bool("lease", opts.Lease != nil))
 

@@ -187,6 +187,11 @@ func Write(dir string, doc Document) error {
 
 	b = append(b, '\n')
 
+	// Talos creates the directory; elsewhere the first write does.
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("creating the state directory: %w", err)
+	}
+
 	f, err := os.CreateTemp(dir, "."+FileName+".*")
 	if err != nil {
 		return fmt.Errorf("writing the status document: %w", err)

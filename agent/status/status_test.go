@@ -233,6 +233,29 @@ func TestWriteIsAtomicAndPrivate(t *testing.T) {
 	}
 }
 
+// TestWriteCreatesTheStateDirectory: off Talos, nothing creates the state
+// directory before the agent's first write.
+func TestWriteCreatesTheStateDirectory(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "state", "agent")
+
+	if err := Write(dir, Document{Phase: PhaseStarting}); err != nil {
+		t.Fatal(err)
+	}
+
+	st, err := os.Stat(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	if st.Mode().Perm() != 0o700 {
+		t.Errorf("state directory mode %v, want 0700", st.Mode().Perm())
+	}
+
+	if _, err := Read(Path(dir)); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func TestPrintZeroDocument(t *testing.T) {
 	var out bytes.Buffer
 	if err := Print(&out, Document{}, t0); err != nil {
