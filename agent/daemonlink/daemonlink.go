@@ -127,7 +127,10 @@ func (l *Link) logger() *zap.Logger {
 // other attested members of this node's cluster. A member that has not
 // announced its address yet is left out until it does (on its own first
 // membership call); each member gives at most one address, so no node is
-// ever counted twice.
+// ever counted twice. The address the cluster's bootstrap lease is
+// committed to is probed too, member or not (the Talos control-plane
+// provider's target is a machine without an agent's record, or one whose
+// agent ended before it announced): etcd there ends the election.
 func (l *Link) Peers(ctx context.Context) ([]netip.Addr, error) {
 	var resp *nodeapi.ListMembersResponse
 	err := l.call(ctx, func(ctx context.Context, c nodeapi.ClusterServiceClient) error {
@@ -151,6 +154,9 @@ func (l *Link) Peers(ctx context.Context) ([]netip.Addr, error) {
 		if a == l.Self || slices.Contains(out, a) {
 			continue
 		}
+		out = append(out, a)
+	}
+	if a, err := netip.ParseAddr(resp.GetBootstrapAddress()); err == nil && a != l.Self && !slices.Contains(out, a) {
 		out = append(out, a)
 	}
 	slices.SortFunc(out, netip.Addr.Compare)

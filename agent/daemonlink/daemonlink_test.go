@@ -26,6 +26,8 @@ type stubDaemon struct {
 	announced []string
 	phases    []nodeapi.BootstrapPhase
 	refuse    int // refuse this many calls with Unauthenticated
+	// bootstrapAddress is where the cluster's lease is committed.
+	bootstrapAddress string
 }
 
 func (d *stubDaemon) ListMembers(_ context.Context, req *nodeapi.ListMembersRequest) (*nodeapi.ListMembersResponse, error) {
@@ -36,7 +38,7 @@ func (d *stubDaemon) ListMembers(_ context.Context, req *nodeapi.ListMembersRequ
 		return nil, status.Error(codes.Unauthenticated, "present the node credential")
 	}
 	d.announced = append(d.announced, req.GetAddress())
-	return &nodeapi.ListMembersResponse{Cluster: "prod", Members: d.members}, nil
+	return &nodeapi.ListMembersResponse{Cluster: "prod", Members: d.members, BootstrapAddress: d.bootstrapAddress}, nil
 }
 
 func (d *stubDaemon) BootstrapLease(_ context.Context, req *nodeapi.BootstrapLeaseRequest) (*nodeapi.BootstrapLeaseResponse, error) {
@@ -87,6 +89,42 @@ func TestPeersOneAnnouncedAddressPerOtherMember(t *testing.T) {
 	}
 	if len(d.announced) != 1 || d.announced[0] != "10.0.0.1" {
 		t.Fatalf("announced %v, want this node's address", d.announced)
+	}
+}
+
+// TestPeersIncludeTheLeaseAddress: the address the bootstrap lease is
+// committed to is probed even when no member announced it (the Talos
+// control-plane provider's target), once, and never as this node.
+func TestPeersIncludeTheLeaseAddress(t *testing.T) {
+	d := &stubDaemon{members: []*nodeapi.Member{
+		{Node: "ek-a", Address: "10.0.0.1", Self: true},
+		{Node: "ek-b", Address: "10.0.0.2"},
+	}}
+	l, _ := start(t, d)
+	for _, tc := range []struct {
+		lease string
+		want  []string
+	}{
+		{"", []string{"10.0.0.2"}},
+		{"10.0.0.0", []string{"10.0.0.0", "10.0.0.2"}},
+		{"10.0.0.2", []string{"10.0.0.2"}},
+		{"10.0.0.1", []string{"10.0.0.2"}},
+		{"not an address", []string{"10.0.0.2"}},
+	} {
+		d.mu.Lock()
+		d.bootstrapAddress = tc.lease
+		d.mu.Unlock()
+		peers, err := l.Peers(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got []string
+		for _, p := range peers {
+			got = append(got, p.String())
+		}
+		if !slices.Equal(got, tc.want) {
+			t.Errorf("lease at %q: Peers = %v, want %v", tc.lease, got, tc.want)
+		}
 	}
 }
 

@@ -10,7 +10,10 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/validation"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
 )
 
 // The bootstrap lease of a cluster is the coordination.k8s.io/v1 Lease
@@ -331,4 +334,62 @@ func (s *Service) Holder(ctx context.Context, cluster string) (LeaseState, bool,
 		return LeaseState{}, false, fmt.Errorf("reading the bootstrap lease of cluster %s: %w", cluster, err)
 	}
 	return fromLease(&l), true, nil
+}
+
+// CommitFor takes a cluster's bootstrap lease for a holder that is not a
+// node, the Talos control-plane provider acting for the machine at address,
+// and commits it in the same call (Held, then Bootstrapping), so that no
+// agent can win it afterwards. The provider may then bootstrap that address
+// and nothing else. The decision is logged; the caller records events on its
+// own objects.
+func (s *Service) CommitFor(ctx context.Context, cluster, holder, address string) (Decision, error) {
+	return s.moveFor(ctx, cluster, holder, address, PhaseHeld, PhaseBootstrapping)
+}
+
+// FinishFor moves a committed lease of holder (CommitFor) to Bootstrapped.
+func (s *Service) FinishFor(ctx context.Context, cluster, holder, address string) (Decision, error) {
+	return s.moveFor(ctx, cluster, holder, address, PhaseBootstrapped)
+}
+
+// moveFor moves the lease through phases for holder, stopping at the first
+// phase that is not granted.
+func (s *Service) moveFor(ctx context.Context, cluster, holder, address string, phases ...Phase) (Decision, error) {
+	if errs := validation.IsDNS1123Label(cluster); len(errs) > 0 {
+		return Decision{}, fmt.Errorf("%w: cluster %q: %s", ErrInvalid, cluster, errs[0])
+	}
+	if holder == "" {
+		return Decision{}, fmt.Errorf("%w: empty holder", ErrInvalid)
+	}
+	if err := s.ensureNamespace(ctx); err != nil {
+		return Decision{}, err
+	}
+	var d Decision
+	for _, want := range phases {
+		var err error
+		if d, err = s.compareAndSwap(ctx, cluster, holder, address, want); err != nil {
+			return Decision{}, err
+		}
+		d.Cluster = cluster
+		fields := []zap.Field{
+			zap.String("holder", holder), zap.String("cluster", cluster), zap.String("asked", string(want)),
+			zap.String("lease_holder", d.Lease.Holder), zap.String("holder_address", d.Lease.HolderAddress),
+			zap.String("phase", string(d.Lease.Phase)), zap.String("reason", d.Reason),
+		}
+		if !d.Granted {
+			s.logger.Info("bootstrap lease denied: "+d.Message, fields...)
+			return d, nil
+		}
+		s.logger.Info("bootstrap lease granted: "+d.Message, fields...)
+	}
+	return d, nil
+}
+
+// Enrolled counts the SovraNodes labelled with cluster, attested or not: the
+// nodes whose agents may still elect a leader for it.
+func (s *Service) Enrolled(ctx context.Context, cluster string) (int, error) {
+	var list v1alpha1.SovraNodeList
+	if err := s.client.List(ctx, &list, client.MatchingLabels{LabelCluster: cluster}); err != nil {
+		return 0, fmt.Errorf("listing the nodes of cluster %s: %w", cluster, err)
+	}
+	return len(list.Items), nil
 }

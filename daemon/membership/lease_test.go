@@ -210,3 +210,50 @@ func TestDecideNeverHandsOverACommittedLease(t *testing.T) {
 		}
 	}
 }
+
+// TestProviderAndAgentsShareOneLease: the Talos control-plane provider's
+// CommitFor and the agents' BootstrapLease contend for the same lease; once
+// one side committed, the other is denied.
+func TestProviderAndAgentsShareOneLease(t *testing.T) {
+	ctx := context.Background()
+	const provider = "taloscontrolplane/default/cp"
+
+	h := newHarness(t, cluster(3)...)
+	if d, err := h.svc.BootstrapLease(ctx, id("ek-01"), PhaseHeld, addr(1)); err != nil || !d.Granted {
+		t.Fatalf("agent Held: %+v %v", d, err)
+	}
+	if d, err := h.svc.CommitFor(ctx, "prod", provider, "10.0.0.1"); err != nil || d.Granted {
+		t.Fatalf("provider CommitFor over an agent's hold = %+v %v, want denied", d, err)
+	}
+	h.clock.Advance(time.Minute) // the agent never committed
+	d, err := h.svc.CommitFor(ctx, "prod", provider, "10.0.0.1")
+	if err != nil || !d.Granted || d.Lease.Phase != PhaseBootstrapping || d.Lease.Holder != provider || d.Lease.HolderAddress != "10.0.0.1" {
+		t.Fatalf("provider CommitFor after expiry = %+v %v, want committed to 10.0.0.1", d, err)
+	}
+	h.clock.Advance(time.Hour)
+	for i := range 3 {
+		if d, err := h.svc.BootstrapLease(ctx, id(fmt.Sprintf("ek-%02d", i)), PhaseHeld, addr(i)); err != nil || d.Granted {
+			t.Fatalf("agent %d after the provider committed = %+v %v, want denied", i, d, err)
+		}
+	}
+	if d, err := h.svc.FinishFor(ctx, "prod", "taloscontrolplane/other/cp", ""); err != nil || d.Granted {
+		t.Fatalf("FinishFor by another holder = %+v %v, want denied", d, err)
+	}
+	if d, err := h.svc.FinishFor(ctx, "prod", provider, "10.0.0.1"); err != nil || !d.Granted || d.Lease.Phase != PhaseBootstrapped {
+		t.Fatalf("FinishFor = %+v %v, want Bootstrapped", d, err)
+	}
+
+	h = newHarness(t, cluster(3)...)
+	if d, err := h.svc.CommitFor(ctx, "prod", provider, "10.0.0.1"); err != nil || !d.Granted {
+		t.Fatalf("provider first: %+v %v", d, err)
+	}
+	if d, err := h.svc.BootstrapLease(ctx, id("ek-00"), PhaseHeld, addr(0)); err != nil || d.Granted {
+		t.Fatalf("agent after the provider = %+v %v, want denied", d, err)
+	}
+	if _, err := h.svc.CommitFor(ctx, "Not_A_Label", provider, ""); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("CommitFor with a bad cluster name: %v, want ErrInvalid", err)
+	}
+	if n, err := h.svc.Enrolled(ctx, "prod"); err != nil || n != 3 {
+		t.Fatalf("Enrolled = %d %v, want 3", n, err)
+	}
+}

@@ -95,6 +95,13 @@ func (h *clusterHandler) ListMembers(ctx context.Context, req *pb.ListMembersReq
 		return nil, h.toStatus("membership", id, err)
 	}
 	resp := &pb.ListMembersResponse{Cluster: cluster}
+	lease, found, err := h.svc.Holder(ctx, cluster)
+	if err != nil {
+		return nil, h.toStatus("membership", id, err)
+	}
+	if found && (lease.Phase == membership.PhaseBootstrapping || lease.Phase == membership.PhaseBootstrapped) {
+		resp.BootstrapAddress = lease.HolderAddress
+	}
 	for _, m := range members {
 		resp.Members = append(resp.Members, &pb.Member{
 			Node: m.Node, Hostname: m.Hostname, Address: m.Address, Addresses: m.Addresses, Self: m.Self,

@@ -158,6 +158,22 @@ func TestClusterServiceAuthentication(t *testing.T) {
 	if err != nil || lease.GetGranted() || lease.GetHolder() != "ek-a" || lease.GetHolderAddress() != "10.0.0.1" {
 		t.Fatalf("second node's BootstrapLease = %v, %v; want denied, held by ek-a", lease, err)
 	}
+	members := func() string {
+		resp, err := dialCluster(t, addr, ca, &other).ListMembers(ctx, &pb.ListMembersRequest{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return resp.GetBootstrapAddress()
+	}
+	if got := members(); got != "" {
+		t.Fatalf("bootstrap address of a held lease = %q, want none until committed", got)
+	}
+	if _, err := dialCluster(t, addr, ca, &good).BootstrapLease(ctx, &pb.BootstrapLeaseRequest{Phase: pb.BootstrapPhase_BOOTSTRAP_PHASE_BOOTSTRAPPING, Address: "10.0.0.1"}); err != nil {
+		t.Fatal(err)
+	}
+	if got := members(); got != "10.0.0.1" {
+		t.Fatalf("bootstrap address of the committed lease = %q, want 10.0.0.1", got)
+	}
 
 	wrongCA := newTestCA(t, "node CA") // same name, other key
 	forged := wrongCA.issue(t, "ek-a", []string{attestation.NodeOrganization}, false, hour)

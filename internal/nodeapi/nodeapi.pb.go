@@ -1013,10 +1013,15 @@ func (x *Member) GetSelf() bool {
 type ListMembersResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The caller's cluster.
-	Cluster       string    `protobuf:"bytes,1,opt,name=cluster,proto3" json:"cluster,omitempty"`
-	Members       []*Member `protobuf:"bytes,2,rep,name=members,proto3" json:"members,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Cluster string    `protobuf:"bytes,1,opt,name=cluster,proto3" json:"cluster,omitempty"`
+	Members []*Member `protobuf:"bytes,2,rep,name=members,proto3" json:"members,omitempty"`
+	// The address the cluster's bootstrap lease is committed to, by an agent
+	// or by the Talos control-plane provider for its target; empty until the
+	// lease is committed. Agents probe it like a member's: etcd there ends
+	// their election.
+	BootstrapAddress string `protobuf:"bytes,3,opt,name=bootstrap_address,json=bootstrapAddress,proto3" json:"bootstrap_address,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *ListMembersResponse) Reset() {
@@ -1061,6 +1066,13 @@ func (x *ListMembersResponse) GetMembers() []*Member {
 		return x.Members
 	}
 	return nil
+}
+
+func (x *ListMembersResponse) GetBootstrapAddress() string {
+	if x != nil {
+		return x.BootstrapAddress
+	}
+	return ""
 }
 
 type BootstrapLeaseRequest struct {
@@ -1283,10 +1295,11 @@ const file_nodeapi_proto_rawDesc = "" +
 	"\bhostname\x18\x02 \x01(\tR\bhostname\x12\x18\n" +
 	"\aaddress\x18\x03 \x01(\tR\aaddress\x12\x1c\n" +
 	"\taddresses\x18\x04 \x03(\tR\taddresses\x12\x12\n" +
-	"\x04self\x18\x05 \x01(\bR\x04self\"`\n" +
+	"\x04self\x18\x05 \x01(\bR\x04self\"\x8d\x01\n" +
 	"\x13ListMembersResponse\x12\x18\n" +
 	"\acluster\x18\x01 \x01(\tR\acluster\x12/\n" +
-	"\amembers\x18\x02 \x03(\v2\x15.sovra.node.v1.MemberR\amembers\"f\n" +
+	"\amembers\x18\x02 \x03(\v2\x15.sovra.node.v1.MemberR\amembers\x12+\n" +
+	"\x11bootstrap_address\x18\x03 \x01(\tR\x10bootstrapAddress\"f\n" +
 	"\x15BootstrapLeaseRequest\x123\n" +
 	"\x05phase\x18\x01 \x01(\x0e2\x1d.sovra.node.v1.BootstrapPhaseR\x05phase\x12\x18\n" +
 	"\aaddress\x18\x02 \x01(\tR\aaddress\"\xfd\x01\n" +
