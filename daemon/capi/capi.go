@@ -87,6 +87,8 @@ type Config struct {
 	// Started is when the daemon started, for the log line that reports how
 	// long the CRDs took.
 	Started time.Time
+	// BootstrapGrace is the bootstrap fence's grace period (package fence).
+	BootstrapGrace time.Duration
 }
 
 // Run installs the CRDs, then runs the manager until ctx ends. With no
@@ -174,7 +176,7 @@ func runManager(ctx context.Context, cfg Config, restCfg *rest.Config, scheme *r
 		hooks.Close()
 		return fmt.Errorf("creating the Cluster API manager: %w", err)
 	}
-	if err := setup(ctx, mgr, hooks, cfg.Controllers, log); err != nil {
+	if err := setup(ctx, mgr, hooks, cfg, log); err != nil {
 		hooks.Close()
 		return err
 	}

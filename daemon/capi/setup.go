@@ -33,7 +33,9 @@ import (
 
 	"github.com/sovra-dev/sovra/daemon/capi/controllers"
 	"github.com/sovra-dev/sovra/daemon/capi/crds"
+	"github.com/sovra-dev/sovra/daemon/capi/fence"
 	"github.com/sovra-dev/sovra/daemon/capi/webhooks"
+	"github.com/sovra-dev/sovra/daemon/membership"
 )
 
 const (
@@ -80,7 +82,8 @@ func clientOptions() client.Options {
 }
 
 // setup registers the selected controllers and every webhook with mgr.
-func setup(ctx context.Context, mgr ctrl.Manager, server *webhooks.Server, sel controllers.Set, log *zap.Logger) error {
+func setup(ctx context.Context, mgr ctrl.Manager, server *webhooks.Server, cfg Config, log *zap.Logger) error {
+	sel := cfg.Controllers
 	if err := index.AddDefaultIndexes(ctx, mgr); err != nil {
 		return fmt.Errorf("setting up Cluster API indexes: %w", err)
 	}
@@ -183,10 +186,16 @@ func setup(ctx context.Context, mgr ctrl.Manager, server *webhooks.Server, sel c
 				SetupWithManager(ctx, mgr, controller.Options{MaxConcurrentReconciles: cacpptConcurrency}); err != nil {
 				return err
 			}
-			return (&cacppt.TalosControlPlaneReconciler{
+			// CACPPT bootstraps only behind the fence, on the cluster's
+			// bootstrap lease, which the agents contend for too.
+			leases, err := membership.NewForConfig(membership.Config{}, mgr.GetConfig(), log.Named("bootstrap-lease"))
+			if err != nil {
+				return err
+			}
+			return fence.Setup(mgr, &cacppt.TalosControlPlaneReconciler{
 				Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), Tracker: tracker, Scheme: mgr.GetScheme(),
 				Log: ctrl.Log.WithName("controllers").WithName("TalosControlPlane"),
-			}).SetupWithManager(mgr, controller.Options{MaxConcurrentReconciles: cacpptConcurrency})
+			}, leases, cfg.BootstrapGrace, controller.Options{MaxConcurrentReconciles: cacpptConcurrency}, log.Named("bootstrap-fence"))
 		}},
 	}
 	for _, s := range steps {

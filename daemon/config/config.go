@@ -19,6 +19,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/validation"
 
 	"github.com/sovra-dev/sovra/daemon/capi/controllers"
+	"github.com/sovra-dev/sovra/daemon/capi/fence"
 )
 
 const (
@@ -89,6 +90,10 @@ type Config struct {
 	// providers, the garbage collector): "all" (the default), "none" to serve
 	// the API only, or names; see package daemon/capi/controllers.
 	Controllers string
+	// BootstrapGrace is how long the Talos control-plane provider waits for
+	// the agents of a cluster with labelled SovraNodes to win its bootstrap
+	// lease before it takes the lease itself (package daemon/capi/fence).
+	BootstrapGrace time.Duration
 }
 
 // OIDC configures OpenID Connect authentication of the Kubernetes API.
@@ -148,6 +153,7 @@ func New() *Config {
 		LogLevel:        "info",
 		ShutdownTimeout: defaultShutdownTimeout,
 		Controllers:     controllers.All,
+		BootstrapGrace:  fence.DefaultGrace,
 	}
 }
 
@@ -183,6 +189,7 @@ func (c *Config) FlagSet() *pflag.FlagSet {
 	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "log level: debug, info, warn or error")
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", c.ShutdownTimeout, "longest graceful shutdown before the process exits")
 	fs.StringVar(&c.Controllers, "controllers", c.Controllers, "controllers to run: all, none (serve the API only), or a comma-separated list of "+strings.Join(controllers.Names, ", ")+"; -name excludes one")
+	fs.DurationVar(&c.BootstrapGrace, "bootstrap-grace", c.BootstrapGrace, "how long the Talos control-plane provider waits for the agents of a cluster with labelled SovraNodes to win its bootstrap lease before it bootstraps the cluster itself")
 	return fs
 }
 
@@ -263,6 +270,9 @@ func (c *Config) Validate() error {
 	}
 	if _, err := controllers.Parse(c.Controllers); err != nil {
 		add("--controllers: %v", err)
+	}
+	if c.BootstrapGrace <= 0 {
+		add("--bootstrap-grace %s: must be positive", c.BootstrapGrace)
 	}
 	return errors.Join(errs...)
 }

@@ -135,13 +135,14 @@ func Run(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 			return nil // shutting down before ready
 		}
 		return capi.Run(gctx, capi.Config{
-			Loopback:    api.Loopback,
-			CA:          files.CA,
-			DataDir:     files.Dir,
-			WebhookIP:   files.AdvertiseIP,
-			Identity:    files.ServerURL,
-			Controllers: selected,
-			Started:     start,
+			Loopback:       api.Loopback,
+			CA:             files.CA,
+			DataDir:        files.Dir,
+			WebhookIP:      files.AdvertiseIP,
+			Identity:       files.ServerURL,
+			Controllers:    selected,
+			Started:        start,
+			BootstrapGrace: cfg.BootstrapGrace,
 		}, log)
 	})
 	err = g.Wait()
