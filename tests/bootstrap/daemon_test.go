@@ -83,22 +83,7 @@ func TestDaemonMembershipAndLeaseBootstrapOnce(t *testing.T) {
 	leader := hosts[1]
 	for i, h := range hosts {
 		h.startFake(fakeOptions{bootTime: boots[i]})
-		h.startAgentEnv([]string{
-			"PATH=" + os.Getenv("PATH"),
-			"SOVRA_LOG_LEVEL=info",
-			"SOVRA_TALOSCONFIG=" + filepath.Join(c.dir, talosfake.TalosconfigFile),
-			"SOVRA_NODE_ADDRESS=" + h.addr.String(),
-			"SOVRA_BOOTSTRAP_EXPECTED_CONTROL_PLANES=3",
-			"SOVRA_BOOTSTRAP_SCAN_INTERVAL=1s",
-			"SOVRA_BOOTSTRAP_POLL_INTERVAL=500ms",
-			"SOVRA_BOOTSTRAP_CONNECT_TIMEOUT=300ms",
-			"SOVRA_DAEMON_ENDPOINT=" + endpoint,
-			"SOVRA_DAEMON_CA=" + filepath.Join(dataDir, "node-ca.crt"),
-			"SOVRA_TPM=swtpm:" + lab.TPMs[i].Addr,
-			"SOVRA_EVENT_LOG=" + lab.TPMs[i].EventLog,
-			"SOVRA_NODE_UUID=" + newUUID(),
-			"SOVRA_STATE_DIR=" + filepath.Join(h.dir, "state"),
-		})
+		h.startAgentEnv(h.daemonAgentEnv(endpoint, dataDir, lab.TPMs[i]))
 	}
 
 	// The operator's step: once the three nodes are attested, label their
@@ -141,6 +126,28 @@ func TestDaemonMembershipAndLeaseBootstrapOnce(t *testing.T) {
 	t.Logf("bootstrap lease: %s", lease)
 	t.Logf("events:\n%s", d.Kubectl("get", "events", "-n", "default", "--sort-by", ".lastTimestamp",
 		"-o", "custom-columns=NODE:.involvedObject.name,TYPE:.type,REASON:.reason,MESSAGE:.message"))
+}
+
+// daemonAgentEnv is the environment of an agent that finds its peers
+// through the daemon at endpoint (whose data directory is dataDir) and
+// attests with tpm: no network CIDR, so nothing is scanned.
+func (h *host) daemonAgentEnv(endpoint, dataDir string, tpm swtpmlab.TPM) []string {
+	return []string{
+		"PATH=" + os.Getenv("PATH"),
+		"SOVRA_LOG_LEVEL=info",
+		"SOVRA_TALOSCONFIG=" + filepath.Join(h.c.dir, talosfake.TalosconfigFile),
+		"SOVRA_NODE_ADDRESS=" + h.addr.String(),
+		"SOVRA_BOOTSTRAP_EXPECTED_CONTROL_PLANES=3",
+		"SOVRA_BOOTSTRAP_SCAN_INTERVAL=1s",
+		"SOVRA_BOOTSTRAP_POLL_INTERVAL=500ms",
+		"SOVRA_BOOTSTRAP_CONNECT_TIMEOUT=300ms",
+		"SOVRA_DAEMON_ENDPOINT=" + endpoint,
+		"SOVRA_DAEMON_CA=" + filepath.Join(dataDir, "node-ca.crt"),
+		"SOVRA_TPM=swtpm:" + tpm.Addr,
+		"SOVRA_EVENT_LOG=" + tpm.EventLog,
+		"SOVRA_NODE_UUID=" + newUUID(),
+		"SOVRA_STATE_DIR=" + filepath.Join(h.dir, "state"),
+	}
 }
 
 // waitAttested waits until n SovraNodes passed attestation and returns

@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sovra-dev/sovra/tests/capi/testinfra"
 	"github.com/sovra-dev/sovra/tests/sovradtest"
 )
 
@@ -24,7 +25,7 @@ func BenchmarkClusterAPI(b *testing.B) {
 		waitCRDs(b, d)
 		established := time.Since(d.StartedAt)
 
-		startInfra(b, d)
+		testinfra.Start(b, d)
 		time.Sleep(idleSettle)
 		rss, err := sovradtest.RSS(d.PID())
 		if err != nil {
@@ -33,7 +34,7 @@ func BenchmarkClusterAPI(b *testing.B) {
 
 		const ns, name = "bench", "bench"
 		applied := time.Now()
-		mustApply(b, d, clusterYAML(ns, name, 3, 0))
+		mustApply(b, d, testinfra.ClusterYAML(ns, name, 3, 0))
 		waitFor(b, reconcileTimeout, "3 control-plane Machines with bootstrap data", func() (bool, string) {
 			cp, _ := bootstrapped(machines(b, d, ns, name))
 			return cp == 3, fmt.Sprintf("%d bootstrapped", cp)

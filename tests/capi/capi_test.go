@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sovra-dev/sovra/tests/capi/testinfra"
 	"github.com/sovra-dev/sovra/tests/sovradtest"
 )
 
@@ -18,10 +19,10 @@ import (
 func TestClusterLifecycleOnSQLite(t *testing.T) {
 	d := startDaemon(t, filepath.Join(t.TempDir(), "data"))
 	waitCRDs(t, d)
-	startInfra(t, d)
+	testinfra.Start(t, d)
 
 	const ns, name = "clusters", "demo"
-	mustApply(t, d, clusterYAML(ns, name, 3, 2))
+	mustApply(t, d, testinfra.ClusterYAML(ns, name, 3, 2))
 
 	// Defaulted by the webhooks, not written by the user.
 	if got := jsonpath(d, "-n", ns, "get", "cluster", name, "-o", "jsonpath={.spec.controlPlaneRef.namespace}"); got != ns {

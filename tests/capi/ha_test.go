@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sovra-dev/sovra/tests/capi/testinfra"
 	"github.com/sovra-dev/sovra/tests/pgtest"
 	"github.com/sovra-dev/sovra/tests/sovradtest"
 )
@@ -56,9 +57,9 @@ func TestLeaderElectionOnPostgres(t *testing.T) {
 	})
 
 	// The stand-in infrastructure talks to B, which outlives A.
-	startInfra(t, b)
+	testinfra.Start(t, b)
 	const ns, name = "ha", "ha"
-	mustApply(t, b, clusterYAML(ns, name, 1, 1))
+	mustApply(t, b, testinfra.ClusterYAML(ns, name, 1, 1))
 	waitFor(t, reconcileTimeout, "the control-plane and worker Machines to be bootstrapped", func() (bool, string) {
 		cp, workers := bootstrapped(machines(t, b, ns, name))
 		return cp == 1 && workers == 1, fmt.Sprintf("%d control-plane, %d workers", cp, workers)

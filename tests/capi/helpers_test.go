@@ -1,7 +1,6 @@
 package capi_test
 
 import (
-	"context"
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
@@ -13,7 +12,6 @@ import (
 
 	"github.com/siderolabs/talos/pkg/machinery/config/configloader"
 
-	"github.com/sovra-dev/sovra/tests/capi/testinfra"
 	"github.com/sovra-dev/sovra/tests/sovradtest"
 )
 
@@ -61,21 +59,6 @@ func mustApply(t testing.TB, d *sovradtest.Daemon, manifest string) {
 	if out, err := apply(t, d, manifest); err != nil {
 		t.Fatalf("kubectl apply: %v\n%s", err, out)
 	}
-}
-
-// startInfra installs the stand-in infrastructure provider's CRDs through d
-// and runs its controller against d until the test ends.
-func startInfra(t testing.TB, d *sovradtest.Daemon) {
-	t.Helper()
-	mustApply(t, d, testinfra.CRDs)
-	d.WaitEstablished(
-		"sovratestclusters.infrastructure.cluster.x-k8s.io",
-		"sovratestmachines.infrastructure.cluster.x-k8s.io",
-		"sovratestmachinetemplates.infrastructure.cluster.x-k8s.io")
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { defer close(done); _ = testinfra.Run(ctx, d.Kubeconfig()) }()
-	t.Cleanup(func() { cancel(); <-done })
 }
 
 // waitFor polls cond until it holds, failing the test after timeout with the

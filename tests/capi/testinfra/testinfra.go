@@ -9,6 +9,10 @@ package testinfra
 import (
 	"context"
 	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
 	"time"
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -17,6 +21,8 @@ import (
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/tools/clientcmd"
+
+	"github.com/sovra-dev/sovra/tests/sovradtest"
 )
 
 const (
@@ -90,6 +96,25 @@ var (
 	Templates = schema.GroupVersionResource{Group: Group, Version: Version, Resource: "sovratestmachinetemplates"}
 )
 
+// Start installs the stand-in types' CRDs through d and runs the
+// controller against d until the test ends.
+func Start(t testing.TB, d *sovradtest.Daemon) {
+	t.Helper()
+	f := filepath.Join(t.TempDir(), "testinfra-crds.yaml")
+	if err := os.WriteFile(f, []byte(CRDs), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	d.Kubectl("apply", "-f", f)
+	d.WaitEstablished(
+		"sovratestclusters.infrastructure.cluster.x-k8s.io",
+		"sovratestmachines.infrastructure.cluster.x-k8s.io",
+		"sovratestmachinetemplates.infrastructure.cluster.x-k8s.io")
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); _ = Run(ctx, d.Kubeconfig()) }()
+	t.Cleanup(func() { cancel(); <-done })
+}
+
 // Run reconciles the stand-in types through kubeconfig until ctx ends: every
 // SovraTestCluster gets the control-plane endpoint and ready, every
 // SovraTestMachine a provider ID and ready.
@@ -137,4 +162,112 @@ func reconcile(ctx context.Context, c dynamic.Interface, gvr schema.GroupVersion
 			continue
 		}
 	}
+}
+
+// ClusterYAML is a cluster as a user writes it (see the Kommodity guide in
+// shared/context): no namespaces on references, no selectors, no defaults;
+// the Cluster names its control plane by the CAPI contract version
+// (v1beta1), which the contract labels resolve to CACPPT's v1alpha3. Its
+// machines run on this stand-in provider.
+func ClusterYAML(ns, name string, cpReplicas, workers int) string {
+	return strings.NewReplacer("NS", ns, "NAME", name, "CPREPLICAS", fmt.Sprint(cpReplicas), "WORKERS", fmt.Sprint(workers)).Replace(`apiVersion: v1
+kind: Namespace
+metadata:
+  name: NS
+---
+apiVersion: cluster.x-k8s.io/v1beta1
+kind: Cluster
+metadata:
+  name: NAME
+  namespace: NS
+spec:
+  clusterNetwork:
+    pods:
+      cidrBlocks: ["10.244.0.0/16"]
+    services:
+      cidrBlocks: ["10.96.0.0/12"]
+  controlPlaneRef:
+    apiVersion: controlplane.cluster.x-k8s.io/v1beta1
+    kind: TalosControlPlane
+    name: NAME-control-plane
+  infrastructureRef:
+    apiVersion: infrastructure.cluster.x-k8s.io/v1alpha1
+    kind: SovraTestCluster
+    name: NAME
+---
+apiVersion: infrastructure.cluster.x-k8s.io/v1alpha1
+kind: SovraTestCluster
+metadata:
+  name: NAME
+  namespace: NS
+spec: {}
+---
+apiVersion: infrastructure.cluster.x-k8s.io/v1alpha1
+kind: SovraTestMachineTemplate
+metadata:
+  name: NAME-control-plane
+  namespace: NS
+spec:
+  template:
+    spec: {}
+---
+apiVersion: controlplane.cluster.x-k8s.io/v1alpha3
+kind: TalosControlPlane
+metadata:
+  name: NAME-control-plane
+  namespace: NS
+spec:
+  version: v1.32.6
+  replicas: CPREPLICAS
+  infrastructureTemplate:
+    apiVersion: infrastructure.cluster.x-k8s.io/v1alpha1
+    kind: SovraTestMachineTemplate
+    name: NAME-control-plane
+  controlPlaneConfig:
+    controlplane:
+      generateType: controlplane
+      talosVersion: v1.10
+---
+apiVersion: infrastructure.cluster.x-k8s.io/v1alpha1
+kind: SovraTestMachineTemplate
+metadata:
+  name: NAME-workers
+  namespace: NS
+spec:
+  template:
+    spec: {}
+---
+apiVersion: bootstrap.cluster.x-k8s.io/v1alpha3
+kind: TalosConfigTemplate
+metadata:
+  name: NAME-workers
+  namespace: NS
+spec:
+  template:
+    spec:
+      generateType: worker
+      talosVersion: v1.10
+---
+apiVersion: cluster.x-k8s.io/v1beta1
+kind: MachineDeployment
+metadata:
+  name: NAME-workers
+  namespace: NS
+spec:
+  clusterName: NAME
+  replicas: WORKERS
+  template:
+    spec:
+      clusterName: NAME
+      version: v1.32.6
+      bootstrap:
+        configRef:
+          apiVersion: bootstrap.cluster.x-k8s.io/v1alpha3
+          kind: TalosConfigTemplate
+          name: NAME-workers
+      infrastructureRef:
+        apiVersion: infrastructure.cluster.x-k8s.io/v1alpha1
+        kind: SovraTestMachineTemplate
+        name: NAME-workers
+`)
 }
