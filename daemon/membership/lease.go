@@ -393,3 +393,33 @@ func (s *Service) Enrolled(ctx context.Context, cluster string) (int, error) {
 	}
 	return len(list.Items), nil
 }
+
+// Forget deletes a cluster's bootstrap lease if holder still holds it (a
+// precondition on the version read, so a lease that changed in between is
+// kept), for when the cluster itself is deleted: a cluster created again
+// under the same name starts with no lease. It reports whether it deleted.
+func (s *Service) Forget(ctx context.Context, cluster, holder string) (bool, error) {
+	var l coordinationv1.Lease
+	err := s.client.Get(ctx, client.ObjectKey{Namespace: s.cfg.Namespace, Name: LeaseName(cluster)}, &l)
+	switch {
+	case apierrors.IsNotFound(err):
+		return false, nil
+	case err != nil:
+		return false, fmt.Errorf("reading the bootstrap lease of cluster %s: %w", cluster, err)
+	}
+	st := fromLease(&l)
+	if st.Holder != holder {
+		return false, nil
+	}
+	rv, uid := l.ResourceVersion, l.UID
+	err = s.client.Delete(ctx, &l, client.Preconditions{ResourceVersion: &rv, UID: &uid})
+	switch {
+	case apierrors.IsNotFound(err), apierrors.IsConflict(err):
+		return false, nil
+	case err != nil:
+		return false, fmt.Errorf("deleting the bootstrap lease of cluster %s: %w", cluster, err)
+	}
+	s.logger.Info("bootstrap lease deleted with its cluster", zap.String("cluster", cluster),
+		zap.String("holder", st.Holder), zap.String("holder_address", st.HolderAddress), zap.String("phase", string(st.Phase)))
+	return true, nil
+}

@@ -256,4 +256,21 @@ func TestProviderAndAgentsShareOneLease(t *testing.T) {
 	if n, err := h.svc.Enrolled(ctx, "prod"); err != nil || n != 3 {
 		t.Fatalf("Enrolled = %d %v, want 3", n, err)
 	}
+
+	// The cluster is deleted: its lease goes, for the holder only.
+	if ok, err := h.svc.Forget(ctx, "prod", "ek-00"); err != nil || ok {
+		t.Fatalf("Forget by a non-holder = %v %v, want kept", ok, err)
+	}
+	if ok, err := h.svc.Forget(ctx, "prod", provider); err != nil || !ok {
+		t.Fatalf("Forget by the holder = %v %v, want deleted", ok, err)
+	}
+	if _, found, err := h.svc.Holder(ctx, "prod"); err != nil || found {
+		t.Fatalf("lease after Forget: found=%v %v", found, err)
+	}
+	if ok, err := h.svc.Forget(ctx, "prod", provider); err != nil || ok {
+		t.Fatalf("Forget of no lease = %v %v", ok, err)
+	}
+	if d, err := h.svc.BootstrapLease(ctx, id("ek-00"), PhaseHeld, addr(0)); err != nil || !d.Granted {
+		t.Fatalf("agent of the cluster created again = %+v %v, want granted", d, err)
+	}
 }

@@ -268,4 +268,12 @@ func TestCAPIFenceProviderWins(t *testing.T) {
 		}
 	}
 	s.logState()
+
+	// Deleting the cluster deletes its lease: a cluster created again under
+	// the same name is not fenced off by the old one.
+	s.d.Kubectl("-n", capiNamespace, "delete", "cluster", storyCluster, "--wait=false")
+	s.waitFor("the lease to go with the cluster", func() (string, bool) {
+		out, err := s.d.TryKubectl("-n", "sovra-system", "get", "lease", "bootstrap-"+storyCluster)
+		return out, err != nil && strings.Contains(err.Error(), "NotFound")
+	})
 }

@@ -26,6 +26,11 @@ const (
 	// DefaultGrace is how long a cluster with labelled SovraNodes waits for
 	// an agent to win its bootstrap lease once CACPPT could bootstrap it.
 	DefaultGrace = 5 * time.Minute
+	// AnnotationWaitForAgents on a TalosControlPlane ("true") makes the
+	// fence wait the grace period for agents even while no SovraNode is
+	// labelled with the cluster yet (nodes enroll only once they booted,
+	// often after their machines got addresses).
+	AnnotationWaitForAgents = "sovra.dev/wait-for-agents"
 	// DefaultPoll is how often an unbootstrapped control plane is looked at
 	// again (the fence does not watch Leases: agents move them).
 	DefaultPoll = 5 * time.Second
@@ -35,6 +40,7 @@ const (
 	ReasonProviderLease        = "BootstrapLeaseCommitted"
 	ReasonProviderBootstrapped = "BootstrapLeaseFinal"
 	ReasonLeaseUnavailable     = "BootstrapLeaseUnavailable"
+	ReasonLeaseDeleted         = "BootstrapLeaseDeleted"
 )
 
 // Controller keeps fenced control planes moving: it marks a control plane
@@ -95,8 +101,10 @@ type view struct {
 	// control-plane Machine exists and has an address.
 	Target string
 	Ready  bool
-	// Enrolled counts the SovraNodes labelled with the cluster.
-	Enrolled int
+	// Enrolled counts the SovraNodes labelled with the cluster;
+	// WaitForAgents is the control plane's AnnotationWaitForAgents.
+	Enrolled      int
+	WaitForAgents bool
 	// ReadySince is when Ready was first seen.
 	Now, ReadySince time.Time
 	Grace           time.Duration
@@ -135,13 +143,13 @@ func decide(v view, poll time.Duration) (action, time.Duration, string) {
 		return actWait, min(poll, l.Expires().Sub(v.Now)), describe(l.Holder, l.HolderAddress) + " holds the lease"
 	case !v.Ready:
 		return actWait, poll, "waiting for every control-plane Machine to have an address"
-	case v.Enrolled == 0:
+	case v.Enrolled == 0 && !v.WaitForAgents:
 		return actCommit, 0, "no SovraNode is labelled with the cluster: the provider bootstraps " + v.Target
 	case !v.Now.Before(v.ReadySince.Add(v.Grace)):
 		return actCommit, 0, fmt.Sprintf("no agent won the lease within %s of the control plane being ready: the provider bootstraps %s", v.Grace, v.Target)
 	}
 	return actWait, min(poll, v.ReadySince.Add(v.Grace).Sub(v.Now)),
-		fmt.Sprintf("%d labelled node(s): waiting up to %s for their agents to win the lease", v.Enrolled, v.Grace)
+		fmt.Sprintf("%d labelled node(s), %s=%t: waiting up to %s for agents to win the lease", v.Enrolled, AnnotationWaitForAgents, v.WaitForAgents, v.Grace)
 }
 
 // Reconcile implements reconcile.Reconciler.
@@ -155,7 +163,7 @@ func (c *Controller) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 	}
 	if !tcp.DeletionTimestamp.IsZero() {
 		c.forget(tcp.UID)
-		return ctrl.Result{}, nil
+		return ctrl.Result{}, c.release(ctx, &tcp)
 	}
 	v, err := c.view(ctx, &tcp)
 	if err != nil {
@@ -192,9 +200,10 @@ func (c *Controller) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 func (c *Controller) view(ctx context.Context, tcp *controlplanev1.TalosControlPlane) (view, error) {
 	v := view{
 		Cluster: ClusterName(tcp), Holder: Holder(tcp), Bootstrapped: tcp.Status.Bootstrapped,
-		Marked:     conditions.IsTrue(tcp, controlplanev1.MachinesBootstrapped),
-		InitConfig: !reflect.ValueOf(tcp.Spec.ControlPlaneConfig.InitConfig).IsZero(),
-		Now:        c.now(), Grace: c.Grace,
+		Marked:        conditions.IsTrue(tcp, controlplanev1.MachinesBootstrapped),
+		InitConfig:    !reflect.ValueOf(tcp.Spec.ControlPlaneConfig.InitConfig).IsZero(),
+		WaitForAgents: tcp.Annotations[AnnotationWaitForAgents] == "true",
+		Now:           c.now(), Grace: c.Grace,
 	}
 	if v.Grace <= 0 {
 		v.Grace = DefaultGrace
@@ -274,6 +283,28 @@ func (c *Controller) commit(ctx context.Context, log *zap.Logger, tcp *controlpl
 	log.Info("bootstrap fence: committed the bootstrap lease for the provider: "+why, zap.String("address", v.Target))
 	c.Events.Event(tcp, corev1.EventTypeNormal, ReasonProviderLease, why)
 	return ctrl.Result{RequeueAfter: c.poll()}, nil
+}
+
+// release deletes the committed bootstrap lease of a control plane that is
+// being deleted, so that a cluster created again under the same name can be
+// bootstrapped. A lease that is only held is left to expire.
+func (c *Controller) release(ctx context.Context, tcp *controlplanev1.TalosControlPlane) error {
+	cluster := ClusterName(tcp)
+	if cluster == "" {
+		return nil
+	}
+	l, found, err := c.Leases.Holder(ctx, cluster)
+	if err != nil || !found || l.Phase == membership.PhaseHeld {
+		return err
+	}
+	deleted, err := c.Leases.Forget(ctx, cluster, l.Holder)
+	if err != nil || !deleted {
+		return err
+	}
+	c.Log.Info("bootstrap fence: deleted the bootstrap lease with its control plane",
+		zap.String("taloscontrolplane", tcp.Namespace+"/"+tcp.Name), zap.String("cluster", cluster), zap.String("holder", l.Holder))
+	c.Events.Event(tcp, corev1.EventTypeNormal, ReasonLeaseDeleted, "deleted the bootstrap lease of cluster "+cluster+", held by "+describe(l.Holder, l.HolderAddress))
+	return nil
 }
 
 // sayOnce logs a waiting reason when it changed.

@@ -20,8 +20,9 @@
 //     bootstrapped, it marks the TalosControlPlane bootstrapped, so CACPPT
 //     stops trying. When no agent holds the lease and CACPPT is ready, it
 //     commits the lease to CACPPT's target: at once when no SovraNode is
-//     labelled with the cluster, after a grace period otherwise, so that
-//     agents that are booting get their turn first.
+//     labelled with the cluster, after a grace period when some are or the
+//     control plane asks to wait for agents, so that agents that are booting
+//     get their turn first. It deletes the lease with the control plane.
 //
 // The lease's cluster is the Cluster API Cluster's name, the value agents'
 // SovraNodes carry in the label sovra.dev/cluster; names must therefore be

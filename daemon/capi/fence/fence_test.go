@@ -119,6 +119,8 @@ func TestDecide(t *testing.T) {
 		{"no agents: the provider at once", func(v *view) {}, actCommit, 0},
 		{"agents within grace: wait for the grace", func(v *view) { v.Enrolled = 3; v.ReadySince = now.Add(-20 * time.Second) }, actWait, poll},
 		{"agents near the end of grace", func(v *view) { v.Enrolled = 3; v.ReadySince = now.Add(-58 * time.Second) }, actWait, 2 * time.Second},
+		{"asked to wait for agents", func(v *view) { v.WaitForAgents = true; v.ReadySince = now.Add(-20 * time.Second) }, actWait, poll},
+		{"asked to wait, past grace", func(v *view) { v.WaitForAgents = true; v.ReadySince = now.Add(-time.Minute) }, actCommit, 0},
 		{"agents past grace: the provider", func(v *view) { v.Enrolled = 3; v.ReadySince = now.Add(-time.Minute) }, actCommit, 0},
 		{"not ready", func(v *view) { v.Ready = false }, actWait, poll},
 		{"agent holds", func(v *view) { v.LeaseFound, v.Lease = true, held("ek-1", now.Add(-58*time.Second)) }, actWait, 2 * time.Second},

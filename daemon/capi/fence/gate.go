@@ -24,6 +24,7 @@ type Leases interface {
 	CommitFor(ctx context.Context, cluster, holder, address string) (membership.Decision, error)
 	FinishFor(ctx context.Context, cluster, holder, address string) (membership.Decision, error)
 	Enrolled(ctx context.Context, cluster string) (int, error)
+	Forget(ctx context.Context, cluster, holder string) (bool, error)
 }
 
 // Gate hands CACPPT a cluster's talosconfig only when the reconcile asking
