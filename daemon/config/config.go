@@ -6,6 +6,7 @@ package config
 import (
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"net/url"
 	"os"
@@ -33,6 +34,7 @@ const (
 	defaultNodeListen      = ":7443"
 	defaultNodeCertTTL     = time.Hour
 	defaultNonceTTL        = time.Minute
+	defaultNodeRatePerIP   = 10
 	defaultAttestDeadline  = 10 * time.Minute
 
 	// maxUnixSocketPath is the longest path a unix socket can have on Linux
@@ -120,6 +122,9 @@ type NodeAPI struct {
 	// NodeCertTTL is the lifetime of the node credential a passing
 	// attestation earns; NonceTTL how long an attestation nonce is accepted.
 	NodeCertTTL, NonceTTL time.Duration
+	// RatePerIP bounds enrollment, nonce and attestation calls per peer
+	// address, in calls a second; zero turns the limit off.
+	RatePerIP float64
 }
 
 // KMS configures the Talos KMS: sidero.kms.KMSService over TLS.
@@ -148,7 +153,7 @@ func New() *Config {
 		DataDir:         defaultDataDir,
 		Listen:          defaultListen,
 		OIDC:            OIDC{UsernameClaim: defaultUsernameClaim},
-		NodeAPI:         NodeAPI{Listen: defaultNodeListen, NodeCertTTL: defaultNodeCertTTL, NonceTTL: defaultNonceTTL},
+		NodeAPI:         NodeAPI{Listen: defaultNodeListen, NodeCertTTL: defaultNodeCertTTL, NonceTTL: defaultNonceTTL, RatePerIP: defaultNodeRatePerIP},
 		KMS:             KMS{AttestDeadline: defaultAttestDeadline},
 		LogLevel:        "info",
 		ShutdownTimeout: defaultShutdownTimeout,
@@ -177,6 +182,7 @@ func (c *Config) FlagSet() *pflag.FlagSet {
 	fs.BoolVar(&c.NodeAPI.EKTrustOnFirstUse, "ek-trust-on-first-use", c.NodeAPI.EKTrustOnFirstUse, "labs only: let any TPM enroll without checking its EK")
 	fs.DurationVar(&c.NodeAPI.NodeCertTTL, "node-cert-ttl", c.NodeAPI.NodeCertTTL, "lifetime of the node credential a passing attestation earns")
 	fs.DurationVar(&c.NodeAPI.NonceTTL, "nonce-ttl", c.NodeAPI.NonceTTL, "how long an attestation nonce is accepted")
+	fs.Float64Var(&c.NodeAPI.RatePerIP, "node-rate-per-ip", c.NodeAPI.RatePerIP, "enrollment, nonce and attestation calls a second each peer address may make (burst: 5 s of it, at least 10); raise it for nodes behind one NAT; 0 turns the limit off")
 	fs.StringVar(&c.KMS.MasterKeyFile, "master-key-file", c.KMS.MasterKeyFile, "master keyring of the Talos KMS (mode 0600, outside the datastore, the same on every replica; created when missing); empty turns the KMS off")
 	fs.StringVar(&c.KMS.Listen, "kms-listen", c.KMS.Listen, "TLS address of the Talos KMS (sidero.kms.KMSService) and the volume key service; empty serves them on the node API (--node-listen)")
 	fs.BoolVar(&c.KMS.LabMode, "kms-lab-mode", c.KMS.LabMode, "labs only: let any node Seal; its record is created on first Seal and must enroll within --attest-deadline")
@@ -301,6 +307,9 @@ func (c *Config) validateNodeAPI() []error {
 	}
 	if n.NonceTTL < time.Second || n.NonceTTL > 10*time.Minute {
 		errs = append(errs, fmt.Errorf("--nonce-ttl %s: must be between 1s and 10m", n.NonceTTL))
+	}
+	if n.RatePerIP < 0 || math.IsNaN(n.RatePerIP) || math.IsInf(n.RatePerIP, 0) {
+		errs = append(errs, fmt.Errorf("--node-rate-per-ip %v: must be 0 (no limit) or a positive number of calls a second", n.RatePerIP))
 	}
 	return errs
 }

@@ -37,11 +37,13 @@ func TestValidateReportsEverything(t *testing.T) {
 	c.Datastore = "postgres://user:topsecretpw@/db"
 	c.OIDC.ClientID = "x"
 	c.ShutdownTimeout = 0
+	c.NodeAPI.RatePerIP = -1
+	c.BootstrapGrace = 0
 	err := c.Validate()
 	if err == nil {
 		t.Fatal("no error")
 	}
-	for _, want := range []string{"--listen", "no host", "need --oidc-issuer-url", "--shutdown-timeout"} {
+	for _, want := range []string{"--listen", "no host", "need --oidc-issuer-url", "--shutdown-timeout", "--node-rate-per-ip", "--bootstrap-grace"} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("missing %q in %v", want, err)
 		}

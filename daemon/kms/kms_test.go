@@ -343,23 +343,6 @@ func TestCallSource(t *testing.T) {
 	}
 }
 
-func TestLimiter(t *testing.T) {
-	l := newLimiter(Config{NodeRate: 1, NodeBurst: 3, GlobalRate: 1, GlobalBurst: 5}.withDefaults())
-	now := time.Now()
-	n := 0
-	for range 10 {
-		if l.allow("a", now) {
-			n++
-		}
-	}
-	if n != 3 {
-		t.Fatalf("node burst: %d allowed", n)
-	}
-	if !l.allow("b", now) || !l.allow("c", now) || l.allow("d", now) {
-		t.Fatal("the global bucket did not bound the sum of nodes")
-	}
-}
-
 func TestConfigValidate(t *testing.T) {
 	err := Config{AttestDeadline: -1, NodeRate: -1}.Validate()
 	if err == nil || !strings.Contains(err.Error(), "deadline") || !strings.Contains(err.Error(), "rate") {

@@ -29,6 +29,7 @@ import (
 
 	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
 	"github.com/sovra-dev/sovra/daemon/custody"
+	"github.com/sovra-dev/sovra/daemon/ratelimit"
 )
 
 // Limits and pacing.
@@ -94,7 +95,7 @@ type Service struct {
 	loopback *rest.Config
 	clock    Clock
 	logger   *zap.Logger
-	limits   *limiter
+	limits   *ratelimit.Keyed
 	audit    *auditor
 	// pace bounds the rate of writes off the request path.
 	pace *pacer
@@ -159,7 +160,7 @@ func newService(cfg Config, keyring *custody.Keyring, clock Clock, logger *zap.L
 	pace := newPacer()
 	return &Service{
 		cfg: cfg, policy: cfg.policyVersion(), keyring: keyring, clock: clock, logger: logger,
-		limits:   newLimiter(cfg),
+		limits:   ratelimit.New(cfg.NodeRate, cfg.NodeBurst, cfg.GlobalRate, cfg.GlobalBurst),
 		audit:    newAuditor(pace, logger),
 		pace:     pace,
 		releases: map[string]time.Time{},
@@ -356,7 +357,7 @@ func (s *Service) begin(ctx context.Context, op string, req *kmsapi.Request) (*c
 	if len(req.GetData()) > custody.MaxBlob {
 		return nil, nil, s.deny(c, reasonInvalid, fmt.Sprintf("data of %d bytes", len(req.GetData())))
 	}
-	if !s.limits.allow(c.uuid, s.clock.Now()) {
+	if !s.limits.Allow(c.uuid, s.clock.Now()) {
 		s.record(c, false, reasonRateLimited, "over the per-node or global rate")
 		return nil, nil, errRateLimited
 	}

@@ -69,7 +69,7 @@ func (v *volumeKeys) GetVolumeKey(ctx context.Context, req *volumeapi.GetVolumeK
 	switch {
 	case !volumeIDPattern.MatchString(req.GetVolumeId()):
 		return nil, s.deny(c, reasonInvalid, fmt.Sprintf("volume ID of %d bytes", len(req.GetVolumeId())))
-	case !s.limits.allow("node/"+rec.Name, s.clock.Now()):
+	case !s.limits.Allow("node/"+rec.Name, s.clock.Now()):
 		s.record(c, false, reasonRateLimited, "over the per-node or global rate")
 		return nil, errRateLimited
 	case quarantined(rec):

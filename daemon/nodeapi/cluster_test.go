@@ -79,6 +79,13 @@ func clusterNode(name, cluster, addr, result string) *v1alpha1.SovraNode {
 // client holding nodes, and returns its address and the node CA.
 func startClusterAPI(t *testing.T, nodes ...*v1alpha1.SovraNode) (string, testCA) {
 	t.Helper()
+	return startNodeAPI(t, 0, nodes...)
+}
+
+// startNodeAPI serves the node API with peerRate (Config.PeerRate) over a
+// fake API holding nodes.
+func startNodeAPI(t *testing.T, peerRate float64, nodes ...*v1alpha1.SovraNode) (string, testCA) {
+	t.Helper()
 	ca := newTestCA(t, "node CA")
 	s, err := membership.Scheme()
 	if err != nil {
@@ -95,6 +102,7 @@ func startClusterAPI(t *testing.T, nodes ...*v1alpha1.SovraNode) (string, testCA
 		TLS:         &tls.Config{Certificates: []tls.Certificate{serving}},
 		Attestation: attestation.Config{EK: attest.EKPolicy{TrustOnFirstUse: true}, NodeCA: ca.cert, NodeCAKey: ca.key},
 		Cluster:     membership.New(membership.Config{}, kube, store, nil, zap.NewNop()),
+		PeerRate:    peerRate,
 	}, store, nil, zap.NewNop())
 	if err != nil {
 		t.Fatal(err)
@@ -112,6 +120,11 @@ func startClusterAPI(t *testing.T, nodes ...*v1alpha1.SovraNode) (string, testCA
 
 func dialCluster(t *testing.T, addr string, serverCA testCA, cert *tls.Certificate) pb.ClusterServiceClient {
 	t.Helper()
+	return pb.NewClusterServiceClient(dialNodeAPI(t, addr, serverCA, cert))
+}
+
+func dialNodeAPI(t *testing.T, addr string, serverCA testCA, cert *tls.Certificate) *grpc.ClientConn {
+	t.Helper()
 	roots := x509.NewCertPool()
 	roots.AddCert(serverCA.cert)
 	cfg := &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS13}
@@ -123,7 +136,46 @@ func dialCluster(t *testing.T, addr string, serverCA testCA, cert *tls.Certifica
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
-	return pb.NewClusterServiceClient(conn)
+	return conn
+}
+
+// TestPeerRateLimitsCallsWithoutCredential: past its burst, an address's
+// enrollment, nonce and attestation calls are refused with
+// ResourceExhausted (agents retry it with backoff); the ClusterService,
+// which needs the node credential, is not limited by it.
+func TestPeerRateLimitsCallsWithoutCredential(t *testing.T) {
+	addr, ca := startNodeAPI(t, 1, clusterNode("ek-a", "prod", "10.0.0.1", v1alpha1.ResultPassed))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	nodes := pb.NewNodeServiceClient(dialNodeAPI(t, addr, ca, nil))
+	var refused int
+	for range minPeerBurst + 5 {
+		_, err := nodes.GetNonce(ctx, &pb.NonceRequest{Node: "ek-unknown"})
+		if status.Code(err) == codes.ResourceExhausted {
+			refused++
+			if !strings.Contains(err.Error(), "127.0.0.1") {
+				t.Fatalf("refusal does not name the address: %v", err)
+			}
+		}
+	}
+	if refused < 4 || refused > 5 {
+		t.Fatalf("%d of %d calls refused, want the 5 past the burst of %d (one may refill)", refused, minPeerBurst+5, minPeerBurst)
+	}
+	stream, err := nodes.Enroll(ctx)
+	if err == nil {
+		_, err = stream.Recv()
+	}
+	if status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("Enroll over the limit = %v, want ResourceExhausted", err)
+	}
+
+	cred := ca.issue(t, "ek-a", []string{attestation.NodeOrganization}, false, time.Now().Add(time.Hour))
+	cluster := dialCluster(t, addr, ca, &cred)
+	for range minPeerBurst + 5 {
+		if _, err := cluster.ListMembers(ctx, &pb.ListMembersRequest{}); err != nil {
+			t.Fatalf("ListMembers from the same address: %v", err)
+		}
+	}
 }
 
 func TestClusterServiceAuthentication(t *testing.T) {

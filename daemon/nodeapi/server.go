@@ -57,6 +57,10 @@ type Config struct {
 	// it on the same API when nil; NewServerWithStore serves no
 	// ClusterService when nil.
 	Cluster *membership.Service
+	// PeerRate bounds the NodeService calls (enrollment, nonces,
+	// attestation) per peer address, in calls a second; zero or less turns
+	// the limit off.
+	PeerRate float64
 }
 
 // Validate reports every problem of c at once.
@@ -124,8 +128,11 @@ func NewServerWithStore(cfg Config, store attestation.Store, clock attestation.C
 		// attestation have none); the ClusterService verifies it.
 		tlsCfg.ClientAuth = tls.RequestClientCert
 	}
+	limit := newPeerLimit(cfg.PeerRate, logger)
 	g := grpc.NewServer(
 		grpc.Creds(credentials.NewTLS(tlsCfg)),
+		grpc.ChainUnaryInterceptor(limit.unary),
+		grpc.ChainStreamInterceptor(limit.stream),
 		grpc.MaxRecvMsgSize(MaxMessageSize),
 		grpc.MaxConcurrentStreams(maxConcurrentStreams),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: keepaliveMinTime}),

@@ -42,7 +42,8 @@ func newNodeAPI(cfg config.NodeAPI, files *datadir.Files, loopback *rest.Config,
 	nodeCAs.AddCert(files.NodeCA.Cert)
 
 	return nodeapi.NewServer(nodeapi.Config{
-		Listen: cfg.Listen,
+		Listen:   cfg.Listen,
+		PeerRate: cfg.RatePerIP,
 		// A node credential, when a call presents one, must chain to the node
 		// CA; calls before the first attestation (enrollment) present none.
 		TLS: &tls.Config{
