@@ -180,6 +180,40 @@ func TestReEnrollmentResetsAttestation(t *testing.T) {
 	}
 }
 
+// TestPreRegisteredNode: an operator creates a node's record before it
+// enrolls (with only its EK hash, to label it with its cluster). Until the
+// node enrolls it cannot attest (NotFound, on which the agent enrolls);
+// enrollment pins the AK and keeps the operator's labels.
+func TestPreRegisteredNode(t *testing.T) {
+	e := newEnv(t, zaptest.NewLogger(t))
+	ctx := context.Background()
+	en, _, err := e.svc.BeginEnrollment(ctx, e.enrollRequest())
+	if err != nil {
+		t.Fatal(err)
+	}
+	pre := &v1alpha1.SovraNode{
+		ObjectMeta: metav1.ObjectMeta{Name: en.Node, Labels: map[string]string{"sovra.dev/cluster": "prod"}},
+		Spec:       v1alpha1.SovraNodeSpec{EKHash: en.ek.Hash},
+	}
+	if err := e.kube.Create(ctx, pre); err != nil {
+		t.Fatal(err)
+	}
+	e.nonce(t, en.Node)
+	if _, err := e.svc.Attest(ctx, e.attestRequest(en.Node)); !errors.Is(err, ErrNodeNotFound) || !strings.Contains(err.Error(), "enroll first") {
+		t.Fatalf("attesting a pre-registered node = %v, want ErrNodeNotFound (enroll first)", err)
+	}
+	n, err := e.svc.FinishEnrollment(ctx, en, en.secret)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n.Labels["sovra.dev/cluster"] != "prod" || len(n.Spec.AKPublic) == 0 {
+		t.Fatalf("after enrollment: labels %v, AK %d bytes; want the label kept and the AK pinned", n.Labels, len(n.Spec.AKPublic))
+	}
+	if _, err := e.svc.Attest(ctx, e.attestRequest(n.Name)); err != nil {
+		t.Fatalf("attesting after enrollment: %v", err)
+	}
+}
+
 func TestNonceSingleUseAcrossCallers(t *testing.T) {
 	e := newEnv(t, zaptest.NewLogger(t))
 	n := e.enroll(t)

@@ -59,6 +59,10 @@ func (s *Service) Attest(ctx context.Context, req AttestRequest) (*AttestResult,
 	if err != nil {
 		return nil, fmt.Errorf("attesting node %s: %w", req.Node, err)
 	}
+	if len(node.Spec.AKPublic) == 0 {
+		// Pre-registered by an operator: the agent enrolls on NotFound.
+		return nil, fmt.Errorf("attesting node %s: %w: the record was created before the node enrolled; enroll first", req.Node, ErrNodeNotFound)
+	}
 	if err := s.consumeNonce(ctx, req.Node, req.Nonce); err != nil {
 		s.deny(ctx, req.Node, v1alpha1.ReasonEvidenceRejected, err)
 		return nil, err

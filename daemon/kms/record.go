@@ -38,10 +38,6 @@ const (
 	placeholderEKHash = "0000000000000000000000000000000000000000000000000000000000000000"
 )
 
-// placeholderKey fills the required EK and AK of a lab record (the API
-// refuses empty bytes); it parses as no key.
-var placeholderKey = []byte{0}
-
 // Reasons of the Quarantined condition.
 const (
 	ReasonFailedAfterUnseal = "AttestationFailedAfterUnseal"

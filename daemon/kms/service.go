@@ -273,8 +273,7 @@ func (s *Service) createLabRecord(ctx context.Context, st Store, c *call, name s
 	rec := &v1alpha1.SovraNode{
 		ObjectMeta: metav1.ObjectMeta{Name: name, Labels: map[string]string{LabelLabPending: "true"}},
 		Spec: v1alpha1.SovraNodeSpec{
-			EKHash: placeholderEKHash, EKPublic: placeholderKey, AKPublic: placeholderKey,
-			UUID: c.uuid,
+			EKHash: placeholderEKHash, UUID: c.uuid,
 		},
 	}
 	if c.src.Addr.IsValid() {

@@ -82,7 +82,9 @@ func start(t *testing.T) *lab {
 }
 
 // node writes a SovraNode record with kubectl, labelled with cluster (none
-// when empty), with result as its last attestation result.
+// when empty), with result as its last attestation result. Like an operator
+// who pre-registers a node before it enrolls, it gives the EK hash only:
+// the CRD takes a record without the EK and AK public keys.
 func (l *lab) node(name, cluster, addr, result string) {
 	l.t.Helper()
 	labels := ""
@@ -95,8 +97,6 @@ metadata:
   name: %s%s
 spec:
   ekHash: %s
-  ekPublic: AQ==
-  akPublic: AQ==
   hostname: %s
   addresses: [%q]
 `, name, labels, strings.Repeat("ab", 32), name, addr)

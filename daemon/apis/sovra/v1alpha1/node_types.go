@@ -42,10 +42,14 @@ type SovraNodeSpec struct {
 	// EKCertificate is the DER of the EK certificate, when the TPM had one.
 	// +optional
 	EKCertificate []byte `json:"ekCertificate,omitempty"`
-	// EKPublic is the PKIX DER of the EK public key.
-	EKPublic []byte `json:"ekPublic"`
+	// EKPublic is the PKIX DER of the EK public key. Enrollment sets it.
+	// +optional
+	EKPublic []byte `json:"ekPublic,omitempty"`
 	// AKPublic is the TPMT_PUBLIC of the attestation key pinned to the EK.
-	AKPublic []byte `json:"akPublic"`
+	// Enrollment sets it; a record an operator created before the node
+	// enrolled (to label it with its cluster) has none and cannot attest.
+	// +optional
+	AKPublic []byte `json:"akPublic,omitempty"`
 	// UUID is the machine's SMBIOS UUID as claimed at enrollment.
 	// +optional
 	UUID string `json:"uuid,omitempty"`
