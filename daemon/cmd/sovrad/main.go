@@ -1,7 +1,8 @@
 // Command sovrad is sovra's control-plane daemon: it holds the keys, verifies
 // attestations and serves the Kubernetes API that kubectl, Helm and Cluster
 // API talk to. Run `sovrad --help` for its flags; each is also settable as a
-// SOVRA_* environment variable.
+// SOVRA_* environment variable. `sovrad keyring list|rotate FILE` lists or
+// rotates the KMS master keyring.
 package main
 
 import (
@@ -41,6 +42,9 @@ func run(args []string, stderr io.Writer) int {
 	if len(args) == 1 && (args[0] == "version" || args[0] == "--version") {
 		fmt.Println(version.Version)
 		return exitOK
+	}
+	if len(args) > 0 && args[0] == "keyring" {
+		return keyringCommand(args[1:], os.Stdout, stderr)
 	}
 	cfg := config.New()
 	if err := cfg.Parse(args, os.Getenv); err != nil {

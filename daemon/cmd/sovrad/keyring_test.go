@@ -1,0 +1,68 @@
+package main
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/sovra-dev/sovra/daemon/custody"
+)
+
+func TestKeyringCommand(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "master.keys")
+	if err := custody.CreateKeyring(path); err != nil {
+		t.Fatal(err)
+	}
+	before, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	var out, errOut bytes.Buffer
+	if code := keyringCommand([]string{"rotate", path}, &out, &errOut); code != exitOK {
+		t.Fatalf("rotate exit %d: %s", code, errOut.String())
+	}
+	if !strings.Contains(out.String(), "added master key version 2") || !strings.Contains(out.String(), "versions [1 2]; version 2 seals") {
+		t.Fatalf("rotate printed %q", out.String())
+	}
+	after, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.HasPrefix(after, before) {
+		t.Fatal("rotation changed version 1")
+	}
+	for _, line := range strings.Split(string(after), "\n") {
+		if f := strings.Fields(line); len(f) == 2 && strings.Contains(out.String(), f[1]) {
+			t.Fatal("the command printed a key")
+		}
+	}
+	st, err := os.Stat(path)
+	if err != nil || st.Mode().Perm() != 0o600 {
+		t.Fatalf("keyring mode after rotation: %v %v", st.Mode(), err)
+	}
+
+	out.Reset()
+	if code := keyringCommand([]string{"list", path}, &out, &errOut); code != exitOK || !strings.Contains(out.String(), "version 2 seals") {
+		t.Fatalf("list exit %d: %q", code, out.String())
+	}
+
+	for _, args := range [][]string{nil, {"rotate"}, {"shred", path}, {"list", "--help"}} {
+		errOut.Reset()
+		if code := keyringCommand(args, &out, &errOut); code != exitUsage || !strings.Contains(errOut.String(), "usage: sovrad keyring") {
+			t.Errorf("%q: exit %d, %q; want usage", args, code, errOut.String())
+		}
+	}
+	if err := os.Chmod(path, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	errOut.Reset()
+	if code := keyringCommand([]string{"rotate", path}, &out, &errOut); code != exitFailed || errOut.Len() == 0 {
+		t.Fatalf("rotating a world-readable keyring: exit %d %q, want a refusal", code, errOut.String())
+	}
+	if got, _ := os.ReadFile(path); !bytes.Equal(got, after) {
+		t.Fatal("a refused rotation changed the file")
+	}
+}
