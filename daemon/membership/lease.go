@@ -148,16 +148,7 @@ func (s *Service) BootstrapLease(ctx context.Context, id Identity, want Phase, a
 		return Decision{}, err
 	}
 	d.Cluster = cluster
-	fields := []zap.Field{
-		zap.String("node", caller.Name), zap.String("cluster", cluster), zap.String("asked", string(want)),
-		zap.String("holder", d.Lease.Holder), zap.String("holder_address", d.Lease.HolderAddress),
-		zap.String("phase", string(d.Lease.Phase)), zap.String("reason", d.Reason),
-	}
-	if d.Granted {
-		s.logger.Info("bootstrap lease granted: "+d.Message, fields...)
-	} else {
-		s.logger.Info("bootstrap lease denied: "+d.Message, fields...)
-	}
+	s.logDecision(zap.String("node", caller.Name), want, d)
 	s.event(ctx, caller, !d.Granted, d.Reason, d.Message)
 	return d, nil
 }
@@ -166,32 +157,29 @@ func (s *Service) BootstrapLease(ctx context.Context, id Identity, want Phase, a
 // create-if-absent or a resourceVersion-checked update, starting over when
 // another writer won in between.
 func (s *Service) compareAndSwap(ctx context.Context, cluster, node, address string, want Phase) (Decision, error) {
-	key := client.ObjectKey{Namespace: s.cfg.Namespace, Name: LeaseName(cluster)}
 	for range maxCASAttempts {
-		var l coordinationv1.Lease
-		err := s.client.Get(ctx, key, &l)
+		l, err := s.readLease(ctx, cluster)
+		if err != nil {
+			return Decision{}, err
+		}
 		var cur *LeaseState
-		switch {
-		case apierrors.IsNotFound(err):
-		case err != nil:
-			return Decision{}, fmt.Errorf("reading the bootstrap lease of cluster %s: %w", cluster, err)
-		default:
-			st := fromLease(&l)
+		if l != nil {
+			st := fromLease(l)
 			cur = &st
 		}
 		next, d := decide(cur, node, address, want, s.clock.Now(), s.cfg.LeaseDuration)
 		if next == nil {
 			return d, nil
 		}
-		if cur == nil {
-			l = coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{
-				Name: key.Name, Namespace: key.Namespace, Labels: map[string]string{LabelCluster: cluster},
+		if l == nil {
+			l = &coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{
+				Name: LeaseName(cluster), Namespace: s.cfg.Namespace, Labels: map[string]string{LabelCluster: cluster},
 			}}
-			toLease(*next, &l)
-			err = s.client.Create(ctx, &l)
+			toLease(*next, l)
+			err = s.client.Create(ctx, l)
 		} else {
-			toLease(*next, &l)
-			err = s.client.Update(ctx, &l)
+			toLease(*next, l)
+			err = s.client.Update(ctx, l)
 		}
 		switch {
 		case err == nil:
@@ -325,15 +313,38 @@ func (s *Service) ensureNamespace(ctx context.Context) error {
 // control-plane provider's fence: it may bootstrap only the holder, and only
 // once the lease is committed. ok is false when there is no lease.
 func (s *Service) Holder(ctx context.Context, cluster string) (LeaseState, bool, error) {
+	l, err := s.readLease(ctx, cluster)
+	if err != nil || l == nil {
+		return LeaseState{}, false, err
+	}
+	return fromLease(l), true, nil
+}
+
+// readLease reads a cluster's bootstrap Lease; nil when there is none.
+func (s *Service) readLease(ctx context.Context, cluster string) (*coordinationv1.Lease, error) {
 	var l coordinationv1.Lease
 	err := s.client.Get(ctx, client.ObjectKey{Namespace: s.cfg.Namespace, Name: LeaseName(cluster)}, &l)
 	switch {
 	case apierrors.IsNotFound(err):
-		return LeaseState{}, false, nil
+		return nil, nil
 	case err != nil:
-		return LeaseState{}, false, fmt.Errorf("reading the bootstrap lease of cluster %s: %w", cluster, err)
+		return nil, fmt.Errorf("reading the bootstrap lease of cluster %s: %w", cluster, err)
 	}
-	return fromLease(&l), true, nil
+	return &l, nil
+}
+
+// logDecision logs a lease decision for caller (a zap field naming it).
+func (s *Service) logDecision(caller zap.Field, want Phase, d Decision) {
+	fields := []zap.Field{
+		caller, zap.String("cluster", d.Cluster), zap.String("asked", string(want)),
+		zap.String("holder", d.Lease.Holder), zap.String("holder_address", d.Lease.HolderAddress),
+		zap.String("phase", string(d.Lease.Phase)), zap.String("reason", d.Reason),
+	}
+	if d.Granted {
+		s.logger.Info("bootstrap lease granted: "+d.Message, fields...)
+	} else {
+		s.logger.Info("bootstrap lease denied: "+d.Message, fields...)
+	}
 }
 
 // CommitFor takes a cluster's bootstrap lease for a holder that is not a
@@ -370,16 +381,10 @@ func (s *Service) moveFor(ctx context.Context, cluster, holder, address string, 
 			return Decision{}, err
 		}
 		d.Cluster = cluster
-		fields := []zap.Field{
-			zap.String("holder", holder), zap.String("cluster", cluster), zap.String("asked", string(want)),
-			zap.String("lease_holder", d.Lease.Holder), zap.String("holder_address", d.Lease.HolderAddress),
-			zap.String("phase", string(d.Lease.Phase)), zap.String("reason", d.Reason),
-		}
+		s.logDecision(zap.String("caller", holder), want, d)
 		if !d.Granted {
-			s.logger.Info("bootstrap lease denied: "+d.Message, fields...)
 			return d, nil
 		}
-		s.logger.Info("bootstrap lease granted: "+d.Message, fields...)
 	}
 	return d, nil
 }
@@ -399,20 +404,16 @@ func (s *Service) Enrolled(ctx context.Context, cluster string) (int, error) {
 // kept), for when the cluster itself is deleted: a cluster created again
 // under the same name starts with no lease. It reports whether it deleted.
 func (s *Service) Forget(ctx context.Context, cluster, holder string) (bool, error) {
-	var l coordinationv1.Lease
-	err := s.client.Get(ctx, client.ObjectKey{Namespace: s.cfg.Namespace, Name: LeaseName(cluster)}, &l)
-	switch {
-	case apierrors.IsNotFound(err):
-		return false, nil
-	case err != nil:
-		return false, fmt.Errorf("reading the bootstrap lease of cluster %s: %w", cluster, err)
+	l, err := s.readLease(ctx, cluster)
+	if err != nil || l == nil {
+		return false, err
 	}
-	st := fromLease(&l)
+	st := fromLease(l)
 	if st.Holder != holder {
 		return false, nil
 	}
 	rv, uid := l.ResourceVersion, l.UID
-	err = s.client.Delete(ctx, &l, client.Preconditions{ResourceVersion: &rv, UID: &uid})
+	err = s.client.Delete(ctx, l, client.Preconditions{ResourceVersion: &rv, UID: &uid})
 	switch {
 	case apierrors.IsNotFound(err), apierrors.IsConflict(err):
 		return false, nil
