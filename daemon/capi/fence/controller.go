@@ -58,12 +58,12 @@ type Controller struct {
 	// Now tells the time; nil is time.Now.
 	Now func() time.Time
 
-	mu sync.Mutex // guards readySince and said
+	mu sync.Mutex // guards readySince
 	// readySince is when each control plane was first seen ready for
 	// CACPPT to bootstrap; a failover starts the grace period again.
 	readySince map[types.UID]time.Time
 	// said is the last waiting reason logged per control plane.
-	said map[types.UID]string
+	said lastSaid[types.UID]
 }
 
 // SetupWithManager watches TalosControlPlanes and their Machines.
@@ -176,7 +176,9 @@ func (c *Controller) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 	log := c.Log.With(zap.String("taloscontrolplane", req.String()), zap.String("cluster", v.Cluster))
 	switch act {
 	case actWait:
-		c.sayOnce(log, tcp.UID, why)
+		if c.said.changed(tcp.UID, why) {
+			log.Info("bootstrap fence: " + why)
+		}
 		return ctrl.Result{RequeueAfter: after}, nil
 	case actMarkBootstrapped:
 		return ctrl.Result{}, c.markBootstrapped(ctx, log, &tcp, why)
@@ -307,25 +309,11 @@ func (c *Controller) release(ctx context.Context, tcp *controlplanev1.TalosContr
 	return nil
 }
 
-// sayOnce logs a waiting reason when it changed.
-func (c *Controller) sayOnce(log *zap.Logger, uid types.UID, why string) {
-	c.mu.Lock()
-	if c.said == nil {
-		c.said = map[types.UID]string{}
-	}
-	changed := c.said[uid] != why
-	c.said[uid] = why
-	c.mu.Unlock()
-	if changed {
-		log.Info("bootstrap fence: " + why)
-	}
-}
-
 func (c *Controller) forget(uid types.UID) {
 	c.mu.Lock()
 	delete(c.readySince, uid)
-	delete(c.said, uid)
 	c.mu.Unlock()
+	c.said.forget(uid)
 }
 
 func (c *Controller) poll() time.Duration {

@@ -33,6 +33,7 @@ import (
 	"cmp"
 	"fmt"
 	"slices"
+	"sync"
 
 	controlplanev1 "github.com/siderolabs/cluster-api-control-plane-provider-talos/api/v1alpha3"
 	"k8s.io/apimachinery/pkg/runtime/schema"
@@ -95,6 +96,34 @@ func machineAddress(m *clusterv1.Machine) (string, bool) {
 		}
 	}
 	return "", false
+}
+
+// lastSaid remembers the reason last logged per key, so that a reason is
+// logged when it changes rather than on every retry. It is safe for
+// concurrent use; its zero value is ready.
+type lastSaid[K comparable] struct {
+	mu   sync.Mutex
+	last map[K]string
+}
+
+// changed records reason for key and reports whether it differs from the
+// reason recorded before.
+func (l *lastSaid[K]) changed(key K, reason string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.last == nil {
+		l.last = map[K]string{}
+	}
+	changed := l.last[key] != reason
+	l.last[key] = reason
+	return changed
+}
+
+// forget drops key's reason.
+func (l *lastSaid[K]) forget(key K) {
+	l.mu.Lock()
+	delete(l.last, key)
+	l.mu.Unlock()
 }
 
 // describe names a lease holder for messages: an agent's node, or CACPPT.

@@ -159,3 +159,27 @@ func TestDecide(t *testing.T) {
 		}
 	}
 }
+
+// TestLastSaidLogsChangesOnly: a reason repeated on every retry is logged
+// once; a new reason, or the same one after forget, again.
+func TestLastSaidLogsChangesOnly(t *testing.T) {
+	var l lastSaid[string]
+	for i, tc := range []struct {
+		key, reason string
+		forget      bool
+		want        bool
+	}{
+		{"prod", "waiting", false, true},
+		{"prod", "waiting", false, false},
+		{"edge", "waiting", false, true},
+		{"prod", "committed elsewhere", false, true},
+		{"prod", "committed elsewhere", true, true},
+	} {
+		if tc.forget {
+			l.forget(tc.key)
+		}
+		if got := l.changed(tc.key, tc.reason); got != tc.want {
+			t.Errorf("step %d: changed(%s, %q) = %v, want %v", i, tc.key, tc.reason, got, tc.want)
+		}
+	}
+}

@@ -35,8 +35,8 @@ type Gate struct {
 	Leases Leases
 	Log    *zap.Logger
 
-	mu      sync.Mutex        // guards refused
-	refused map[string]string // cluster → last refusal logged
+	// refused is the last refusal logged per cluster.
+	refused lastSaid[string]
 }
 
 // observation is what CACPPT read in one reconcile.
@@ -147,9 +147,7 @@ func (g *Gate) admit(ctx context.Context, cluster string) error {
 	if !ok {
 		return g.refuse(cluster, reason)
 	}
-	g.mu.Lock()
-	delete(g.refused, cluster)
-	g.mu.Unlock()
+	g.refused.forget(cluster)
 	return nil
 }
 
@@ -181,14 +179,7 @@ func admits(cluster string, tcps int, targets []string, lease membership.LeaseSt
 // refuse logs a refusal once per change of reason and returns it as the
 // error CACPPT sees (and shows in its MachinesBootstrapped condition).
 func (g *Gate) refuse(cluster, reason string) error {
-	g.mu.Lock()
-	if g.refused == nil {
-		g.refused = map[string]string{}
-	}
-	changed := g.refused[cluster] != reason
-	g.refused[cluster] = reason
-	g.mu.Unlock()
-	if changed {
+	if g.refused.changed(cluster, reason) {
 		g.Log.Info("bootstrap fence: kept the Talos control-plane provider from the nodes", zap.String("cluster", cluster), zap.String("reason", reason))
 	}
 	return fmt.Errorf("sovra bootstrap fence: %s", reason)
