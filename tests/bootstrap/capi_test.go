@@ -146,21 +146,10 @@ func (s *capiStory) startAgents() []string {
 	return waitAttested(s.t, s.d, s.c, len(s.hosts))
 }
 
-func (s *capiStory) label(names ...string) {
-	s.d.Kubectl(append(append([]string{"label", "sovranodes"}, names...), "sovra.dev/cluster="+storyCluster)...)
-}
-
 // tcp returns a jsonpath of the TalosControlPlane.
 func (s *capiStory) tcp(path string) string {
 	out, _ := s.d.TryKubectl("-n", capiNamespace, "get", "taloscontrolplane", capiTCP, "-o", "jsonpath="+path)
 	return out
-}
-
-// lease returns the bootstrap lease's holder, address and phase.
-func (s *capiStory) lease() []string {
-	out, _ := s.d.TryKubectl("-n", "sovra-system", "get", "lease", "bootstrap-"+storyCluster, "-o",
-		`jsonpath={.spec.holderIdentity} {.metadata.annotations.sovra\.dev/holder-address} {.metadata.annotations.sovra\.dev/bootstrap-phase}`)
-	return strings.Fields(out)
 }
 
 // bootstrapCalls counts every Bootstrap call a host's fake got, accepted or
@@ -185,7 +174,7 @@ func (s *capiStory) checkOnlyOn(want *host) {
 
 func (s *capiStory) logState() {
 	s.t.Logf("kubectl get taloscontrolplane:\n%s", s.d.Kubectl("-n", capiNamespace, "get", "taloscontrolplane"))
-	s.t.Logf("bootstrap lease: %v", s.lease())
+	s.t.Logf("bootstrap lease: %v", storyLease(s.d))
 	s.t.Logf("events on the control plane:\n%s", s.d.Kubectl("-n", capiNamespace, "get", "events",
 		"--field-selector", "involvedObject.kind=TalosControlPlane", "--sort-by", ".lastTimestamp",
 		"-o", "custom-columns=REASON:.reason,MESSAGE:.message"))
@@ -200,7 +189,7 @@ func (s *capiStory) logState() {
 func TestCAPIFenceAgentsWin(t *testing.T) {
 	s := newCAPIStory(t, "--bootstrap-grace", "10m")
 	names := s.startAgents()
-	s.label(names[:2]...) // two of three: no quorum yet
+	labelNodes(s.d, names[:2]...) // two of three: no quorum yet
 
 	s.giveAddresses()
 	refused := s.waitFor("CACPPT to be fenced off", func() (string, bool) {
@@ -213,7 +202,7 @@ func TestCAPIFenceAgentsWin(t *testing.T) {
 	}
 
 	labelled := time.Now()
-	s.label(names[2])
+	labelNodes(s.d, names[2])
 	s.c.waitFinal(s.hosts...)
 	s.waitFor("the fence to mark the control plane bootstrapped", func() (string, bool) {
 		v := s.tcp("{.status.bootstrapped}")
@@ -225,7 +214,7 @@ func TestCAPIFenceAgentsWin(t *testing.T) {
 	time.Sleep(25 * time.Second)
 	leader := s.hosts[1]
 	s.checkOnlyOn(leader)
-	if l := s.lease(); len(l) != 3 || !strings.HasPrefix(l[0], "ek-") || l[1] != leader.addr.String() || l[2] != "Bootstrapped" {
+	if l := storyLease(s.d); len(l) != 3 || !strings.HasPrefix(l[0], "ek-") || l[1] != leader.addr.String() || l[2] != "Bootstrapped" {
 		t.Fatalf("lease = %v, want an agent's at %s, Bootstrapped", l, leader.addr)
 	}
 	if got := s.tcp(`{.status.conditions[?(@.type=="MachinesBootstrapped")].status}`); got != "True" {
@@ -251,15 +240,15 @@ func TestCAPIFenceProviderWins(t *testing.T) {
 		return v, v == "true"
 	})
 	s.waitFor("the lease to be final", func() (string, bool) {
-		l := s.lease()
+		l := storyLease(s.d)
 		return strings.Join(l, " "), len(l) == 3 && l[2] == "Bootstrapped"
 	})
-	if l := s.lease(); l[0] != "taloscontrolplane/"+capiNamespace+"/"+capiTCP || l[1] != target.addr.String() {
+	if l := storyLease(s.d); l[0] != "taloscontrolplane/"+capiNamespace+"/"+capiTCP || l[1] != target.addr.String() {
 		t.Fatalf("lease = %v, want the control plane's, at %s", l, target.addr)
 	}
 
 	names := s.startAgents()
-	s.label(names...)
+	labelNodes(s.d, names...)
 	s.c.waitFinal(s.hosts...)
 	s.checkOnlyOn(target)
 	for _, h := range s.hosts {

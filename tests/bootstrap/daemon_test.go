@@ -94,7 +94,7 @@ func TestDaemonMembershipAndLeaseBootstrapOnce(t *testing.T) {
 		t.Fatal("a node bootstrapped before its cluster was known")
 	}
 	labelled := time.Now()
-	d.Kubectl(append(append([]string{"label", "sovranodes"}, names...), "sovra.dev/cluster="+storyCluster)...)
+	labelNodes(d, names...)
 
 	c.waitFinal(hosts...)
 	t.Logf("from the label to the end of every bootstrap path: %s", time.Since(labelled).Round(time.Millisecond))
@@ -103,11 +103,9 @@ func TestDaemonMembershipAndLeaseBootstrapOnce(t *testing.T) {
 		t.Fatal("the node outside the membership list was bootstrapped")
 	}
 
-	lease := d.Kubectl("-n", "sovra-system", "get", "lease", "bootstrap-"+storyCluster, "-o",
-		`jsonpath={.spec.holderIdentity} {.metadata.annotations.sovra\.dev/holder-address} {.metadata.annotations.sovra\.dev/bootstrap-phase}`)
-	fields := strings.Fields(lease)
+	fields := storyLease(d)
 	if len(fields) != 3 || fields[1] != leader.addr.String() || fields[2] != "Bootstrapped" {
-		t.Fatalf("lease = %q, want held by the leader %s, Bootstrapped", lease, leader.addr)
+		t.Fatalf("lease = %q, want held by the leader %s, Bootstrapped", fields, leader.addr)
 	}
 	if !leader.logHas(msgLeaseGranted) || !leader.logHas(msgLeaseCommitted) {
 		t.Fatal("the leader did not log the lease it won")
@@ -123,9 +121,22 @@ func TestDaemonMembershipAndLeaseBootstrapOnce(t *testing.T) {
 		t.Fatalf("BootstrapLeaseWon events on %q, want one on the holder %s", won, fields[0])
 	}
 	t.Logf("kubectl get sovranodes -L sovra.dev/cluster:\n%s", d.Kubectl("get", "sovranodes", "-L", "sovra.dev/cluster"))
-	t.Logf("bootstrap lease: %s", lease)
+	t.Logf("bootstrap lease: %v", fields)
 	t.Logf("events:\n%s", d.Kubectl("get", "events", "-n", "default", "--sort-by", ".lastTimestamp",
 		"-o", "custom-columns=NODE:.involvedObject.name,TYPE:.type,REASON:.reason,MESSAGE:.message"))
+}
+
+// labelNodes labels SovraNodes with storyCluster, as the operator does.
+func labelNodes(d *sovradtest.Daemon, names ...string) {
+	d.Kubectl(append(append([]string{"label", "sovranodes"}, names...), "sovra.dev/cluster="+storyCluster)...)
+}
+
+// storyLease returns storyCluster's bootstrap lease: holder, holder address
+// and phase; nothing when there is none.
+func storyLease(d *sovradtest.Daemon) []string {
+	out, _ := d.TryKubectl("-n", "sovra-system", "get", "lease", "bootstrap-"+storyCluster, "-o",
+		`jsonpath={.spec.holderIdentity} {.metadata.annotations.sovra\.dev/holder-address} {.metadata.annotations.sovra\.dev/bootstrap-phase}`)
+	return strings.Fields(out)
 }
 
 // daemonAgentEnv is the environment of an agent that finds its peers
