@@ -64,21 +64,32 @@ func NewKey(t TPM) (*Key, error) {
 
 // Activate answers a credential-activation challenge with the TPM's EK and AK.
 func (k *Key) Activate(t TPM, c *nodeapi.ActivationChallenge) ([]byte, error) {
+	var secret []byte
+	err := k.withAK(t, func(tpm *attest.TPM, ak *attest.AK) error {
+		var err error
+		secret, err = ak.ActivateCredential(tpm, attest.EncryptedCredential{Credential: c.GetCredential(), Secret: c.GetSecret()})
+		if err != nil {
+			return fmt.Errorf("activating credential: %w", err)
+		}
+		return nil
+	})
+	return secret, err
+}
+
+// withAK opens the TPM, loads the key's AK into it and runs fn with both,
+// closing them afterwards.
+func (k *Key) withAK(t TPM, fn func(*attest.TPM, *attest.AK) error) error {
 	tpm, err := openTPM(t)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	defer tpm.Close()
 	ak, err := tpm.LoadAK(k.Blob)
 	if err != nil {
-		return nil, fmt.Errorf("loading AK: %w", err)
+		return fmt.Errorf("loading AK: %w", err)
 	}
 	defer ak.Close(tpm)
-	secret, err := ak.ActivateCredential(tpm, attest.EncryptedCredential{Credential: c.GetCredential(), Secret: c.GetSecret()})
-	if err != nil {
-		return nil, fmt.Errorf("activating credential: %w", err)
-	}
-	return secret, nil
+	return fn(tpm, ak)
 }
 
 // Quote is a TPM quote with the PCR values it covers.
@@ -92,31 +103,25 @@ type Quote struct {
 // Quote quotes pcrs from bank alg with extraData. Agents pass QuotedPCRs and
 // attest.HashSHA256; other values exist for tests of the daemon's checks.
 func (k *Key) Quote(t TPM, extraData []byte, alg attest.HashAlg, pcrs []int) (*Quote, error) {
-	tpm, err := openTPM(t)
-	if err != nil {
-		return nil, err
-	}
-	defer tpm.Close()
-	ak, err := tpm.LoadAK(k.Blob)
-	if err != nil {
-		return nil, fmt.Errorf("loading AK: %w", err)
-	}
-	defer ak.Close(tpm)
-	q, err := ak.QuotePCRs(tpm, extraData, alg, pcrs)
-	if err != nil {
-		return nil, fmt.Errorf("quoting PCRs: %w", err)
-	}
-	all, err := tpm.PCRs(alg)
-	if err != nil {
-		return nil, fmt.Errorf("reading PCRs: %w", err)
-	}
-	out := &Quote{Quote: q.Quote, Signature: q.Signature, Hash: uint16(alg), PCRs: map[int][]byte{}}
-	for _, p := range all {
-		if slices.Contains(pcrs, p.Index) {
-			out.PCRs[p.Index] = p.Digest
+	var out *Quote
+	err := k.withAK(t, func(tpm *attest.TPM, ak *attest.AK) error {
+		q, err := ak.QuotePCRs(tpm, extraData, alg, pcrs)
+		if err != nil {
+			return fmt.Errorf("quoting PCRs: %w", err)
 		}
-	}
-	return out, nil
+		all, err := tpm.PCRs(alg)
+		if err != nil {
+			return fmt.Errorf("reading PCRs: %w", err)
+		}
+		out = &Quote{Quote: q.Quote, Signature: q.Signature, Hash: uint16(alg), PCRs: map[int][]byte{}}
+		for _, p := range all {
+			if slices.Contains(pcrs, p.Index) {
+				out.PCRs[p.Index] = p.Digest
+			}
+		}
+		return nil
+	})
+	return out, err
 }
 
 // Begin is the first enrollment message for this key.
