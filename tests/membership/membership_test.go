@@ -57,6 +57,9 @@ func start(t *testing.T) *lab {
 	// node API needs an EK policy to start: trust on first use admits none
 	// of these calls anyway, which need a node credential.
 	d := sovradtest.Start(t, dir, "--node-listen", fmt.Sprintf("127.0.0.1:%d", port), "--ek-trust-on-first-use", "--controllers", "none")
+	// sovrad installs its CRDs once the API is ready: records written
+	// before the SovraNode CRD is established are refused.
+	d.WaitEstablished("sovranodes.sovra.dev")
 	l := &lab{t: t, d: d, endpoint: fmt.Sprintf("127.0.0.1:%d", port)}
 	caPEM, err := os.ReadFile(filepath.Join(dir, "node-ca.crt"))
 	if err != nil {
