@@ -8,6 +8,7 @@ import (
 	"go/parser"
 	"go/token"
 	"io/fs"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -82,5 +83,28 @@ func TestEveryPackageHasADoc(t *testing.T) {
 	})
 	if err != nil {
 		t.Fatal(err)
+	}
+}
+
+// maxTrackedFile is the largest file the repository may hold: build output
+// (a 170 MB sovrad was once committed) never belongs in it.
+const maxTrackedFile = 5 << 20
+
+func TestNoLargeFilesTracked(t *testing.T) {
+	root := testutil.RepoRoot(t)
+	cmd := exec.Command("git", "ls-files", "-z")
+	cmd.Dir = root
+	out, err := cmd.Output()
+	if err != nil {
+		t.Skipf("not a git checkout: %v", err)
+	}
+	for _, name := range strings.Split(strings.TrimRight(string(out), "\x00"), "\x00") {
+		st, err := os.Lstat(filepath.Join(root, name))
+		if err != nil {
+			continue // deleted in the work tree
+		}
+		if st.Size() > maxTrackedFile {
+			t.Errorf("%s is %d MB: files over %d MB must not be committed (build output belongs in bin/ or dist/)", name, st.Size()>>20, maxTrackedFile>>20)
+		}
 	}
 }
