@@ -11,6 +11,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 
 	"github.com/siderolabs/talos/pkg/machinery/extensions"
@@ -28,11 +29,16 @@ const (
 	DefaultExtensionsPath = "/etc/extensions.yaml"
 	DefaultLayersDir      = "/layers"
 	DefaultEventLogPath   = "/sys/kernel/security/tpm0/binary_bios_measurements"
+	DefaultBootIDPath     = "/proc/sys/kernel/random/boot_id"
+	DefaultStatPath       = "/proc/stat"
 
 	// efiVarAttrLen is the attribute prefix of an efivarfs file.
 	efiVarAttrLen = 4
-	// maxClaimFile bounds every file read for a claim.
-	maxClaimFile = 1 << 16
+	// maxClaimFile bounds every file read for a claim (/proc/stat of a large
+	// machine included).
+	maxClaimFile = 1 << 20
+	// maxBootIDLen bounds a boot ID (the kernel's is a 36-character UUID).
+	maxBootIDLen = 64
 )
 
 // Collector reads the node's claims. Every path is a field so tests point
@@ -47,6 +53,10 @@ type Collector struct {
 	// extension's digest is the SHA-256 of its image in LayersDir.
 	ExtensionsPath string
 	LayersDir      string
+	// BootIDPath is the kernel's boot ID; StatPath holds the boot time
+	// (btime) the boot's start is read from.
+	BootIDPath string
+	StatPath   string
 }
 
 func or(v, def string) string {
@@ -77,8 +87,43 @@ func (c Collector) Collect() claims.Set {
 	set(claims.AppArmor, v, err)
 	v, err = talosVersion(or(c.OSReleasePath, DefaultOSReleasePath))
 	set(claims.TalosVersion, v, err)
+	v, err = bootID(or(c.BootIDPath, DefaultBootIDPath))
+	set(claims.BootID, v, err)
+	v, err = bootStarted(or(c.StatPath, DefaultStatPath))
+	set(claims.BootStarted, v, err)
 	c.extensions(s)
 	return s
+}
+
+// bootID is the kernel's random ID of this boot.
+func bootID(path string) (string, error) {
+	b, err := readSmall(path)
+	if err != nil {
+		return "", err
+	}
+	id := strings.TrimSpace(string(b))
+	if id == "" || len(id) > maxBootIDLen {
+		return "", fmt.Errorf("boot ID in %s of %d bytes", path, len(id))
+	}
+	return id, nil
+}
+
+// bootStarted is the btime line of /proc/stat: the boot's start in Unix seconds.
+func bootStarted(path string) (string, error) {
+	b, err := readSmall(path)
+	if err != nil {
+		return "", err
+	}
+	sc := bufio.NewScanner(bytes.NewReader(b))
+	for sc.Scan() {
+		if f := strings.Fields(sc.Text()); len(f) == 2 && f[0] == "btime" {
+			if _, err := strconv.ParseInt(f[1], 10, 64); err != nil {
+				return "", fmt.Errorf("btime in %s is not a number", path)
+			}
+			return f[1], nil
+		}
+	}
+	return "", fmt.Errorf("no btime in %s", path)
 }
 
 func readSmall(path string) ([]byte, error) {

@@ -27,6 +27,14 @@ const (
 	ExtensionPrefix = "extension/"
 )
 
+// The boot an attestation reports: the kernel's boot ID and the boot's start
+// (Unix seconds). The daemon attributes the key releases Talos made early in
+// a boot to it.
+const (
+	BootID      = "boot.id"
+	BootStarted = "boot.started"
+)
+
 // Limits of the encoding; Decode rejects anything larger.
 const (
 	// Version is the first byte of every encoding.

@@ -7,6 +7,7 @@
 package swtpmlab
 
 import (
+	"crypto/rand"
 	"fmt"
 	"io"
 	"net"
@@ -190,5 +191,24 @@ func NodeRoot(t testing.TB) agentattest.Collector {
 		OSReleasePath:  write("os-release", []byte("NAME=\"Talos\"\nID=talos\nVERSION_ID=v1.13.0\n")),
 		ExtensionsPath: write("extensions.yaml", []byte("layers:\n  - image: "+filepath.Base(layer)+"\n    metadata:\n      name: sovra-agent\n      version: v0.1.0\n")),
 		LayersDir:      filepath.Dir(layer),
+		BootIDPath:     write("proc/sys/kernel/random/boot_id", []byte(newBootID(t)+"\n")),
+		StatPath:       write("proc/stat", []byte(fmt.Sprintf("cpu  1 0 1 100 0 0 0 0 0 0\nbtime %d\nprocesses 1\n", time.Now().Unix()))),
 	}
+}
+
+// Reboot gives the node root of c a new boot: a fresh boot ID, started now.
+func Reboot(t testing.TB, c agentattest.Collector) {
+	t.Helper()
+	write(t, c.BootIDPath, newBootID(t)+"\n")
+	write(t, c.StatPath, fmt.Sprintf("cpu  1 0 1 100 0 0 0 0 0 0\nbtime %d\nprocesses 1\n", time.Now().Unix()))
+}
+
+// newBootID returns a random boot ID in the kernel's format.
+func newBootID(t testing.TB) string {
+	t.Helper()
+	b := make([]byte, 16)
+	if _, err := rand.Read(b); err != nil {
+		t.Fatal(err)
+	}
+	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:16])
 }

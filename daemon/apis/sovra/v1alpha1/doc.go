@@ -1,7 +1,8 @@
 // Package v1alpha1 holds the sovra.dev/v1alpha1 API: the cluster-scoped
 // record of each enrolled node (SovraNode), the attestation policies that
-// judge them (AttestationPolicy), and the single-use attestation nonces
-// (AttestationNonce) that let any daemon replica verify any nonce.
+// judge them (AttestationPolicy), the markers of used attestation nonces
+// (AttestationNonce), the binding of each SMBIOS UUID to one record
+// (UUIDClaim), and the KMS's ledger of key releases (UnsealLedger).
 //
 // +kubebuilder:object:generate=true
 // +groupName=sovra.dev

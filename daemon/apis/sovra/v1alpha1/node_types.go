@@ -14,6 +14,44 @@ const (
 	ConditionEnrolled = "Enrolled"
 	// ConditionAttested is True while the node's last attestation passed.
 	ConditionAttested = "Attested"
+	// ConditionQuarantined is True while the node may not Unseal: it
+	// unsealed and then failed attestation (or, in lab mode, never
+	// enrolled; or, where the KMS is told to, a release no boot explains).
+	// Only an operator clears it.
+	ConditionQuarantined = "Quarantined"
+	// ConditionUnexpectedUnseal is True once the KMS released a key of the
+	// node that none of the boots the node reported explains: a copy of its
+	// disk opened elsewhere, or a boot that never attested. An operator
+	// clears it after looking (see the KMS's clear annotation).
+	ConditionUnexpectedUnseal = "UnexpectedUnseal"
+)
+
+// FinalizerShred is on every SovraNode that holds a key salt: before the
+// record goes, sovrad removes the salt from it, so that no copy of the salt
+// outlives the record in the datastore's history (crypto-shredding).
+const FinalizerShred = "sovra.dev/shred-keys"
+
+// Why a sealing window is open.
+const (
+	// WindowEnrollment: the node enrolled and had never sealed.
+	WindowEnrollment = "Enrollment"
+	// WindowPreRegistration: the record is new (created by an operator or
+	// by enrollment) and has never sealed outside this first window.
+	WindowPreRegistration = "PreRegistration"
+	// WindowOperator: an operator opened it with an annotation.
+	WindowOperator = "Operator"
+	// WindowWipe: sovra wiped the machine and it formats its volumes anew.
+	WindowWipe = "Wipe"
+)
+
+// Limits of the status lists.
+const (
+	// MaxBoots is how many reported boots a record keeps.
+	MaxBoots = 4
+	// MaxRecentSeals is how many sealed blobs a record remembers.
+	MaxRecentSeals = 8
+	// MaxUnexpectedUnseals is how many unexplained releases a record lists.
+	MaxUnexpectedUnseals = 8
 )
 
 // Attestation results.
@@ -96,6 +134,21 @@ type SovraNodeStatus struct {
 	// +listType=map
 	// +listMapKey=type
 	Conditions []metav1.Condition `json:"conditions,omitempty"`
+	// Boots are the boots the node reported in its attestations, newest
+	// first (at most MaxBoots). The boot ID and start time are quoted
+	// claims: only the node's TPM can report a boot.
+	// +optional
+	// +listType=atomic
+	Boots []Boot `json:"boots,omitempty"`
+	// Sealing says when the KMS may Seal for the node, and which blobs it
+	// sealed lately.
+	// +optional
+	Sealing *Sealing `json:"sealing,omitempty"`
+	// UnexpectedUnseals are the latest key releases that no reported boot
+	// explains (at most MaxUnexpectedUnseals), newest first.
+	// +optional
+	// +listType=atomic
+	UnexpectedUnseals []Unseal `json:"unexpectedUnseals,omitempty"`
 	// KeySalt is the node's random key salt, written by the KMS on the
 	// node's first Seal. With the daemon's master key it derives the key that
 	// opens the node's sealed blobs; alone it opens nothing. It lives in the
@@ -103,6 +156,74 @@ type SovraNodeStatus struct {
 	// destroys it, and with it every key the node sealed.
 	// +optional
 	KeySalt []byte `json:"keySalt,omitempty"`
+}
+
+// Boot is one boot of the node, as its attestations reported it.
+type Boot struct {
+	// ID is the kernel's boot ID (/proc/sys/kernel/random/boot_id).
+	ID string `json:"id"`
+	// Started is when the boot began, by the node's clock.
+	Started metav1.Time `json:"started"`
+	// FirstAttested and LastAttested bound the attestations of this boot.
+	FirstAttested metav1.Time `json:"firstAttested"`
+	LastAttested  metav1.Time `json:"lastAttested"`
+	// Result is the result of the boot's last attestation.
+	Result string `json:"result"`
+}
+
+// Sealing is the KMS's record of where it may Seal for a node.
+type Sealing struct {
+	// Window, while open, lets the KMS Seal for the node.
+	// +optional
+	Window *SealingWindow `json:"window,omitempty"`
+	// FirstSealed and LastSealed are the times of the node's first and
+	// latest Seal.
+	// +optional
+	FirstSealed *metav1.Time `json:"firstSealed,omitempty"`
+	// +optional
+	LastSealed *metav1.Time `json:"lastSealed,omitempty"`
+	// Recent are the blobs sealed lately (at most MaxRecentSeals), newest
+	// first: the first Unseal of a fresh blob is explained by its Seal.
+	// +optional
+	// +listType=atomic
+	Recent []SealedBlob `json:"recent,omitempty"`
+}
+
+// SealingWindow is a time in which the KMS Seals for a node.
+type SealingWindow struct {
+	// Reason is Enrollment, PreRegistration, Operator or Wipe.
+	Reason string `json:"reason"`
+	// Opened and Expires bound the window.
+	Opened  metav1.Time `json:"opened"`
+	Expires metav1.Time `json:"expires"`
+	// By says who opened it.
+	// +optional
+	By string `json:"by,omitempty"`
+}
+
+// SealedBlob is a blob the KMS sealed.
+type SealedBlob struct {
+	// Blob is the blob's fingerprint: the first 16 hex digits of its SHA-256.
+	Blob string `json:"blob"`
+	// At is when it was sealed.
+	At metav1.Time `json:"at"`
+	// Source is the address the Seal came from.
+	Source string `json:"source"`
+}
+
+// Unseal is a key release.
+type Unseal struct {
+	// Blob is the blob's fingerprint.
+	Blob string `json:"blob"`
+	// Source is the address the Unseal came from.
+	Source string `json:"source"`
+	// At is when the KMS released the key.
+	At metav1.MicroTime `json:"at"`
+	// Count is how many calls this entry stands for (a caller's retries).
+	Count int32 `json:"count"`
+	// Reason says why no boot explains it.
+	// +optional
+	Reason string `json:"reason,omitempty"`
 }
 
 // SovraNode is the daemon's record of an enrolled node, named after its EK.
@@ -118,6 +239,8 @@ type SovraNodeStatus struct {
 // +kubebuilder:printcolumn:name="Reason",type=string,JSONPath=`.status.reason`
 // +kubebuilder:printcolumn:name="Last Attested",type=date,JSONPath=`.status.lastAttestationTime`
 // +kubebuilder:printcolumn:name="Enrolled",type=date,JSONPath=`.status.enrolledAt`
+// +kubebuilder:printcolumn:name="Unexpected Unseal",type=string,JSONPath=`.status.conditions[?(@.type=="UnexpectedUnseal")].status`,priority=1
+// +kubebuilder:printcolumn:name="Sealing Until",type=date,JSONPath=`.status.sealing.window.expires`,priority=1
 type SovraNode struct {
 	metav1.TypeMeta   `json:",inline"`
 	metav1.ObjectMeta `json:"metadata,omitempty"`

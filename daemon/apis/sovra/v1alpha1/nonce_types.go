@@ -7,17 +7,20 @@ import (
 // LabelNode labels an AttestationNonce with the node it was issued to.
 const LabelNode = "sovra.dev/node"
 
-// AttestationNonceSpec binds an issued nonce to a node and a deadline.
+// AttestationNonceSpec names the node whose quote used a nonce, and when the
+// nonce expires.
 type AttestationNonceSpec struct {
-	// Node is the SovraNode the nonce was issued to.
+	// Node is the SovraNode the nonce was issued to and used by.
 	Node string `json:"node"`
-	// ExpiresAt is when the nonce stops being accepted.
+	// ExpiresAt is when the nonce stops being accepted anyway; the marker
+	// is removed after it.
 	ExpiresAt metav1.Time `json:"expiresAt"`
 }
 
-// AttestationNonce is an issued, unused nonce. Its name is derived from the
-// nonce; consuming it deletes it, so it is accepted at most once by any
-// replica.
+// AttestationNonce marks a nonce as used. Nonces are stateless (a MAC any
+// replica checks), so issuing one stores nothing; a quote signed with the
+// node's pinned AK consumes its nonce by creating this marker, named after the
+// nonce's hash, and a second use finds it and is refused on every replica.
 //
 // +kubebuilder:object:root=true
 // +kubebuilder:resource:scope=Cluster

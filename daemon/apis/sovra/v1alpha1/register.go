@@ -19,7 +19,9 @@ var (
 func init() {
 	SchemeBuilder.Register(&SovraNode{}, &SovraNodeList{},
 		&AttestationPolicy{}, &AttestationPolicyList{},
-		&AttestationNonce{}, &AttestationNonceList{})
+		&AttestationNonce{}, &AttestationNonceList{},
+		&UUIDClaim{}, &UUIDClaimList{},
+		&UnsealLedger{}, &UnsealLedgerList{})
 }
 
 // Ensure the types are runtime.Objects.
