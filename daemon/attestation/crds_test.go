@@ -7,6 +7,8 @@ import (
 
 	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	"sigs.k8s.io/controller-runtime/pkg/client/fake"
+
+	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
 )
 
 func TestInstallCRDs(t *testing.T) {
@@ -22,7 +24,11 @@ func TestInstallCRDs(t *testing.T) {
 		}
 	}
 	var list apiextensionsv1.CustomResourceDefinitionList
-	if err := c.List(ctx, &list); err != nil || len(list.Items) != 3 {
+	want, err := v1alpha1.CRDs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.List(ctx, &list); err != nil || len(list.Items) != len(want) {
 		t.Fatalf("CRDs installed: %d (%v)", len(list.Items), err)
 	}
 	short, cancel := context.WithTimeout(ctx, 50*time.Millisecond)

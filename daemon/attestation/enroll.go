@@ -7,6 +7,7 @@ import (
 	"net"
 	"regexp"
 	"slices"
+	"time"
 
 	goattest "github.com/google/go-attestation/attest"
 	"go.uber.org/zap"
@@ -58,7 +59,7 @@ func (s *Service) BeginEnrollment(ctx context.Context, req EnrollRequest) (*Enro
 	}
 	name := NodeName(ek.Hash)
 	if err := s.cfg.EK.Admit(ek, s.clock.Now()); err != nil {
-		s.deny(ctx, name, "EnrollmentDenied", err)
+		s.deny(name, "EnrollmentDenied", err)
 		return nil, nil, fmt.Errorf("%w: %w", ErrRefused, err)
 	}
 	if ek.Method == attest.EKByTOFU {
@@ -67,7 +68,7 @@ func (s *Service) BeginEnrollment(ctx context.Context, req EnrollRequest) (*Enro
 	secret, ec, err := attest.Challenge(ek, req.AK, nil)
 	if err != nil {
 		if errors.Is(err, attest.ErrAKMalformed) {
-			s.deny(ctx, name, "EnrollmentDenied", err)
+			s.deny(name, "EnrollmentDenied", err)
 			return nil, nil, fmt.Errorf("%w: %w", ErrRefused, err)
 		}
 		return nil, nil, fmt.Errorf("challenging AK of node %s: %w", name, err)
@@ -75,12 +76,14 @@ func (s *Service) BeginEnrollment(ctx context.Context, req EnrollRequest) (*Enro
 	return &Enrollment{req: req, ek: ek, secret: secret, Node: name}, ec, nil
 }
 
-// FinishEnrollment checks the node's answer and, when it matches, pins the
-// AK to the EK in the node's record (creating it, or replacing the AK of an
-// existing record, which resets its attestation).
+// FinishEnrollment checks the node's answer and, when it matches, binds its
+// UUID (a UUIDClaim, created atomically) and pins the AK to the EK in the
+// node's record (creating it, or replacing the AK of an existing record,
+// which resets its attestation). A record that never sealed gets a sealing
+// window, so the node may format its volumes now.
 func (s *Service) FinishEnrollment(ctx context.Context, e *Enrollment, answer []byte) (*v1alpha1.SovraNode, error) {
 	if err := attest.CheckActivation(e.secret, answer); err != nil {
-		s.deny(ctx, e.Node, "EnrollmentDenied", err)
+		s.deny(e.Node, "EnrollmentDenied", err)
 		return nil, fmt.Errorf("%w: %w", ErrRefused, err)
 	}
 	now := metav1.NewTime(s.clock.Now())
@@ -102,12 +105,15 @@ func (s *Service) FinishEnrollment(ctx context.Context, e *Enrollment, answer []
 	if err := s.checkUUIDFree(ctx, e); err != nil {
 		return nil, err
 	}
+	if err := s.claimUUID(ctx, e); err != nil {
+		return nil, err
+	}
 	node, err := s.store.GetNode(ctx, e.Node)
 	switch {
 	case errors.Is(err, ErrNodeNotFound):
 		node = &v1alpha1.SovraNode{ObjectMeta: metav1.ObjectMeta{Name: e.Node}, Spec: spec}
 		setUUIDLabel(node)
-		setEnrolled(node, e.ek.Method, now)
+		s.setEnrolled(node, e.ek.Method, now)
 		if err := s.store.CreateNode(ctx, node); err != nil {
 			return nil, fmt.Errorf("creating record of node %s: %w", e.Node, err)
 		}
@@ -116,7 +122,7 @@ func (s *Service) FinishEnrollment(ctx context.Context, e *Enrollment, answer []
 	default:
 		if node.Spec.EKHash != e.ek.Hash {
 			err := fmt.Errorf("record %s belongs to another EK", e.Node)
-			s.deny(ctx, e.Node, "EnrollmentDenied", err)
+			s.deny(e.Node, "EnrollmentDenied", err)
 			return nil, fmt.Errorf("%w: %w", ErrRefused, err)
 		}
 		node.Spec = spec
@@ -124,10 +130,13 @@ func (s *Service) FinishEnrollment(ctx context.Context, e *Enrollment, answer []
 		if err := s.store.UpdateNode(ctx, node); err != nil {
 			return nil, fmt.Errorf("pinning new AK of node %s: %w", e.Node, err)
 		}
-		setEnrolled(node, e.ek.Method, now)
+		s.setEnrolled(node, e.ek.Method, now)
 		if err := s.store.UpdateNodeStatus(ctx, node); err != nil {
 			return nil, fmt.Errorf("recording enrollment of node %s: %w", e.Node, err)
 		}
+	}
+	if err := s.bindClaim(ctx, e.req.UUID, node); err != nil {
+		return nil, err
 	}
 	msg := fmt.Sprintf("AK activated against EK %s (admitted by %s)", e.ek.Hash, e.ek.Method)
 	s.store.Event(ctx, node, false, "Enrolled", msg)
@@ -136,9 +145,10 @@ func (s *Service) FinishEnrollment(ctx context.Context, e *Enrollment, answer []
 	return node, nil
 }
 
-// checkUUIDFree refuses a UUID already bound to another EK: the UUID is how
-// Talos names the node to the KMS, so it must stay bound to one TPM until
-// that node's record is deleted.
+// checkUUIDFree refuses a UUID that another EK's record claims (a record an
+// operator made, which may hold no UUIDClaim): the UUID is how Talos names
+// the node to the KMS, so it stays bound to one TPM until that node's record
+// is deleted. Lab records (package kms) are adopted, not in the way.
 func (s *Service) checkUUIDFree(ctx context.Context, e *Enrollment) error {
 	if e.req.UUID == "" {
 		return nil
@@ -148,14 +158,115 @@ func (s *Service) checkUUIDFree(ctx context.Context, e *Enrollment) error {
 		return fmt.Errorf("checking UUID of node %s: %w", e.Node, err)
 	}
 	for _, n := range nodes {
-		if n.Spec.EKHash != e.ek.Hash {
-			err := fmt.Errorf("UUID %s is bound to node %s (another EK); delete that SovraNode to bind it to this TPM", e.req.UUID, n.Name)
-			s.deny(ctx, e.Node, "EnrollmentDenied", err)
-			return fmt.Errorf("%w: %w", ErrRefused, err)
+		if n.Spec.EKHash != e.ek.Hash && !isLabRecord(&n) {
+			return s.uuidTaken(e, n.Name)
 		}
 	}
 	return nil
 }
+
+func (s *Service) uuidTaken(e *Enrollment, holder string) error {
+	err := fmt.Errorf("UUID %s is bound to node %s (another EK); delete that SovraNode to bind it to this TPM", e.req.UUID, holder)
+	s.deny(e.Node, "EnrollmentDenied", err)
+	return fmt.Errorf("%w: %w", ErrRefused, err)
+}
+
+// claimAttempts bounds the compare-and-swap rounds of claimUUID.
+const claimAttempts = 5
+
+// claimUUID makes the UUIDClaim of the enrollment's UUID name its record.
+// Creating the claim is atomic, so of two TPMs enrolling with one UUID at
+// once, on one replica or two, one wins and the other is refused. A claim of
+// a record that is gone, or of a lab record, passes to the enrolling node; a
+// fresh claim whose record does not exist yet is another enrollment in
+// flight, and this one is asked to retry.
+func (s *Service) claimUUID(ctx context.Context, e *Enrollment) error {
+	uuid := e.req.UUID
+	if uuid == "" {
+		return nil
+	}
+	for range claimAttempts {
+		c, err := s.store.GetClaim(ctx, uuid)
+		switch {
+		case errors.Is(err, ErrClaimNotFound):
+			err = s.store.CreateClaim(ctx, &v1alpha1.UUIDClaim{
+				ObjectMeta: metav1.ObjectMeta{Name: uuid},
+				Spec:       v1alpha1.UUIDClaimSpec{Node: e.Node},
+			})
+			if errors.Is(err, ErrConflict) {
+				continue // another enrollment created it first: look at it
+			}
+			return err
+		case err != nil:
+			return err
+		case c.Spec.Node == e.Node:
+			return nil // ours; bindClaim names this record instance
+		}
+		holder, err := s.store.GetNode(ctx, c.Spec.Node)
+		switch {
+		case err != nil && !errors.Is(err, ErrNodeNotFound):
+			return fmt.Errorf("reading the holder of UUID %s: %w", uuid, err)
+		case err == nil && (c.Spec.NodeUID == "" || c.Spec.NodeUID == holder.UID) && !isLabRecord(holder):
+			return s.uuidTaken(e, holder.Name)
+		case err == nil && isLabRecord(holder):
+			// A lab record sealed for this UUID before the node enrolled:
+			// the node takes the claim, the KMS moves the salt.
+			c.Spec = v1alpha1.UUIDClaimSpec{Node: e.Node}
+			c.OwnerReferences = nil
+			if err := s.store.UpdateClaim(ctx, c); errors.Is(err, ErrConflict) {
+				continue
+			} else if err != nil {
+				return err
+			}
+			return nil
+		case c.Spec.NodeUID == "" && s.clock.Now().Sub(c.CreationTimestamp.Time) < claimInFlight:
+			return fmt.Errorf("%w: another enrollment of UUID %s is in progress; retry", ErrConflict, uuid)
+		}
+		// The holder is gone (or was re-created): the claim is stale.
+		if err := s.store.DeleteClaim(ctx, c); err != nil && !errors.Is(err, ErrConflict) {
+			return err
+		}
+	}
+	return fmt.Errorf("%w: the claim of UUID %s kept changing; retry", ErrConflict, uuid)
+}
+
+// claimInFlight is how long a claim whose record does not exist yet is
+// taken for an enrollment in progress: an enrollment's round trip.
+const claimInFlight = 2 * time.Minute
+
+// bindClaim names the record instance in the UUID's claim and makes the
+// record its owner, so that deleting the record deletes the claim.
+func (s *Service) bindClaim(ctx context.Context, uuid string, node *v1alpha1.SovraNode) error {
+	if uuid == "" {
+		return nil
+	}
+	for range claimAttempts {
+		c, err := s.store.GetClaim(ctx, uuid)
+		if err != nil {
+			return fmt.Errorf("binding UUID %s to node %s: %w", uuid, node.Name, err)
+		}
+		if c.Spec.Node != node.Name {
+			return fmt.Errorf("%w: UUID %s was claimed by node %s meanwhile", ErrRefused, uuid, c.Spec.Node)
+		}
+		owner := metav1.OwnerReference{
+			APIVersion: v1alpha1.GroupVersion.String(), Kind: "SovraNode", Name: node.Name, UID: node.UID,
+		}
+		if c.Spec.NodeUID == node.UID && len(c.OwnerReferences) == 1 && c.OwnerReferences[0] == owner {
+			return nil
+		}
+		c.Spec.NodeUID = node.UID
+		c.OwnerReferences = []metav1.OwnerReference{owner}
+		if err := s.store.UpdateClaim(ctx, c); errors.Is(err, ErrConflict) {
+			continue
+		} else if err != nil {
+			return err
+		}
+		return nil
+	}
+	return fmt.Errorf("%w: the claim of UUID %s kept changing; retry", ErrConflict, uuid)
+}
+
+func isLabRecord(n *v1alpha1.SovraNode) bool { return n.Labels[v1alpha1.LabelLabPending] == "true" }
 
 func setUUIDLabel(n *v1alpha1.SovraNode) {
 	if n.Spec.UUID == "" {
@@ -168,7 +279,18 @@ func setUUIDLabel(n *v1alpha1.SovraNode) {
 	n.Labels[v1alpha1.LabelUUID] = n.Spec.UUID
 }
 
-func setEnrolled(n *v1alpha1.SovraNode, method string, now metav1.Time) {
+// setEnrolled records an enrollment in n's status; a node that never sealed
+// gets a sealing window for its first install.
+func (s *Service) setEnrolled(n *v1alpha1.SovraNode, method string, now metav1.Time) {
+	if n.Status.Sealing == nil || n.Status.Sealing.FirstSealed == nil {
+		if n.Status.Sealing == nil {
+			n.Status.Sealing = &v1alpha1.Sealing{}
+		}
+		n.Status.Sealing.Window = &v1alpha1.SealingWindow{
+			Reason: v1alpha1.WindowEnrollment, Opened: now,
+			Expires: metav1.NewTime(now.Add(s.cfg.SealWindow)), By: "enrollment",
+		}
+	}
 	n.Status.EnrolledAt = &now
 	n.Status.EnrollmentMethod = method
 	meta.SetStatusCondition(&n.Status.Conditions, metav1.Condition{

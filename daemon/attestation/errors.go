@@ -16,4 +16,6 @@ var (
 	ErrBusy = errors.New("too many requests")
 	// ErrConflict: a concurrent update won; the caller may retry.
 	ErrConflict = errors.New("conflicting update")
+	// ErrClaimNotFound: no UUIDClaim for the UUID.
+	ErrClaimNotFound = errors.New("UUID is not claimed")
 )

@@ -4,21 +4,18 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/hex"
 	"fmt"
 	"math/big"
 	"time"
 
+	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
+	"github.com/sovra-dev/sovra/daemon/nodeauth"
 	"github.com/sovra-dev/sovra/internal/claims"
 )
 
-const (
-	// serialBits is the size of certificate serial numbers.
-	serialBits = 128
-	// NodeOrganization is the O of every node client certificate.
-	NodeOrganization = "sovra:nodes"
-)
+// serialBits is the size of certificate serial numbers.
+const serialBits = 128
 
 // checkCSR parses the node's certificate request and checks that its key is
 // the one whose hash the node quoted.
@@ -42,28 +39,22 @@ func checkCSR(der []byte, cs claims.Set) (*x509.CertificateRequest, error) {
 	return csr, nil
 }
 
-// issue signs a client certificate for node with the CSR's key.
-func (s *Service) issue(node string, csr *x509.CertificateRequest) ([][]byte, time.Time, error) {
+// issue signs the node credential of node's record instance and boot with
+// the CSR's key.
+func (s *Service) issue(node *v1alpha1.SovraNode, boot string, csr *x509.CertificateRequest) ([][]byte, time.Time, error) {
 	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), serialBits))
 	if err != nil {
-		return nil, time.Time{}, fmt.Errorf("issuing certificate for node %s: %w", node, err)
+		return nil, time.Time{}, fmt.Errorf("issuing certificate for node %s: %w", node.Name, err)
 	}
 	now := s.clock.Now()
-	exp := now.Add(s.cfg.CertTTL)
-	if exp.After(s.cfg.NodeCA.NotAfter) {
-		exp = s.cfg.NodeCA.NotAfter
+	ttl := s.cfg.CertTTL
+	if exp := now.Add(ttl); exp.After(s.cfg.NodeCA.NotAfter) {
+		ttl = s.cfg.NodeCA.NotAfter.Sub(now)
 	}
-	tmpl := &x509.Certificate{
-		SerialNumber: serial,
-		Subject:      pkix.Name{CommonName: node, Organization: []string{NodeOrganization}},
-		NotBefore:    now.Add(-certBackdate),
-		NotAfter:     exp,
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
-	}
+	tmpl := nodeauth.Template(nodeauth.Credential{Node: node.Name, UID: node.UID, Boot: boot}, serial, now, ttl)
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, s.cfg.NodeCA, csr.PublicKey, s.cfg.NodeCAKey)
 	if err != nil {
-		return nil, time.Time{}, fmt.Errorf("issuing certificate for node %s: %w", node, err)
+		return nil, time.Time{}, fmt.Errorf("issuing certificate for node %s: %w", node.Name, err)
 	}
-	return [][]byte{der, s.cfg.NodeCA.Raw}, exp, nil
+	return [][]byte{der, s.cfg.NodeCA.Raw}, tmpl.NotAfter, nil
 }

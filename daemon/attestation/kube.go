@@ -45,7 +45,8 @@ func Scheme() (*runtime.Scheme, error) {
 	return s, nil
 }
 
-// KubeStore keeps nodes, nonces and policies in the Kubernetes API.
+// KubeStore keeps nodes, used nonces, UUID claims and policies in the
+// Kubernetes API.
 type KubeStore struct {
 	Client client.Client
 	Logger *zap.Logger
@@ -74,44 +75,12 @@ var _ Store = (*KubeStore)(nil)
 // CreateNonce implements Store.
 func (k *KubeStore) CreateNonce(ctx context.Context, n *v1alpha1.AttestationNonce) error {
 	if err := k.Client.Create(ctx, n); err != nil {
-		return fmt.Errorf("creating nonce: %w", err)
+		if apierrors.IsAlreadyExists(err) {
+			return ErrNonce
+		}
+		return fmt.Errorf("recording used nonce: %w", err)
 	}
 	return nil
-}
-
-// GetNonce implements Store.
-func (k *KubeStore) GetNonce(ctx context.Context, name string) (*v1alpha1.AttestationNonce, error) {
-	var n v1alpha1.AttestationNonce
-	if err := k.Client.Get(ctx, client.ObjectKey{Name: name}, &n); err != nil {
-		if apierrors.IsNotFound(err) {
-			return nil, ErrNonce
-		}
-		return nil, fmt.Errorf("reading nonce: %w", err)
-	}
-	return &n, nil
-}
-
-// DeleteNonce implements Store: the UID precondition makes the delete of one
-// issued nonce succeed exactly once across replicas.
-func (k *KubeStore) DeleteNonce(ctx context.Context, n *v1alpha1.AttestationNonce) error {
-	err := k.Client.Delete(ctx, n, client.Preconditions{UID: &n.UID, ResourceVersion: &n.ResourceVersion})
-	switch {
-	case err == nil:
-		return nil
-	case apierrors.IsNotFound(err), apierrors.IsConflict(err):
-		return ErrNonce
-	default:
-		return fmt.Errorf("deleting nonce: %w", err)
-	}
-}
-
-// CountNonces implements Store by the node label of nonces.
-func (k *KubeStore) CountNonces(ctx context.Context, node string) (int, error) {
-	var list v1alpha1.AttestationNonceList
-	if err := k.Client.List(ctx, &list, client.MatchingLabels{v1alpha1.LabelNode: node}); err != nil {
-		return 0, fmt.Errorf("counting nonces: %w", err)
-	}
-	return len(list.Items), nil
 }
 
 // DeleteExpiredNonces implements Store.
@@ -125,8 +94,13 @@ func (k *KubeStore) DeleteExpiredNonces(ctx context.Context, t time.Time) (int, 
 		if list.Items[i].Spec.ExpiresAt.Time.After(t) {
 			continue
 		}
-		if err := k.DeleteNonce(ctx, &list.Items[i]); err == nil {
+		m := &list.Items[i]
+		err := k.Client.Delete(ctx, m, client.Preconditions{UID: &m.UID})
+		switch {
+		case err == nil:
 			n++
+		case !apierrors.IsNotFound(err) && !apierrors.IsConflict(err):
+			return n, fmt.Errorf("deleting used nonce %s: %w", m.Name, err)
 		}
 	}
 	return n, nil
@@ -187,6 +161,55 @@ func wrapUpdate(name string, err error) error {
 		return fmt.Errorf("updating node %s: %w", name, ErrNodeNotFound)
 	default:
 		return fmt.Errorf("updating node %s: %w", name, err)
+	}
+}
+
+// GetClaim implements Store.
+func (k *KubeStore) GetClaim(ctx context.Context, uuid string) (*v1alpha1.UUIDClaim, error) {
+	var c v1alpha1.UUIDClaim
+	if err := k.Client.Get(ctx, client.ObjectKey{Name: uuid}, &c); err != nil {
+		if apierrors.IsNotFound(err) {
+			return nil, ErrClaimNotFound
+		}
+		return nil, fmt.Errorf("reading the claim of UUID %s: %w", uuid, err)
+	}
+	return &c, nil
+}
+
+// CreateClaim implements Store.
+func (k *KubeStore) CreateClaim(ctx context.Context, c *v1alpha1.UUIDClaim) error {
+	if err := k.Client.Create(ctx, c); err != nil {
+		if apierrors.IsAlreadyExists(err) {
+			return fmt.Errorf("claiming UUID %s: %w", c.Name, ErrConflict)
+		}
+		return fmt.Errorf("claiming UUID %s: %w", c.Name, err)
+	}
+	return nil
+}
+
+// UpdateClaim implements Store.
+func (k *KubeStore) UpdateClaim(ctx context.Context, c *v1alpha1.UUIDClaim) error {
+	err := k.Client.Update(ctx, c)
+	switch {
+	case err == nil:
+		return nil
+	case apierrors.IsConflict(err), apierrors.IsNotFound(err):
+		return fmt.Errorf("updating the claim of UUID %s: %w", c.Name, ErrConflict)
+	default:
+		return fmt.Errorf("updating the claim of UUID %s: %w", c.Name, err)
+	}
+}
+
+// DeleteClaim implements Store.
+func (k *KubeStore) DeleteClaim(ctx context.Context, c *v1alpha1.UUIDClaim) error {
+	err := k.Client.Delete(ctx, c, client.Preconditions{UID: &c.UID, ResourceVersion: &c.ResourceVersion})
+	switch {
+	case err == nil, apierrors.IsNotFound(err):
+		return nil
+	case apierrors.IsConflict(err):
+		return fmt.Errorf("deleting the stale claim of UUID %s: %w", c.Name, ErrConflict)
+	default:
+		return fmt.Errorf("deleting the stale claim of UUID %s: %w", c.Name, err)
 	}
 }
 

@@ -2,8 +2,12 @@ package attestation
 
 import (
 	"context"
+	"crypto/hkdf"
+	"crypto/hmac"
 	"crypto/rand"
 	"crypto/sha256"
+	"crypto/x509"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -16,93 +20,129 @@ import (
 	"github.com/sovra-dev/sovra/internal/attest"
 )
 
-// maxOutstandingNonces bounds the unused nonces of one node, so that
-// unauthenticated nonce requests cannot fill the API.
-const maxOutstandingNonces = 8
+// Nonces are stateless: issuing one stores nothing and costs no budget, so
+// anonymous GetNonce calls cannot starve a node. A nonce is
+//
+//	version (1) | expiry, Unix milliseconds (6, big endian) | random (9) | MAC (16)
+//
+// where MAC = HMAC-SHA256(nonce key, domain | node | the first 16 bytes)
+// truncated to 16 bytes. Every replica derives the nonce key from the node CA
+// key they share, so any replica checks any replica's nonce. A quote signed
+// with the node's pinned AK consumes its nonce by creating an AttestationNonce
+// marker named after it; only then does a nonce become state.
+const (
+	nonceVersion = 1
+	nonceExpLen  = 6
+	nonceRandLen = 9
+	nonceMACLen  = 16
+	// nonceBodyLen is what the MAC covers besides the domain and node.
+	nonceBodyLen = 1 + nonceExpLen + nonceRandLen
+	nonceDomain  = "sovra attestation nonce v1"
+	nonceKeyInfo = "sovra attestation nonce key v1"
+	nonceKeyLen  = 32
+	// nonceSkew tolerates replicas whose clocks differ: a nonce that
+	// expires later than now + TTL + nonceSkew was not made by a replica.
+	nonceSkew = 5 * time.Second
+	// nonceNameLen is the number of hex digits of SHA-256(nonce) in a used
+	// nonce's marker name (160 bits).
+	nonceNameLen = 40
+)
 
-// nonceNameLen is the number of hex digits of SHA-256(nonce) in a nonce's
-// object name (160 bits): the nonce itself is never stored.
-const nonceNameLen = 40
+// The nonce layout must fill attest.NonceLen exactly.
+var _ = [1]struct{}{}[nonceBodyLen+nonceMACLen-attest.NonceLen]
 
-// NonceName is the AttestationNonce name of a nonce.
+// NonceName is the AttestationNonce name of a used nonce.
 func NonceName(nonce []byte) string {
 	sum := sha256.Sum256(nonce)
 	return "n-" + hex.EncodeToString(sum[:])[:nonceNameLen]
 }
 
-// IssueNonce makes a 32-byte nonce for node, valid once until it expires.
-func (s *Service) IssueNonce(ctx context.Context, node string) ([]byte, time.Time, error) {
+// nonceKey derives the nonce MAC key from the node CA's private key.
+func nonceKey(caKey any) ([]byte, error) {
+	der, err := x509.MarshalPKCS8PrivateKey(caKey)
+	if err != nil {
+		return nil, fmt.Errorf("deriving the nonce key from the node CA key: %w", err)
+	}
+	return hkdf.Key(sha256.New, der, nil, nonceKeyInfo, nonceKeyLen)
+}
+
+func (s *Service) nonceMAC(node string, body []byte) []byte {
+	m := hmac.New(sha256.New, s.nonceKey)
+	m.Write([]byte(nonceDomain))
+	m.Write([]byte{byte(len(node))})
+	m.Write([]byte(node))
+	m.Write(body)
+	return m.Sum(nil)[:nonceMACLen]
+}
+
+// IssueNonce makes a 32-byte nonce for node, good once until it expires.
+// It stores nothing and reads nothing.
+func (s *Service) IssueNonce(_ context.Context, node string) ([]byte, time.Time, error) {
 	if err := checkNodeName(node); err != nil {
 		return nil, time.Time{}, err
 	}
-	if _, err := s.store.GetNode(ctx, node); err != nil {
-		return nil, time.Time{}, fmt.Errorf("issuing nonce for node %s: %w", node, err)
-	}
-	n, err := s.store.CountNonces(ctx, node)
-	if err != nil {
-		return nil, time.Time{}, fmt.Errorf("issuing nonce for node %s: %w", node, err)
-	}
-	if n >= maxOutstandingNonces {
-		if err := s.SweepNonces(ctx); err != nil {
-			return nil, time.Time{}, err
-		}
-		if n, err = s.store.CountNonces(ctx, node); err != nil {
-			return nil, time.Time{}, fmt.Errorf("issuing nonce for node %s: %w", node, err)
-		}
-		if n >= maxOutstandingNonces {
-			return nil, time.Time{}, fmt.Errorf("%w: node %s has %d unused nonces; use one or wait %s for them to expire",
-				ErrBusy, node, n, s.cfg.NonceTTL)
-		}
-	}
+	exp := s.clock.Now().Add(s.cfg.NonceTTL).Truncate(time.Millisecond)
 	nonce := make([]byte, attest.NonceLen)
-	if _, err := rand.Read(nonce); err != nil {
+	nonce[0] = nonceVersion
+	var ms [8]byte
+	binary.BigEndian.PutUint64(ms[:], uint64(exp.UnixMilli()))
+	copy(nonce[1:1+nonceExpLen], ms[8-nonceExpLen:])
+	if _, err := rand.Read(nonce[1+nonceExpLen : nonceBodyLen]); err != nil {
 		return nil, time.Time{}, fmt.Errorf("issuing nonce: %w", err)
 	}
-	exp := s.clock.Now().Add(s.cfg.NonceTTL)
-	obj := &v1alpha1.AttestationNonce{
-		ObjectMeta: metav1.ObjectMeta{Name: NonceName(nonce), Labels: map[string]string{v1alpha1.LabelNode: node}},
-		Spec:       v1alpha1.AttestationNonceSpec{Node: node, ExpiresAt: metav1.NewTime(exp)},
-	}
-	if err := s.store.CreateNonce(ctx, obj); err != nil {
-		return nil, time.Time{}, fmt.Errorf("storing nonce for node %s: %w", node, err)
-	}
+	copy(nonce[nonceBodyLen:], s.nonceMAC(node, nonce[:nonceBodyLen]))
 	return nonce, exp, nil
 }
 
-// consumeNonce accepts nonce for node at most once: it must exist, belong to
-// node and not have expired. A nonce of another node is left for its owner;
-// an expired one is removed.
-func (s *Service) consumeNonce(ctx context.Context, node string, nonce []byte) error {
+// checkNonce checks, without state, that nonce was issued by a replica for
+// node and has not expired; it returns its expiry.
+func (s *Service) checkNonce(node string, nonce []byte) (time.Time, error) {
 	if len(nonce) != attest.NonceLen {
-		return fmt.Errorf("%w: nonce of %d bytes, want %d", ErrInvalid, len(nonce), attest.NonceLen)
+		return time.Time{}, fmt.Errorf("%w: nonce of %d bytes, want %d", ErrInvalid, len(nonce), attest.NonceLen)
 	}
-	n, err := s.store.GetNonce(ctx, NonceName(nonce))
-	if err != nil {
-		return fmt.Errorf("%w: unknown or already used", err)
+	if nonce[0] != nonceVersion || !hmac.Equal(nonce[nonceBodyLen:], s.nonceMAC(node, nonce[:nonceBodyLen])) {
+		return time.Time{}, fmt.Errorf("%w: not issued by this daemon, or issued to another node", ErrNonce)
 	}
-	if n.Spec.Node != node {
-		return fmt.Errorf("%w: issued to another node", ErrNonce)
+	var ms [8]byte
+	copy(ms[8-nonceExpLen:], nonce[1:1+nonceExpLen])
+	exp := time.UnixMilli(int64(binary.BigEndian.Uint64(ms[:])))
+	now := s.clock.Now()
+	switch {
+	case !now.Before(exp):
+		return time.Time{}, fmt.Errorf("%w: expired at %s", ErrNonce, exp.UTC().Format(time.RFC3339))
+	case exp.After(now.Add(s.cfg.NonceTTL + nonceSkew)):
+		return time.Time{}, fmt.Errorf("%w: expires too late to be this daemon's", ErrNonce)
 	}
-	if !s.clock.Now().Before(n.Spec.ExpiresAt.Time) {
-		if err := s.store.DeleteNonce(ctx, n); err != nil && !errors.Is(err, ErrNonce) {
-			s.logger.Warn("removing expired nonce", zap.Error(err))
-		}
-		return fmt.Errorf("%w: expired at %s", ErrNonce, n.Spec.ExpiresAt.UTC().Format(time.RFC3339))
+	return exp, nil
+}
+
+// useNonce consumes a checked nonce for node, once across every replica: the
+// marker's creation is the atomic step. Call it only once the quote over the
+// nonce verified with the node's pinned AK.
+func (s *Service) useNonce(ctx context.Context, node string, nonce []byte, exp time.Time) error {
+	marker := &v1alpha1.AttestationNonce{
+		ObjectMeta: metav1.ObjectMeta{Name: NonceName(nonce), Labels: map[string]string{v1alpha1.LabelNode: node}},
+		Spec:       v1alpha1.AttestationNonceSpec{Node: node, ExpiresAt: metav1.NewTime(exp)},
 	}
-	if err := s.store.DeleteNonce(ctx, n); err != nil {
-		return fmt.Errorf("%w: already used", err)
+	err := s.store.CreateNonce(ctx, marker)
+	switch {
+	case errors.Is(err, ErrNonce):
+		return fmt.Errorf("%w: already used", ErrNonce)
+	case err != nil:
+		return fmt.Errorf("recording the use of a nonce of node %s: %w", node, err)
 	}
 	return nil
 }
 
-// SweepNonces removes expired nonces that were never used.
+// SweepNonces removes the markers of nonces that expired: no replica
+// accepts them anyway.
 func (s *Service) SweepNonces(ctx context.Context) error {
 	n, err := s.store.DeleteExpiredNonces(ctx, s.clock.Now())
 	if err != nil {
-		return fmt.Errorf("sweeping expired nonces: %w", err)
+		return fmt.Errorf("sweeping used nonces: %w", err)
 	}
 	if n > 0 {
-		s.logger.Debug("swept expired nonces", zap.Int("count", n))
+		s.logger.Debug("swept used nonces", zap.Int("count", n))
 	}
 	return nil
 }

@@ -1,9 +1,15 @@
 // Package attestation is the daemon's judge of nodes: it enrolls a node's
 // TPM (EK policy, then credential activation, pinning the AK to the EK in the
-// node's SovraNode record), issues single-use nonces stored in the API,
-// verifies attestations against the pinned AK and the AttestationPolicies
-// that select the node, records the verdict in the node's status with an
-// event, and issues the short-lived node client certificate.
+// node's SovraNode record and binding its SMBIOS UUID with a UUIDClaim),
+// issues stateless single-use nonces, verifies attestations against the
+// pinned AK and the AttestationPolicies that select the node (failing closed
+// on a policy it cannot evaluate), records the verdict and the boot the node
+// reported in its status with an event, and only then issues the
+// short-lived node credential (package nodeauth) for that record and boot.
+//
+// Nothing a caller does before it proves possession of the node's AK
+// changes state: a refused enrollment or an unauthenticated attestation is
+// logged, not recorded.
 package attestation
 
 import (
@@ -14,7 +20,9 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+	"golang.org/x/time/rate"
 
+	"github.com/sovra-dev/sovra/daemon/ratelimit"
 	"github.com/sovra-dev/sovra/internal/attest"
 )
 
@@ -22,8 +30,8 @@ import (
 const (
 	DefaultNonceTTL = time.Minute
 	DefaultCertTTL  = time.Hour
-	// certBackdate tolerates node clocks slightly behind the daemon's.
-	certBackdate = time.Minute
+	// DefaultSealWindow is the default of Config.SealWindow.
+	DefaultSealWindow = time.Hour
 )
 
 // Clock tells the time; tests advance it.
@@ -42,9 +50,13 @@ type Config struct {
 	// CertTTL is the lifetime of node client certificates; zero means
 	// DefaultCertTTL.
 	CertTTL time.Duration
-	// NodeCA signs node client certificates; NodeCAKey is its key.
+	// NodeCA signs node client certificates; NodeCAKey is its key. Every
+	// replica holds the same pair, and derives the nonce key from it.
 	NodeCA    *x509.Certificate
 	NodeCAKey crypto.Signer
+	// SealWindow is how long a node that enrolled and never sealed may
+	// Seal afterwards (its first install); zero means DefaultSealWindow.
+	SealWindow time.Duration
 }
 
 // Validate reports every problem of c at once.
@@ -55,6 +67,9 @@ func (c Config) Validate() error {
 	}
 	if c.CertTTL < 0 {
 		errs = append(errs, errors.New("certificate TTL is negative"))
+	}
+	if c.SealWindow < 0 {
+		errs = append(errs, errors.New("seal window is negative"))
 	}
 	if c.NodeCA == nil || c.NodeCAKey == nil {
 		errs = append(errs, errors.New("node CA certificate and key are required to issue node credentials"))
@@ -68,13 +83,15 @@ func (c Config) Validate() error {
 }
 
 // Service enrolls and attests nodes. It is safe for concurrent use; all its
-// state is in the Store, except the throttle of refusal events.
+// state is in the Store, except the throttle of refusal log lines.
 type Service struct {
 	cfg      Config
 	store    Store
 	clock    Clock
 	logger   *zap.Logger
-	throttle eventThrottle
+	throttle *ratelimit.Keyed
+	// nonceKey MACs nonces; derived from the node CA key.
+	nonceKey []byte
 }
 
 // New returns a Service over store. A nil clock is the system clock and a
@@ -89,6 +106,13 @@ func New(cfg Config, store Store, clock Clock, logger *zap.Logger) (*Service, er
 	if cfg.CertTTL == 0 {
 		cfg.CertTTL = DefaultCertTTL
 	}
+	if cfg.SealWindow == 0 {
+		cfg.SealWindow = DefaultSealWindow
+	}
+	key, err := nonceKey(cfg.NodeCAKey)
+	if err != nil {
+		return nil, err
+	}
 	if clock == nil {
 		clock = systemClock{}
 	}
@@ -98,7 +122,8 @@ func New(cfg Config, store Store, clock Clock, logger *zap.Logger) (*Service, er
 	if cfg.EK.TrustOnFirstUse {
 		logger.Warn("EK trust on first use is ON: any TPM that presents no verifiable certificate can enroll; use it in labs only")
 	}
-	return &Service{cfg: cfg, store: store, clock: clock, logger: logger}, nil
+	return &Service{cfg: cfg, store: store, clock: clock, logger: logger, nonceKey: key,
+		throttle: ratelimit.New(rate.Every(denialLogEvery), 1, 0, 0)}, nil
 }
 
 // NodeName is the SovraNode name of an EK hash: "ek-" and its first 32 hex

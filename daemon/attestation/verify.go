@@ -1,6 +1,7 @@
 package attestation
 
 import (
+	"bytes"
 	"context"
 	"encoding/hex"
 	"errors"
@@ -44,10 +45,13 @@ type AttestResult struct {
 }
 
 // Attest judges an attestation. Order: request shape, node record, nonce
-// (consumed once), evidence against the pinned AK, policy, node key binding,
-// then the certificate. Evidence that fails before it is authenticated by
-// the pinned AK changes no record; authenticated evidence that fails (event
-// log, policy) marks the node not attested.
+// (checked statelessly), evidence against the pinned AK, then the nonce's use
+// is recorded (only a quote the node's TPM signed consumes a nonce), the
+// node key binding, the reported boot, the policies, the verdict in the
+// record, and only then the credential. Evidence that fails before it is
+// authenticated by the pinned AK changes nothing; authenticated evidence that
+// fails (event log, policy) marks the node not attested. A verdict that cannot
+// be recorded issues no credential.
 func (s *Service) Attest(ctx context.Context, req AttestRequest) (*AttestResult, error) {
 	if err := checkNodeName(req.Node); err != nil {
 		return nil, err
@@ -63,8 +67,9 @@ func (s *Service) Attest(ctx context.Context, req AttestRequest) (*AttestResult,
 		// Pre-registered by an operator: the agent enrolls on NotFound.
 		return nil, fmt.Errorf("attesting node %s: %w: the record was created before the node enrolled; enroll first", req.Node, ErrNodeNotFound)
 	}
-	if err := s.consumeNonce(ctx, req.Node, req.Nonce); err != nil {
-		s.deny(ctx, req.Node, v1alpha1.ReasonEvidenceRejected, err)
+	exp, err := s.checkNonce(req.Node, req.Nonce)
+	if err != nil {
+		s.deny(req.Node, v1alpha1.ReasonEvidenceRejected, err)
 		return nil, err
 	}
 	v, err := attest.Verify(attest.Evidence{
@@ -76,18 +81,32 @@ func (s *Service) Attest(ctx context.Context, req AttestRequest) (*AttestResult,
 	case errors.Is(err, attest.ErrEventLog):
 		// The quote is the TPM's, fresh and bound: the boot it describes is
 		// not the one the log claims.
-		s.fail(ctx, node, v1alpha1.ReasonEventLogMismatch, err.Error())
+		if err := s.useNonce(ctx, req.Node, req.Nonce, exp); err != nil {
+			return nil, err
+		}
+		if err := s.fail(ctx, node, nil, v1alpha1.ReasonEventLogMismatch, err.Error()); err != nil {
+			return nil, err
+		}
 		return nil, fmt.Errorf("%w: %w", ErrRefused, err)
 	case errors.Is(err, attest.ErrMalformed):
-		s.deny(ctx, req.Node, v1alpha1.ReasonEvidenceRejected, err)
+		s.deny(req.Node, v1alpha1.ReasonEvidenceRejected, err)
 		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
 	case err != nil:
-		s.deny(ctx, req.Node, v1alpha1.ReasonEvidenceRejected, err)
+		s.deny(req.Node, v1alpha1.ReasonEvidenceRejected, err)
 		return nil, fmt.Errorf("%w: %w", ErrRefused, err)
+	}
+	if err := s.useNonce(ctx, req.Node, req.Nonce, exp); err != nil {
+		s.deny(req.Node, v1alpha1.ReasonEvidenceRejected, err)
+		return nil, err
 	}
 	csr, err := checkCSR(req.CSR, v.Claims)
 	if err != nil {
-		s.deny(ctx, req.Node, v1alpha1.ReasonEvidenceRejected, err)
+		s.deny(req.Node, v1alpha1.ReasonEvidenceRejected, err)
+		return nil, err
+	}
+	boot, err := reportedBoot(v.Claims, s.clock.Now())
+	if err != nil {
+		s.deny(req.Node, v1alpha1.ReasonEvidenceRejected, err)
 		return nil, err
 	}
 	policies, err := s.policiesFor(ctx, node)
@@ -97,17 +116,45 @@ func (s *Service) Attest(ctx context.Context, req AttestRequest) (*AttestResult,
 	out := attest.Evaluate(v, policies...)
 	if !out.Passed() {
 		msg := strings.Join(out.Of(attest.Enforce), "; ")
-		s.fail(ctx, node, v1alpha1.ReasonPolicyViolation, msg)
+		if err := s.fail(ctx, node, boot, v1alpha1.ReasonPolicyViolation, msg); err != nil {
+			return nil, err
+		}
 		return nil, fmt.Errorf("%w: policy violated: %s", ErrRefused, msg)
 	}
-	chain, exp, err := s.issue(node.Name, csr)
+	if err := s.pass(ctx, node, boot, v, out.Of(attest.Warn)); err != nil {
+		return nil, err
+	}
+	chain, exp, err := s.issue(node, boot.ID, csr)
 	if err != nil {
 		return nil, err
 	}
-	s.pass(ctx, node, v, out.Of(attest.Warn))
 	return &AttestResult{Chain: chain, Expires: exp, Warnings: out.Of(attest.Warn)}, nil
 }
 
+// Limits on a reported boot.
+const (
+	maxBootIDLen = 64
+	// bootSkew tolerates a node clock ahead of the daemon's.
+	bootSkew = 5 * time.Minute
+)
+
+// reportedBoot reads the boot the quoted claims report.
+func reportedBoot(cs claims.Set, now time.Time) (*v1alpha1.Boot, error) {
+	id, ok := cs.Value(claims.BootID)
+	if !ok || id == "" || len(id) > maxBootIDLen {
+		return nil, fmt.Errorf("%w: the attestation reports no boot (claim %s); update the agent", ErrInvalid, claims.BootID)
+	}
+	started, ok := cs.Value(claims.BootStarted)
+	sec, err := strconv.ParseInt(started, 10, 64)
+	if !ok || err != nil || sec <= 0 || time.Unix(sec, 0).After(now.Add(bootSkew)) {
+		return nil, fmt.Errorf("%w: the attestation reports no valid boot start (claim %s); update the agent or fix the node's clock", ErrInvalid, claims.BootStarted)
+	}
+	return &v1alpha1.Boot{ID: id, Started: metav1.NewTime(time.Unix(sec, 0))}, nil
+}
+
+// policiesFor returns the policies that apply to node. A policy whose
+// selector does not parse applies to every node, and a policy that cannot be
+// evaluated fails every node it applies to: a broken policy fails closed.
 func (s *Service) policiesFor(ctx context.Context, node *v1alpha1.SovraNode) ([]attest.Policy, error) {
 	list, err := s.store.ListPolicies(ctx)
 	if err != nil {
@@ -115,22 +162,26 @@ func (s *Service) policiesFor(ctx context.Context, node *v1alpha1.SovraNode) ([]
 	}
 	var out []attest.Policy
 	for _, p := range list {
+		var broken error
 		if p.Spec.NodeSelector != nil {
-			sel, err := metav1.LabelSelectorAsSelector(p.Spec.NodeSelector)
-			if err != nil {
-				s.logger.Warn("attestation policy has an invalid selector; it enforces nothing until fixed",
-					zap.String("policy", p.Name), zap.Error(err))
-				continue
-			}
-			if !sel.Matches(labels.Set(node.Labels)) {
+			sel, err := metav1.LabelSelectorAsSelector(p.Spec.NodeSelector.LabelSelector())
+			switch {
+			case err != nil:
+				broken = fmt.Errorf("its node selector does not parse: %w", err)
+			case !sel.Matches(labels.Set(node.Labels)):
 				continue
 			}
 		}
 		ap, err := convertPolicy(p)
-		if err != nil {
-			// A broken policy must not let nodes pass: enforce a rule no node meets.
-			ap = attest.Policy{Name: p.Name, Claims: []attest.ClaimRule{{Name: "policy-valid", Values: []string{"-"}, Mode: attest.Enforce}}}
-			s.logger.Warn("attestation policy is invalid; it fails every node it selects", zap.String("policy", p.Name), zap.Error(err))
+		if broken == nil {
+			broken = err
+		}
+		if broken != nil {
+			s.logger.Warn("attestation policy cannot be evaluated; it fails every node it may select until fixed",
+				zap.String("policy", p.Name), zap.Error(broken))
+			ap = attest.Policy{Name: p.Name, Claims: []attest.ClaimRule{{
+				Name: "policy-valid", Values: []string{"-"}, Mode: attest.Enforce,
+			}}}
 		}
 		out = append(out, ap)
 	}
@@ -163,14 +214,14 @@ func mode(m v1alpha1.Mode) attest.Mode {
 	return attest.Enforce
 }
 
-// pass records a passing attestation.
-func (s *Service) pass(ctx context.Context, node *v1alpha1.SovraNode, v *attest.Verified, warnings []string) {
+// pass records a passing attestation of boot.
+func (s *Service) pass(ctx context.Context, node *v1alpha1.SovraNode, boot *v1alpha1.Boot, v *attest.Verified, warnings []string) error {
 	now := metav1.NewTime(s.clock.Now())
 	msg := "quote verified with the pinned AK, event log replayed, policy passed"
 	if len(warnings) > 0 {
 		msg += " with warnings: " + strings.Join(warnings, "; ")
 	}
-	s.updateStatus(ctx, node, func(n *v1alpha1.SovraNode) {
+	err := s.updateStatus(ctx, node, func(n *v1alpha1.SovraNode) {
 		n.Status.LastAttestationTime = &now
 		n.Status.LastAttestationResult = v1alpha1.ResultPassed
 		n.Status.Reason, n.Status.Message, n.Status.Warnings = v1alpha1.ReasonAttestationPassed, msg, warnings
@@ -189,51 +240,93 @@ func (s *Service) pass(ctx context.Context, node *v1alpha1.SovraNode, v *attest.
 				n.Status.Claims[name] = c.Value
 			}
 		}
+		recordBoot(n, boot, v1alpha1.ResultPassed, now)
 		meta.SetStatusCondition(&n.Status.Conditions, metav1.Condition{
 			Type: v1alpha1.ConditionAttested, Status: metav1.ConditionTrue,
 			Reason: v1alpha1.ReasonAttestationPassed, Message: msg, LastTransitionTime: now,
 		})
 	})
-	s.store.Event(ctx, node, false, v1alpha1.ReasonAttestationPassed, msg)
-	s.logger.Info("attested", zap.String("node", node.Name), zap.Strings("warnings", warnings))
+	if err != nil {
+		return err
+	}
+	s.store.Event(ctx, node, false, v1alpha1.ReasonAttestationPassed, msg+"; boot "+boot.ID)
+	s.logger.Info("attested", zap.String("node", node.Name), zap.String("boot", boot.ID), zap.Strings("warnings", warnings))
+	return nil
 }
 
-// fail records an authenticated attestation that failed.
-func (s *Service) fail(ctx context.Context, node *v1alpha1.SovraNode, reason, msg string) {
+// fail records an authenticated attestation that failed; boot is nil when
+// the evidence could not say which boot it was.
+func (s *Service) fail(ctx context.Context, node *v1alpha1.SovraNode, boot *v1alpha1.Boot, reason, msg string) error {
 	now := metav1.NewTime(s.clock.Now())
-	s.updateStatus(ctx, node, func(n *v1alpha1.SovraNode) {
+	err := s.updateStatus(ctx, node, func(n *v1alpha1.SovraNode) {
 		n.Status.LastAttestationTime = &now
 		n.Status.LastAttestationResult = v1alpha1.ResultFailed
 		n.Status.Reason, n.Status.Message, n.Status.Warnings = reason, msg, nil
+		if boot != nil {
+			recordBoot(n, boot, v1alpha1.ResultFailed, now)
+		}
 		meta.SetStatusCondition(&n.Status.Conditions, metav1.Condition{
 			Type: v1alpha1.ConditionAttested, Status: metav1.ConditionFalse,
 			Reason: reason, Message: msg, LastTransitionTime: now,
 		})
 	})
+	if err != nil {
+		return err
+	}
 	s.store.Event(ctx, node, true, reason, msg)
 	s.logger.Warn("attestation failed", zap.String("node", node.Name), zap.String("reason", reason), zap.String("message", msg))
+	return nil
 }
 
+// recordBoot puts boot first in n's boots (updating it when known) and
+// keeps at most MaxBoots.
+func recordBoot(n *v1alpha1.SovraNode, boot *v1alpha1.Boot, result string, now metav1.Time) {
+	b := *boot
+	b.FirstAttested, b.LastAttested, b.Result = now, now, result
+	boots := []v1alpha1.Boot{b}
+	for _, old := range n.Status.Boots {
+		if old.ID == b.ID {
+			boots[0].FirstAttested = old.FirstAttested
+			continue
+		}
+		if len(boots) < v1alpha1.MaxBoots {
+			boots = append(boots, old)
+		}
+	}
+	n.Status.Boots = boots
+}
+
+// statusAttempts bounds the retries of a verdict write on conflicts.
+const statusAttempts = 5
+
 // updateStatus applies mutate to the freshest copy of the node, retrying on
-// conflicts with other replicas. A record that vanished (revoked) is left so.
-func (s *Service) updateStatus(ctx context.Context, node *v1alpha1.SovraNode, mutate func(*v1alpha1.SovraNode)) {
-	const attempts = 5
+// conflicts with other replicas, and returns an error when the verdict could
+// not be recorded (the caller then issues nothing).
+func (s *Service) updateStatus(ctx context.Context, node *v1alpha1.SovraNode, mutate func(*v1alpha1.SovraNode)) error {
 	n := node
-	for range attempts {
+	for range statusAttempts {
 		mutate(n)
 		err := s.store.UpdateNodeStatus(ctx, n)
 		if err == nil {
 			*node = *n
-			return
+			return nil
 		}
 		if !errors.Is(err, ErrConflict) {
 			s.logger.Error("recording attestation result", zap.String("node", node.Name), zap.Error(err))
-			return
+			return fmt.Errorf("recording the verdict of node %s: %w", node.Name, err)
 		}
-		if n, err = s.store.GetNode(ctx, node.Name); err != nil {
+		fresh, err := s.store.GetNode(ctx, node.Name)
+		if err != nil {
 			s.logger.Error("recording attestation result", zap.String("node", node.Name), zap.Error(err))
-			return
+			return fmt.Errorf("recording the verdict of node %s: %w", node.Name, err)
 		}
+		if fresh.UID != node.UID || !bytes.Equal(fresh.Spec.AKPublic, node.Spec.AKPublic) {
+			// Revoked and enrolled again, or a new AK: this verdict is not
+			// about the record that is there now.
+			return fmt.Errorf("%w: the record of node %s changed while it attested; attest again", ErrConflict, node.Name)
+		}
+		n = fresh
 	}
 	s.logger.Error("recording attestation result: too many conflicts", zap.String("node", node.Name))
+	return fmt.Errorf("%w: recording the verdict of node %s", ErrConflict, node.Name)
 }

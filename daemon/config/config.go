@@ -36,6 +36,11 @@ const (
 	defaultNonceTTL        = time.Minute
 	defaultNodeRatePerIP   = 10
 	defaultAttestDeadline  = 10 * time.Minute
+	defaultSealWindow      = time.Hour
+	defaultKMSRatePerIP    = 5
+	// maxSealWindow bounds --seal-window: a window is a time in which
+	// anyone who knows a new node's UUID may Seal.
+	maxSealWindow = 24 * time.Hour
 
 	// maxUnixSocketPath is the longest path a unix socket can have on Linux
 	// (sun_path is 108 bytes with the terminating NUL).
@@ -138,9 +143,17 @@ type KMS struct {
 	// LabMode lets any node Seal (its record is created on first Seal and
 	// must enroll within AttestDeadline).
 	LabMode bool
-	// AttestDeadline is how long a node has after an Unseal to pass an
-	// attestation before it is quarantined.
+	// AttestDeadline is how long a key release waits for the node to report
+	// the boot that explains it before it is an unexpected release.
 	AttestDeadline time.Duration
+	// SealWindow is how long after its creation (pre-registration or
+	// enrollment) a record may Seal.
+	SealWindow time.Duration
+	// QuarantineUnexpected quarantines a node on an unexpected release.
+	QuarantineUnexpected bool
+	// RatePerIP bounds the KMS calls of one source address, in calls a
+	// second (burst: four seconds of it).
+	RatePerIP float64
 	// BindAddresses refuses calls from addresses the node's record does not list.
 	BindAddresses bool
 	// TrustedProxies are CIDRs or IPs whose X-Forwarded-For is believed.
@@ -154,7 +167,7 @@ func New() *Config {
 		Listen:          defaultListen,
 		OIDC:            OIDC{UsernameClaim: defaultUsernameClaim},
 		NodeAPI:         NodeAPI{Listen: defaultNodeListen, NodeCertTTL: defaultNodeCertTTL, NonceTTL: defaultNonceTTL, RatePerIP: defaultNodeRatePerIP},
-		KMS:             KMS{AttestDeadline: defaultAttestDeadline},
+		KMS:             KMS{AttestDeadline: defaultAttestDeadline, SealWindow: defaultSealWindow, RatePerIP: defaultKMSRatePerIP},
 		LogLevel:        "info",
 		ShutdownTimeout: defaultShutdownTimeout,
 		Controllers:     controllers.All,
@@ -186,7 +199,10 @@ func (c *Config) FlagSet() *pflag.FlagSet {
 	fs.StringVar(&c.KMS.MasterKeyFile, "master-key-file", c.KMS.MasterKeyFile, "master keyring of the Talos KMS (mode 0600, outside the datastore, the same on every replica; created when missing); empty turns the KMS off")
 	fs.StringVar(&c.KMS.Listen, "kms-listen", c.KMS.Listen, "TLS address of the Talos KMS (sidero.kms.KMSService) and the volume key service; empty serves them on the node API (--node-listen)")
 	fs.BoolVar(&c.KMS.LabMode, "kms-lab-mode", c.KMS.LabMode, "labs only: let any node Seal; its record is created on first Seal and must enroll within --attest-deadline")
-	fs.DurationVar(&c.KMS.AttestDeadline, "attest-deadline", c.KMS.AttestDeadline, "how long a node has after an Unseal to pass an attestation before it is quarantined")
+	fs.DurationVar(&c.KMS.AttestDeadline, "attest-deadline", c.KMS.AttestDeadline, "how long a key release waits for the node to report (attest) the boot that explains it before it raises UnexpectedUnseal")
+	fs.DurationVar(&c.KMS.SealWindow, "seal-window", c.KMS.SealWindow, "how long after its creation (pre-registration or enrollment) a node's record may Seal; later Seals need a window an operator opens (annotation kms.sovra.dev/sealing-window)")
+	fs.BoolVar(&c.KMS.QuarantineUnexpected, "kms-quarantine-unexpected", c.KMS.QuarantineUnexpected, "strict sites: quarantine a node whose key was released unexpectedly (default: an alarm, the node still boots)")
+	fs.Float64Var(&c.KMS.RatePerIP, "kms-rate-per-ip", c.KMS.RatePerIP, "KMS calls a second each source address may make (burst: 4 s of it); raise it for nodes behind one NAT")
 	fs.BoolVar(&c.KMS.BindAddresses, "kms-bind-addresses", c.KMS.BindAddresses, "refuse KMS calls from addresses the node's record does not list")
 	fs.StringSliceVar(&c.KMS.TrustedProxies, "kms-trusted-proxies", c.KMS.TrustedProxies, "CIDRs or IPs of proxies whose X-Forwarded-For the KMS believes (repeat or comma-separate)")
 	fs.StringVar(&c.AdminGroup, "admin-group", c.AdminGroup, "group bound to cluster-admin")
@@ -350,6 +366,12 @@ func (c *Config) validateKMS() []error {
 	}
 	if k.AttestDeadline <= 0 {
 		errs = append(errs, fmt.Errorf("--attest-deadline %s: must be positive", k.AttestDeadline))
+	}
+	if k.SealWindow <= 0 || k.SealWindow > maxSealWindow {
+		errs = append(errs, fmt.Errorf("--seal-window %s: must be positive and at most %s", k.SealWindow, maxSealWindow))
+	}
+	if k.RatePerIP <= 0 || math.IsNaN(k.RatePerIP) || math.IsInf(k.RatePerIP, 0) {
+		errs = append(errs, fmt.Errorf("--kms-rate-per-ip %v: must be a positive number of calls a second", k.RatePerIP))
 	}
 	for _, p := range k.TrustedProxies {
 		if _, _, err := net.ParseCIDR(p); err != nil && net.ParseIP(p) == nil {

@@ -6,8 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"math"
 
 	"go.uber.org/zap"
+	"golang.org/x/time/rate"
 	"k8s.io/client-go/rest"
 
 	"github.com/sovra-dev/sovra/daemon/config"
@@ -15,13 +17,17 @@ import (
 	"github.com/sovra-dev/sovra/daemon/datadir"
 )
 
+// rateBurstSeconds is the burst of the per-source limit in seconds of its rate.
+const rateBurstSeconds = 4
+
 // NewFromConfig builds sovrad's KMS from its configuration: it loads the
 // master keyring (creating it with one fresh version when the file is
 // missing), and returns the service with the TLS configuration to Serve it
 // with: the node API's serving certificate (nodes trust the node CA), and
 // client certificates verified against the node CA when given (Talos gives
-// none; agents present their node credential for volume keys).
-func NewFromConfig(cfg *config.Config, files *datadir.Files, loopback *rest.Config, logger *zap.Logger) (*Service, *tls.Config, error) {
+// none; agents present their node credential for volume keys). replica
+// names this replica in the ledger of key releases (ReplicaName).
+func NewFromConfig(cfg *config.Config, files *datadir.Files, loopback *rest.Config, replica string, logger *zap.Logger) (*Service, *tls.Config, error) {
 	c := cfg.KMS
 	if logger == nil {
 		logger = zap.NewNop()
@@ -52,10 +58,15 @@ func NewFromConfig(cfg *config.Config, files *datadir.Files, loopback *rest.Conf
 	nodeCAs := x509.NewCertPool()
 	nodeCAs.AddCert(files.NodeCA.Cert)
 	svc, err := New(Config{
-		LabMode:        c.LabMode,
-		AttestDeadline: c.AttestDeadline,
-		BindAddresses:  c.BindAddresses,
-		TrustedProxies: proxies,
+		LabMode:              c.LabMode,
+		AttestDeadline:       c.AttestDeadline,
+		SealWindow:           c.SealWindow,
+		QuarantineUnexpected: c.QuarantineUnexpected,
+		BindAddresses:        c.BindAddresses,
+		TrustedProxies:       proxies,
+		Replica:              replica,
+		SourceRate:           rate.Limit(c.RatePerIP),
+		SourceBurst:          max(DefaultSourceBurst, int(math.Ceil(c.RatePerIP*rateBurstSeconds))),
 		// The node API installs the CRDs when it runs; two installers race.
 		InstallCRDs: cfg.NodeAPI.Listen == "",
 	}, loopback, keyring, logger)

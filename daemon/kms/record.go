@@ -1,6 +1,8 @@
 package kms
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"net/netip"
@@ -16,21 +18,23 @@ import (
 
 // What the KMS keeps on a SovraNode besides its key salt.
 const (
-	// ConditionQuarantined is True while the node may not Unseal: it
-	// unsealed and then failed or missed attestation (or, in lab mode, never
-	// enrolled). Only an operator clears it, with AnnotationClearQuarantine.
-	ConditionQuarantined = "Quarantined"
-	// AnnotationReleasedAt is the time (RFC 3339, UTC) of the Unseal that
-	// started the node's attestation deadline; removed once it attests.
-	AnnotationReleasedAt = "kms.sovra.dev/released-at"
+	// ConditionQuarantined is the node's quarantine (v1alpha1).
+	ConditionQuarantined = v1alpha1.ConditionQuarantined
 	// AnnotationClearQuarantine, set to any value by an operator
 	// (kubectl annotate snode NAME kms.sovra.dev/clear-quarantine=yes),
 	// lifts the quarantine; the KMS then removes it.
 	AnnotationClearQuarantine = "kms.sovra.dev/clear-quarantine"
-	// LabelLabPending marks a record the KMS created in lab mode for a node
-	// that sealed before it enrolled; its salt moves to the node's enrolled
-	// record when one claims the same UUID.
-	LabelLabPending = "kms.sovra.dev/lab-pending"
+	// AnnotationClearUnexpectedUnseal, set by an operator who looked into
+	// an unexpected key release, clears the UnexpectedUnseal condition and
+	// list; the KMS then removes it.
+	AnnotationClearUnexpectedUnseal = "kms.sovra.dev/clear-unexpected-unseal"
+	// AnnotationSealingWindow, set by an operator to a duration (kubectl
+	// annotate snode NAME kms.sovra.dev/sealing-window=30m), opens a
+	// sealing window for that long (at most MaxSealingWindow); the KMS then
+	// removes it, records the window and says so in an event.
+	AnnotationSealingWindow = "kms.sovra.dev/sealing-window"
+	// LabelLabPending marks a lab record (v1alpha1).
+	LabelLabPending = v1alpha1.LabelLabPending
 	// labNamePrefix prefixes the names of lab records.
 	labNamePrefix = "kms-lab-"
 	// placeholderEKHash fills the required EK hash of a lab record: no TPM
@@ -38,21 +42,23 @@ const (
 	placeholderEKHash = "0000000000000000000000000000000000000000000000000000000000000000"
 )
 
-// Reasons of the Quarantined condition.
+// Reasons of the Quarantined and UnexpectedUnseal conditions.
 const (
-	ReasonFailedAfterUnseal = "AttestationFailedAfterUnseal"
-	ReasonDeadlineMissed    = "AttestationDeadlineMissed"
-	ReasonEnrollmentMissed  = "EnrollmentDeadlineMissed"
-	ReasonQuarantineCleared = "ClearedByOperator"
+	ReasonFailedAfterUnseal  = "AttestationFailedAfterUnseal"
+	ReasonUnexpectedUnseal   = "UnexpectedUnseal"
+	ReasonEnrollmentMissed   = "EnrollmentDeadlineMissed"
+	ReasonQuarantineCleared  = "ClearedByOperator"
+	reasonUnexpectedNoBoot   = "NoReportedBootExplainsIt"
+	reasonUnexpectedTwice    = "ReleasedAgainInOneBoot"
+	reasonUnexpectedTooLate  = "ReleasedLateInItsBoot"
+	reasonUnexpectedConflict = "ReleasedToAnotherSource"
 )
 
 const (
 	// maxUUIDLen bounds a node UUID (Talos sends 36 characters).
 	maxUUIDLen = 64
-	// releasedAtTimeFormat formats AnnotationReleasedAt.
-	releasedAtTimeFormat = time.RFC3339Nano
-	// attestationTimeGranule is the precision of stored attestation times.
-	attestationTimeGranule = time.Second
+	// blobFingerprintLen is the hex digits of a blob's SHA-256 kept.
+	blobFingerprintLen = 16
 )
 
 // uuidPattern is what a node UUID may look like: SMBIOS UUIDs are hex and
@@ -70,16 +76,11 @@ func conditionTrue(n *v1alpha1.SovraNode, typ string) bool {
 	return meta.IsStatusConditionTrue(n.Status.Conditions, typ)
 }
 
-func quarantined(n *v1alpha1.SovraNode) bool { return conditionTrue(n, ConditionQuarantined) }
+func quarantined(n *v1alpha1.SovraNode) bool { return n.Quarantined() }
 
-func enrolled(n *v1alpha1.SovraNode) bool {
-	return !isLab(n) && conditionTrue(n, v1alpha1.ConditionEnrolled)
-}
+func enrolled(n *v1alpha1.SovraNode) bool { return !isLab(n) && n.Enrolled() }
 
-func attestedOK(n *v1alpha1.SovraNode) bool {
-	return n.Status.LastAttestationResult == v1alpha1.ResultPassed &&
-		conditionTrue(n, v1alpha1.ConditionAttested)
-}
+func attestedOK(n *v1alpha1.SovraNode) bool { return n.AttestedOK() }
 
 // knowsAddress reports whether a is one of the node's known addresses.
 func knowsAddress(n *v1alpha1.SovraNode, a netip.Addr) bool {
@@ -91,36 +92,26 @@ func knowsAddress(n *v1alpha1.SovraNode, a netip.Addr) bool {
 	return false
 }
 
-// releasedAt is the start of the node's attestation deadline, if any.
-func releasedAt(n *v1alpha1.SovraNode) (time.Time, bool) {
-	v, ok := n.Annotations[AnnotationReleasedAt]
-	if !ok {
-		return time.Time{}, false
-	}
-	t, err := time.Parse(releasedAtTimeFormat, v)
-	return t, err == nil
+// fingerprint names a blob in the ledger and the record: the first 16 hex
+// digits of its SHA-256. A blob is ciphertext; its hash reveals nothing.
+func fingerprint(blob []byte) string {
+	sum := sha256.Sum256(blob)
+	return hex.EncodeToString(sum[:])[:blobFingerprintLen]
 }
 
-// attestedSince reports the node's last attestation if it was judged after
-// t. Attestation times are stored to the second, so only a later second
-// counts: an attestation in the second of the Unseal may have preceded it.
-func attestedSince(n *v1alpha1.SovraNode, t time.Time) (passed, judged bool) {
-	lt := n.Status.LastAttestationTime
-	if lt == nil || !lt.Time.After(t.Truncate(attestationTimeGranule)) {
-		return false, false
-	}
-	return n.Status.LastAttestationResult == v1alpha1.ResultPassed, true
-}
-
-func setQuarantine(n *v1alpha1.SovraNode, on bool, reason, msg string, now time.Time) {
+func setCondition(n *v1alpha1.SovraNode, typ string, on bool, reason, msg string, now time.Time) {
 	status := metav1.ConditionFalse
 	if on {
 		status = metav1.ConditionTrue
 	}
 	meta.SetStatusCondition(&n.Status.Conditions, metav1.Condition{
-		Type: ConditionQuarantined, Status: status, Reason: reason, Message: msg,
+		Type: typ, Status: status, Reason: reason, Message: msg,
 		LastTransitionTime: metav1.NewTime(now), ObservedGeneration: n.Generation,
 	})
+}
+
+func setQuarantine(n *v1alpha1.SovraNode, on bool, reason, msg string, now time.Time) {
+	setCondition(n, ConditionQuarantined, on, reason, msg, now)
 }
 
 // annotationPatch is a JSON merge patch of metadata.annotations.
@@ -132,36 +123,21 @@ func annotationPatch(set map[string]*string) ([]byte, error) {
 	return b, nil
 }
 
-// pick chooses the record a call about one UUID is judged on. Several
-// records may claim a UUID (a lab record and the node's enrolled record
-// while its salt moves; or a second TPM claiming someone else's UUID). The
-// record holding a salt wins, since only it opens anything; among several
-// such, a non-lab record; without a salt, the only non-lab record. Anything
-// else is ambiguous and refused.
-func pick(cands []*v1alpha1.SovraNode) (*v1alpha1.SovraNode, bool) {
+// resolve returns the record a call about uuid is judged on: the record
+// the UUID's claim names (that instance of it), and only for a UUID nobody
+// claimed (a record an operator made, which the sweeper claims within a
+// second) the one record that names the UUID. Anything else is nobody's.
+func resolve(st Store, uuid string) *v1alpha1.SovraNode {
+	if c := st.Claim(uuid); c != nil {
+		rec := st.Node(c.Spec.Node)
+		if rec == nil || (c.Spec.NodeUID != "" && rec.UID != c.Spec.NodeUID) {
+			return nil
+		}
+		return rec
+	}
+	cands := st.ByUUID(uuid)
 	if len(cands) == 1 {
-		return cands[0], true
+		return cands[0]
 	}
-	var salted, nonLab, saltedNonLab []*v1alpha1.SovraNode
-	for _, c := range cands {
-		has := len(c.Status.KeySalt) > 0
-		if has {
-			salted = append(salted, c)
-		}
-		if !isLab(c) {
-			nonLab = append(nonLab, c)
-			if has {
-				saltedNonLab = append(saltedNonLab, c)
-			}
-		}
-	}
-	switch {
-	case len(salted) == 1:
-		return salted[0], true
-	case len(salted) > 1 && len(saltedNonLab) == 1:
-		return saltedNonLab[0], true
-	case len(salted) == 0 && len(nonLab) == 1:
-		return nonLab[0], true
-	}
-	return nil, false
+	return nil
 }

@@ -8,10 +8,13 @@ import (
 	"net"
 	"time"
 
+	kmsapi "github.com/siderolabs/kms-client/api/kms"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/keepalive"
+
+	"github.com/sovra-dev/sovra/daemon/nodeauth"
 )
 
 const (
@@ -23,19 +26,25 @@ const (
 
 // NewGRPCServer returns a gRPC server over TLS for the KMS and the volume
 // key API, with requests bounded by MaxRequestSize. Client certificates
-// may be verified but never required: Talos presents none. Used until both
-// are registered on the node API server.
-func NewGRPCServer(tlsCfg *tls.Config) (*grpc.Server, error) {
+// may be verified but never required: Talos presents none. auth
+// authenticates the node credential of every call but the KMS's.
+func NewGRPCServer(tlsCfg *tls.Config, auth *nodeauth.Authenticator) (*grpc.Server, error) {
 	if tlsCfg == nil || (len(tlsCfg.Certificates) == 0 && tlsCfg.GetCertificate == nil) {
 		return nil, errors.New("the KMS needs a TLS serving certificate")
 	}
 	if tlsCfg.ClientAuth > tls.VerifyClientCertIfGiven {
 		return nil, errors.New("the KMS must not require client certificates: Talos presents none")
 	}
+	if auth == nil {
+		return nil, errors.New("the KMS server needs the node credential authenticator for the volume key service")
+	}
 	tlsCfg = tlsCfg.Clone()
 	tlsCfg.MinVersion = max(tlsCfg.MinVersion, tls.VersionTLS12)
+	unary, stream := auth.Interceptors(kmsapi.KMSService_ServiceDesc.ServiceName)
 	return grpc.NewServer(
 		grpc.Creds(credentials.NewTLS(tlsCfg)),
+		grpc.ChainUnaryInterceptor(unary),
+		grpc.ChainStreamInterceptor(stream),
 		grpc.MaxRecvMsgSize(MaxRequestSize),
 		grpc.MaxConcurrentStreams(maxConcurrentStreams),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second}),
@@ -44,8 +53,8 @@ func NewGRPCServer(tlsCfg *tls.Config) (*grpc.Server, error) {
 
 // Serve runs the KMS on its own TLS listener at addr until ctx ends: the
 // gRPC server and Run together.
-func (s *Service) Serve(ctx context.Context, addr string, tlsCfg *tls.Config) error {
-	g, err := NewGRPCServer(tlsCfg)
+func (s *Service) Serve(ctx context.Context, addr string, tlsCfg *tls.Config, auth *nodeauth.Authenticator) error {
+	g, err := NewGRPCServer(tlsCfg, auth)
 	if err != nil {
 		return err
 	}

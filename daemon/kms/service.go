@@ -1,13 +1,23 @@
 // Package kms is the daemon's Talos KMS: the sidero.kms.KMSService (Seal,
 // Unseal) that Talos calls, without client credentials, to seal and unseal
-// the keys of its STATE and EPHEMERAL volumes. Every call is judged on the
-// node's SovraNode record: Seal only for enrolled or pre-registered nodes
-// (any node in lab mode), Unseal only for nodes that are enrolled, not
-// revoked, not quarantined and whose last attestation passed. A node that
-// unsealed and then fails or misses attestation is quarantined. Denials are
-// uniform (PermissionDenied); the reason goes to the audit trail: an event on
-// the node's record and a structured log line, never key material. Keys are
-// kept by package custody.
+// the keys of its STATE and EPHEMERAL volumes. Nobody authenticates a KMS
+// call, so every rule holds against a caller who knows a node's UUID:
+//
+//   - Seal only inside a sealing window: a new record's first window, a
+//     window enrollment, an operator or a wipe opened, or lab mode (see
+//     window.go). Outside one, Seal answers exactly as for an unknown UUID.
+//   - Unseal only for a record that is enrolled, not quarantined and whose
+//     last attestation passed; the record is the one the UUID's claim names.
+//   - No call creates per-node state or spends a per-node budget: limits are
+//     per source address with a global fair share; refused calls are folded
+//     into one event per node and reason.
+//   - Every release is written to this replica's ledger (in batches, not one
+//     API write per call) and attributed to a boot the node reported; a
+//     release no boot explains raises UnexpectedUnseal (accounting.go).
+//
+// Denials are uniform (PermissionDenied); the reason goes to the decision log
+// line and the node's events, never key material. Keys are kept by package
+// custody.
 package kms
 
 import (
@@ -15,7 +25,6 @@ import (
 	"errors"
 	"fmt"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -54,7 +63,7 @@ const (
 	reasonInvalid      = "InvalidRequest"
 	reasonRateLimited  = "RateLimited"
 	reasonUnknown      = "UnknownNode"
-	reasonAmbiguous    = "AmbiguousUUID"
+	reasonNoWindow     = "NoSealingWindow"
 	reasonQuarantined  = "Quarantined"
 	reasonNotEnrolled  = "NotEnrolled"
 	reasonNotAttested  = "LastAttestationNotPassed"
@@ -95,20 +104,16 @@ type Service struct {
 	loopback *rest.Config
 	clock    Clock
 	logger   *zap.Logger
-	limits   *ratelimit.Keyed
-	audit    *auditor
-	// pace bounds the rate of writes off the request path.
-	pace *pacer
+	// limits bounds calls per source address, with a global fair share.
+	limits *ratelimit.Keyed
+	// throttled folds the log lines of rate-limited calls per source.
+	throttled *throttleLog
+	// ledger holds this replica's key releases.
+	ledger *ledger
 
 	// store is nil until Run has synced the node cache; calls before that
 	// are refused as Unavailable.
 	store atomic.Pointer[storeBox]
-
-	// mu guards releases: nodes whose Unseal starts an attestation
-	// deadline, to be written to their records by the release writer.
-	mu       sync.Mutex
-	releases map[string]time.Time
-	released chan struct{}
 }
 
 type storeBox struct{ Store }
@@ -157,14 +162,11 @@ func newService(cfg Config, keyring *custody.Keyring, clock Clock, logger *zap.L
 	if cfg.LabMode {
 		logger.Warn("KMS lab mode is ON: any node UUID may Seal; its record is created on first Seal; use it in labs only")
 	}
-	pace := newPacer()
 	return &Service{
 		cfg: cfg, policy: cfg.policyVersion(), keyring: keyring, clock: clock, logger: logger,
-		limits:   ratelimit.New(cfg.NodeRate, cfg.NodeBurst, cfg.GlobalRate, cfg.GlobalBurst),
-		audit:    newAuditor(pace, logger),
-		pace:     pace,
-		releases: map[string]time.Time{},
-		released: make(chan struct{}, 1),
+		limits:    ratelimit.New(cfg.SourceRate, cfg.SourceBurst, cfg.GlobalRate, cfg.GlobalBurst),
+		throttled: newThrottleLog(logger),
+		ledger:    newLedger(cfg.Replica),
 	}, nil
 }
 
@@ -173,8 +175,9 @@ func newService(cfg Config, keyring *custody.Keyring, clock Clock, logger *zap.L
 func (s *Service) Register(g grpc.ServiceRegistrar) { kmsapi.RegisterKMSServiceServer(g, s) }
 
 // Run connects to the API (retrying until it answers), installs the
-// sovra.dev CRDs if needed, syncs the node cache, and then runs the audit
-// writers, the release writer and the quarantine sweeper until ctx ends.
+// sovra.dev CRDs if needed, syncs the caches and loads this replica's
+// ledger, and then runs the ledger, the judge of releases and the sweeper
+// until ctx ends.
 func (s *Service) Run(ctx context.Context) error {
 	if s.store.Load() == nil {
 		var ks *kubeStore
@@ -193,20 +196,37 @@ func (s *Service) Run(ctx context.Context) error {
 		if err := ks.start(ctx); err != nil {
 			return nil // shutting down before the first sync
 		}
+		for {
+			err := s.ledger.load(ctx, ks)
+			if err == nil {
+				break
+			}
+			s.logger.Warn("loading this replica's ledger of key releases; retrying", zap.Error(err))
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-time.After(startRetry):
+			}
+		}
 		s.store.Store(&storeBox{ks})
-		s.logger.Info("KMS ready", zap.String("policy", s.policy), zap.Uint32("master_key_version", s.keyring.Current()))
+		s.logger.Info("KMS ready", zap.String("policy", s.policy), zap.Uint32("master_key_version", s.keyring.Current()),
+			zap.String("replica", s.cfg.Replica))
 	}
 	st := s.store.Load().Store
-	var wg sync.WaitGroup
-	wg.Add(3)
-	go func() { defer wg.Done(); s.audit.run(ctx, st) }()
-	go func() { defer wg.Done(); s.writeReleases(ctx, st) }()
-	go func() { defer wg.Done(); s.sweep(ctx, st) }()
-	wg.Wait()
+	done := make(chan struct{}, 2)
+	go func() { s.account(ctx, st); done <- struct{}{} }()
+	go func() { s.sweep(ctx, st); done <- struct{}{} }()
+	s.throttled.run(ctx)
+	<-done
+	<-done
+	// Write what the last moments released.
+	fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), recordWriteTimeout)
+	defer cancel()
+	s.flush(fctx, st)
 	return nil
 }
 
-// Ready reports whether the node cache has synced.
+// Ready reports whether the caches have synced and the ledger is loaded.
 func (s *Service) Ready() bool { return s.store.Load() != nil }
 
 // call is one request being judged.
@@ -227,46 +247,54 @@ func (s *Service) Seal(ctx context.Context, req *kmsapi.Request) (*kmsapi.Respon
 	if len(req.GetData()) == 0 || len(req.GetData()) > custody.MaxData {
 		return nil, s.deny(c, reasonInvalid, fmt.Sprintf("data of %d bytes", len(req.GetData())))
 	}
+	// Decide from the cache first, so that a Seal outside a window costs
+	// and answers exactly what one for an unknown UUID does.
+	rec := resolve(st, c.uuid)
+	switch {
+	case rec == nil && !s.cfg.LabMode:
+		return nil, s.deny(c, reasonUnknown, "no record claims this UUID: enroll or pre-register the node")
+	case rec != nil:
+		c.record = rec
+		if why, open := s.sealWindow(rec, s.clock.Now()); !open {
+			return nil, s.deny(c, reasonNoWindow, why)
+		}
+	}
 	ctx, cancel := context.WithTimeout(ctx, sealTimeout)
 	defer cancel()
-	rec, reason, detail := s.sealRecord(ctx, st, c)
-	if rec == nil {
-		return nil, s.deny(c, reason, detail)
-	}
-	c.record = rec
-	blob, err := s.keyring.Seal(rec.Status.KeySalt, c.uuid, req.GetData())
-	if err != nil {
-		return nil, s.deny(c, reasonInternal, err.Error())
-	}
-	s.allow(c, reasonSealed, fmt.Sprintf("sealed %d bytes with master key version %d", len(req.GetData()), s.keyring.Current()))
-	return &kmsapi.Response{Data: blob}, nil
-}
-
-// sealRecord finds (in lab mode, creates) the record a Seal is for, judges
-// it, and makes sure it has a salt. It reads the API, not the cache: a
-// blob sealed under a stale salt would be lost.
-func (s *Service) sealRecord(ctx context.Context, st Store, c *call) (*v1alpha1.SovraNode, string, string) {
-	var name string
-	cands := st.ByUUID(c.uuid)
-	switch rec, ok := pick(cands); {
-	case len(cands) == 0 && !s.cfg.LabMode:
-		return nil, reasonUnknown, "no record claims this UUID: enroll or pre-register the node"
-	case len(cands) == 0:
+	name := ""
+	if rec != nil {
+		name = rec.Name
+	} else {
 		name = labName(c.uuid)
 		if err := s.createLabRecord(ctx, st, c, name); err != nil && !errors.Is(err, errExists) {
-			return nil, reasonInternal, err.Error()
+			return nil, s.deny(c, reasonInternal, err.Error())
 		}
-	case !ok:
-		return nil, reasonAmbiguous, fmt.Sprintf("%d records claim this UUID", len(cands))
-	default:
-		name = rec.Name
 	}
-	return s.ensureSalt(ctx, st, name, c, reasonUnknown, func(rec *v1alpha1.SovraNode) (string, string) {
+	salted, reason, detail := s.ensureSalt(ctx, st, name, c, reasonUnknown, func(rec *v1alpha1.SovraNode) (string, string) {
+		if why, open := s.sealWindow(rec, s.clock.Now()); !open {
+			return reasonNoWindow, why
+		}
 		if s.cfg.BindAddresses && len(rec.Spec.Addresses) > 0 && !knowsAddress(rec, c.src.Addr) {
 			return reasonAddress, "source is not a known address of the node"
 		}
 		return "", ""
 	})
+	if salted == nil {
+		return nil, s.deny(c, reason, detail)
+	}
+	blob, err := s.keyring.Seal(salted.Status.KeySalt, c.uuid, req.GetData())
+	if err != nil {
+		return nil, s.deny(c, reasonInternal, err.Error())
+	}
+	// The Seal is on the record before the blob leaves: the first Unseal
+	// of a fresh blob is explained by it.
+	if err := s.recordSeal(ctx, st, salted, fingerprint(blob), c); err != nil {
+		return nil, s.deny(c, reasonInternal, err.Error())
+	}
+	detail = fmt.Sprintf("sealed %d bytes with master key version %d; blob %s", len(req.GetData()), s.keyring.Current(), fingerprint(blob))
+	s.allow(c, reasonSealed, detail)
+	s.event(c.record, false, "KMSSealAllowed", "Seal allowed from "+c.src.String()+": "+detail)
+	return &kmsapi.Response{Data: blob}, nil
 }
 
 func (s *Service) createLabRecord(ctx context.Context, st Store, c *call, name string) error {
@@ -282,28 +310,34 @@ func (s *Service) createLabRecord(ctx context.Context, st Store, c *call, name s
 	if err := st.Create(ctx, rec); err != nil {
 		return err
 	}
+	claim := &v1alpha1.UUIDClaim{
+		ObjectMeta: metav1.ObjectMeta{Name: c.uuid, OwnerReferences: []metav1.OwnerReference{{
+			APIVersion: v1alpha1.GroupVersion.String(), Kind: "SovraNode", Name: rec.Name, UID: rec.UID,
+		}}},
+		Spec: v1alpha1.UUIDClaimSpec{Node: rec.Name, NodeUID: rec.UID},
+	}
+	if err := st.CreateClaim(ctx, claim); err != nil && !errors.Is(err, errExists) {
+		return err
+	}
 	s.logger.Warn("lab mode: created a record for an unknown node on its first Seal; it must enroll within the deadline",
 		zap.String("node", name), zap.String("node_uuid", c.uuid), zap.Stringer("source", c.src),
 		zap.Duration("deadline", s.cfg.AttestDeadline))
-	s.audit.event(rec, false, "LabRecordCreated",
+	s.event(rec, false, "LabRecordCreated",
 		fmt.Sprintf("lab mode: record created on the first Seal from %s; enroll by %s", c.src,
 			s.clock.Now().Add(s.cfg.AttestDeadline).UTC().Format(time.RFC3339)))
 	return nil
 }
 
-// Unseal implements sidero.kms.KMSService. It reads only the cache.
+// Unseal implements sidero.kms.KMSService. It reads only the caches and
+// writes nothing on the request path: the release goes to the ledger.
 func (s *Service) Unseal(ctx context.Context, req *kmsapi.Request) (*kmsapi.Response, error) {
 	c, st, err := s.begin(ctx, opUnseal, req)
 	if err != nil {
 		return nil, err
 	}
-	cands := st.ByUUID(c.uuid)
-	rec, ok := pick(cands)
-	switch {
-	case len(cands) == 0:
+	rec := resolve(st, c.uuid)
+	if rec == nil {
 		return nil, s.deny(c, reasonUnknown, "no record claims this UUID (never enrolled, or revoked)")
-	case !ok:
-		return nil, s.deny(c, reasonAmbiguous, fmt.Sprintf("%d records claim this UUID", len(cands)))
 	}
 	c.record = rec
 	switch {
@@ -331,16 +365,16 @@ func (s *Service) Unseal(ctx context.Context, req *kmsapi.Request) (*kmsapi.Resp
 		}
 		return nil, s.deny(c, reason, err.Error())
 	}
-	s.markReleased(rec)
-	s.allow(c, reasonReleased, "key released; the node must pass an attestation by "+
-		s.clock.Now().Add(s.cfg.AttestDeadline).UTC().Format(time.RFC3339))
+	blob := fingerprint(req.GetData())
+	id := s.ledger.add(rec, blob, c.src.Addr.String(), s.clock.Now())
+	s.allow(c, reasonReleased, "key released; blob "+blob+"; ledger entry "+id)
 	return &kmsapi.Response{Data: data}, nil
 }
 
-// begin validates the request's UUID and takes a rate-limit token.
+// begin validates the request's UUID and takes a rate-limit token of the
+// call's source.
 func (s *Service) begin(ctx context.Context, op string, req *kmsapi.Request) (*call, Store, error) {
 	c := &call{start: time.Now(), op: op, src: callSource(ctx, s.cfg.TrustedProxies)}
-	s.pace.called()
 	if c.src.IgnoredHeader {
 		s.logger.Warn("forwarding header ignored: the peer is not a trusted proxy",
 			zap.String("op", op), zap.Stringer("peer", c.src.Peer))
@@ -349,6 +383,10 @@ func (s *Service) begin(ctx context.Context, op string, req *kmsapi.Request) (*c
 	if box == nil {
 		return nil, nil, errUnavailable
 	}
+	if !s.limits.Allow(ratelimit.SourceKey(c.src.Addr), s.clock.Now()) {
+		s.throttled.add(c.src.String(), op)
+		return nil, nil, errRateLimited
+	}
 	if !validUUID(req.GetNodeUuid()) {
 		return nil, nil, s.deny(c, reasonInvalid, fmt.Sprintf("node UUID of %d bytes is not a UUID", len(req.GetNodeUuid())))
 	}
@@ -356,21 +394,30 @@ func (s *Service) begin(ctx context.Context, op string, req *kmsapi.Request) (*c
 	if len(req.GetData()) > custody.MaxBlob {
 		return nil, nil, s.deny(c, reasonInvalid, fmt.Sprintf("data of %d bytes", len(req.GetData())))
 	}
-	if !s.limits.Allow(c.uuid, s.clock.Now()) {
-		s.record(c, false, reasonRateLimited, "over the per-node or global rate")
-		return nil, nil, errRateLimited
-	}
 	return c, box.Store, nil
 }
 
+// deny logs a refusal and folds it into the node's refusal events.
 func (s *Service) deny(c *call, reason, detail string) error {
 	s.record(c, false, reason, detail)
+	if c.record != nil {
+		if st := s.store.Load(); st != nil {
+			st.Refused(c.record, "KMS"+c.op+"Denied", fmt.Sprintf("%s denied: %s", c.op, reason))
+		}
+	}
 	return errDenied
 }
 
 func (s *Service) allow(c *call, reason, detail string) { s.record(c, true, reason, detail) }
 
-// record writes the decision to the log and queues its event.
+// event records a decision or an alarm about a record.
+func (s *Service) event(rec *v1alpha1.SovraNode, warning bool, reason, message string) {
+	if st := s.store.Load(); st != nil && rec != nil {
+		st.Event(rec, warning, reason, message)
+	}
+}
+
+// record writes the decision to the log: every key decision has its line.
 func (s *Service) record(c *call, allowed bool, reason, detail string) {
 	decision := "denied"
 	if allowed {
@@ -389,13 +436,4 @@ func (s *Service) record(c *call, allowed bool, reason, detail string) {
 	} else {
 		s.logger.Warn("kms decision", fields...)
 	}
-	if c.uuid == "" {
-		return // nothing names a record
-	}
-	ref := c.record
-	if ref == nil {
-		ref = &v1alpha1.SovraNode{ObjectMeta: metav1.ObjectMeta{Name: "uuid-" + c.uuid}}
-	}
-	s.audit.event(ref, !allowed, "KMS"+c.op+strings.ToUpper(decision[:1])+decision[1:],
-		fmt.Sprintf("%s %s: %s (%s); source %s; policy %s", c.op, decision, reason, detail, c.src, s.policy))
 }

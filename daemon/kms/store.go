@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -14,8 +15,10 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
+	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
 	"k8s.io/client-go/rest"
 	toolscache "k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/tools/record"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
@@ -26,12 +29,16 @@ import (
 const (
 	// uuidIndex indexes SovraNodes by their lower-cased spec.uuid.
 	uuidIndex = "kms.sovra.dev/uuid"
-	// clientQPS and clientBurst let the KMS's writes (salts, audit events,
-	// deadlines) keep up with a boot storm; the API server bounds them too.
+	// clientQPS and clientBurst let the KMS's writes keep up with a boot
+	// storm; the API server bounds them too.
 	clientQPS   = 500
 	clientBurst = 1000
-	// eventSource names the KMS in the events it records.
-	eventSource = "sovrad-kms"
+	// eventSource names the KMS in the events of its decisions and alarms;
+	// refusalSource in the events of refused calls, so that a flood of
+	// refusals, whose events the recorder throttles per node, never
+	// silences an alarm.
+	eventSource   = "sovrad-kms"
+	refusalSource = "sovrad-kms-refusals"
 )
 
 // Sentinel errors of the store.
@@ -41,36 +48,64 @@ var (
 	errExists   = errors.New("node record already exists")
 )
 
-// Store is what the KMS reads and writes: a cached index of node records
-// for the hot path and the API for everything that must be exact.
+// Store is what the KMS reads and writes: a cache of node records, UUID
+// claims and ledgers for the hot path and the API for everything that must
+// be exact.
 type Store interface {
-	// ByUUID returns the cached records claiming uuid (lower case). The
-	// records are shared: callers must not modify them.
+	// ByUUID returns the cached records naming uuid (lower case). Cached
+	// objects are shared: callers must not modify them.
 	ByUUID(uuid string) []*v1alpha1.SovraNode
-	// List returns every cached record, shared likewise.
+	// List returns every cached record.
 	List() []*v1alpha1.SovraNode
 	// Node returns the cached record name, nil when there is none.
 	Node(name string) *v1alpha1.SovraNode
+	// Claim returns the cached claim of uuid, nil when there is none.
+	Claim(uuid string) *v1alpha1.UUIDClaim
+	// Ledgers returns every cached ledger segment.
+	Ledgers() []*v1alpha1.UnsealLedger
+
 	// Get reads a record from the API, not the cache.
 	Get(ctx context.Context, name string) (*v1alpha1.SovraNode, error)
 	// Create creates a record (spec, labels and annotations), then its status.
 	Create(ctx context.Context, n *v1alpha1.SovraNode) error
+	// Update writes n's metadata and spec if n's resourceVersion is current.
+	Update(ctx context.Context, n *v1alpha1.SovraNode) error
 	// UpdateStatus writes n's status if n's resourceVersion is current.
 	UpdateStatus(ctx context.Context, n *v1alpha1.SovraNode) error
 	// Annotate merges annotations into a record; nil values remove keys.
 	Annotate(ctx context.Context, name string, set map[string]*string) error
 	// Delete removes exactly this record (by UID).
 	Delete(ctx context.Context, n *v1alpha1.SovraNode) error
-	// Event records an audit event about a record (which may not exist).
-	Event(ctx context.Context, ref *v1alpha1.SovraNode, warning bool, reason, message string) error
+	// CreateClaim creates a UUID claim, or returns errExists.
+	CreateClaim(ctx context.Context, c *v1alpha1.UUIDClaim) error
+	// UpdateClaim writes c if its resourceVersion is current, or errConflict.
+	UpdateClaim(ctx context.Context, c *v1alpha1.UUIDClaim) error
+
+	// OwnLedgers lists, from the API, the segments of replica.
+	OwnLedgers(ctx context.Context, replica string) ([]v1alpha1.UnsealLedger, error)
+	// SaveLedger creates l (no resourceVersion) or updates it, and sets its
+	// new resourceVersion.
+	SaveLedger(ctx context.Context, l *v1alpha1.UnsealLedger) error
+	// DeleteLedger removes a segment.
+	DeleteLedger(ctx context.Context, l *v1alpha1.UnsealLedger) error
+
+	// Event records a decision or an alarm about a record.
+	Event(ref *v1alpha1.SovraNode, warning bool, reason, message string)
+	// Refused records a refused call about a record; equal refusals are
+	// folded into one event with a count, and a flood is throttled.
+	Refused(ref *v1alpha1.SovraNode, reason, message string)
 }
 
 // kubeStore is the Store on the Kubernetes API with an informer cache.
 type kubeStore struct {
 	client   client.Client
-	events   kubernetes.Interface
 	cache    cache.Cache
-	informer toolscache.SharedIndexInformer
+	nodes    toolscache.SharedIndexInformer
+	claims   toolscache.SharedIndexInformer
+	ledgers  toolscache.SharedIndexInformer
+	events   record.EventBroadcaster
+	decided  record.EventRecorder
+	refusals record.EventRecorder
 	logger   *zap.Logger
 }
 
@@ -95,30 +130,41 @@ func newKubeStore(ctx context.Context, cfg *rest.Config, installCRDs bool, logge
 	if err := attestation.WaitForCRDs(ctx, c); err != nil {
 		return nil, err
 	}
-	protoCfg := rest.CopyConfig(cfg)
-	protoCfg.ContentType = runtime.ContentTypeProtobuf
-	events, err := kubernetes.NewForConfig(protoCfg)
-	if err != nil {
-		return nil, fmt.Errorf("creating API client: %w", err)
-	}
 	ca, err := cache.New(jsonCfg, cache.Options{Scheme: scheme, ByObject: map[client.Object]cache.ByObject{
 		&v1alpha1.SovraNode{}: {Transform: slim},
 	}})
 	if err != nil {
 		return nil, fmt.Errorf("creating node cache: %w", err)
 	}
-	inf, err := ca.GetInformer(ctx, &v1alpha1.SovraNode{})
-	if err != nil {
-		return nil, fmt.Errorf("creating node informer: %w", err)
+	ks := &kubeStore{client: c, cache: ca, logger: logger}
+	for _, inf := range []struct {
+		obj client.Object
+		to  *toolscache.SharedIndexInformer
+	}{{&v1alpha1.SovraNode{}, &ks.nodes}, {&v1alpha1.UUIDClaim{}, &ks.claims}, {&v1alpha1.UnsealLedger{}, &ks.ledgers}} {
+		i, err := ca.GetInformer(ctx, inf.obj)
+		if err != nil {
+			return nil, fmt.Errorf("creating informer: %w", err)
+		}
+		sii, ok := i.(toolscache.SharedIndexInformer)
+		if !ok {
+			return nil, errors.New("creating informer: not a shared index informer")
+		}
+		*inf.to = sii
 	}
-	sii, ok := inf.(toolscache.SharedIndexInformer)
-	if !ok {
-		return nil, errors.New("creating node informer: not a shared index informer")
-	}
-	if err := sii.AddIndexers(toolscache.Indexers{uuidIndex: indexUUID}); err != nil {
+	if err := ks.nodes.AddIndexers(toolscache.Indexers{uuidIndex: indexUUID}); err != nil {
 		return nil, fmt.Errorf("indexing nodes by UUID: %w", err)
 	}
-	return &kubeStore{client: c, events: events, cache: ca, informer: sii, logger: logger}, nil
+	protoCfg := rest.CopyConfig(cfg)
+	protoCfg.ContentType = runtime.ContentTypeProtobuf
+	events, err := kubernetes.NewForConfig(protoCfg)
+	if err != nil {
+		return nil, fmt.Errorf("creating API client: %w", err)
+	}
+	ks.events = record.NewBroadcaster()
+	ks.events.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: events.CoreV1().Events(attestation.EventNamespace)})
+	ks.decided = ks.events.NewRecorder(scheme, corev1.EventSource{Component: eventSource})
+	ks.refusals = ks.events.NewRecorder(scheme, corev1.EventSource{Component: refusalSource})
+	return ks, nil
 }
 
 // slim drops from a cached record what the KMS never reads from the cache
@@ -150,6 +196,10 @@ func (k *kubeStore) start(ctx context.Context) error {
 			k.logger.Error("node cache stopped", zap.Error(err))
 		}
 	}()
+	go func() {
+		<-ctx.Done()
+		k.events.Shutdown()
+	}()
 	if !k.cache.WaitForCacheSync(ctx) {
 		return errors.New("waiting for the node cache to sync: context ended")
 	}
@@ -157,29 +207,43 @@ func (k *kubeStore) start(ctx context.Context) error {
 }
 
 func (k *kubeStore) ByUUID(uuid string) []*v1alpha1.SovraNode {
-	objs, err := k.informer.GetIndexer().ByIndex(uuidIndex, uuid)
+	objs, err := k.nodes.GetIndexer().ByIndex(uuidIndex, uuid)
 	if err != nil {
 		return nil
 	}
-	return nodes(objs)
+	return typed[v1alpha1.SovraNode](objs)
 }
 
-func (k *kubeStore) List() []*v1alpha1.SovraNode { return nodes(k.informer.GetIndexer().List()) }
+func (k *kubeStore) List() []*v1alpha1.SovraNode {
+	return typed[v1alpha1.SovraNode](k.nodes.GetIndexer().List())
+}
 
 func (k *kubeStore) Node(name string) *v1alpha1.SovraNode {
-	obj, ok, err := k.informer.GetIndexer().GetByKey(name)
+	return get[v1alpha1.SovraNode](k.nodes, name)
+}
+
+func (k *kubeStore) Claim(uuid string) *v1alpha1.UUIDClaim {
+	return get[v1alpha1.UUIDClaim](k.claims, uuid)
+}
+
+func (k *kubeStore) Ledgers() []*v1alpha1.UnsealLedger {
+	return typed[v1alpha1.UnsealLedger](k.ledgers.GetIndexer().List())
+}
+
+func get[T any](inf toolscache.SharedIndexInformer, name string) *T {
+	obj, ok, err := inf.GetIndexer().GetByKey(name)
 	if err != nil || !ok {
 		return nil
 	}
-	n, _ := obj.(*v1alpha1.SovraNode)
-	return n
+	t, _ := obj.(*T)
+	return t
 }
 
-func nodes(objs []any) []*v1alpha1.SovraNode {
-	out := make([]*v1alpha1.SovraNode, 0, len(objs))
+func typed[T any](objs []any) []*T {
+	out := make([]*T, 0, len(objs))
 	for _, o := range objs {
-		if n, ok := o.(*v1alpha1.SovraNode); ok {
-			out = append(out, n)
+		if t, ok := o.(*T); ok {
+			out = append(out, t)
 		}
 	}
 	return out
@@ -208,8 +272,15 @@ func (k *kubeStore) Create(ctx context.Context, n *v1alpha1.SovraNode) error {
 	return k.UpdateStatus(ctx, n)
 }
 
+func (k *kubeStore) Update(ctx context.Context, n *v1alpha1.SovraNode) error {
+	return wrapWrite(n.Name, k.client.Update(ctx, n))
+}
+
 func (k *kubeStore) UpdateStatus(ctx context.Context, n *v1alpha1.SovraNode) error {
-	err := k.client.Status().Update(ctx, n)
+	return wrapWrite(n.Name, k.client.Status().Update(ctx, n))
+}
+
+func wrapWrite(name string, err error) error {
 	switch {
 	case err == nil:
 		return nil
@@ -218,7 +289,7 @@ func (k *kubeStore) UpdateStatus(ctx context.Context, n *v1alpha1.SovraNode) err
 	case apierrors.IsNotFound(err):
 		return errNotFound
 	default:
-		return fmt.Errorf("updating status of node %s: %w", n.Name, err)
+		return fmt.Errorf("writing node %s: %w", name, err)
 	}
 }
 
@@ -248,25 +319,83 @@ func (k *kubeStore) Delete(ctx context.Context, n *v1alpha1.SovraNode) error {
 	return nil
 }
 
-func (k *kubeStore) Event(ctx context.Context, ref *v1alpha1.SovraNode, warning bool, reason, message string) error {
-	typ := corev1.EventTypeNormal
-	if warning {
-		typ = corev1.EventTypeWarning
-	}
-	now := metav1.NewTime(time.Now())
-	ev := &corev1.Event{
-		ObjectMeta: metav1.ObjectMeta{GenerateName: ref.Name + ".", Namespace: attestation.EventNamespace},
-		InvolvedObject: corev1.ObjectReference{
-			APIVersion: v1alpha1.GroupVersion.String(), Kind: "SovraNode",
-			Name: ref.Name, UID: ref.UID,
-		},
-		Reason: reason, Message: message, Type: typ,
-		Source:         corev1.EventSource{Component: eventSource},
-		FirstTimestamp: now, LastTimestamp: now, Count: 1,
-		ReportingController: eventSource,
-	}
-	if _, err := k.events.CoreV1().Events(attestation.EventNamespace).Create(ctx, ev, metav1.CreateOptions{}); err != nil {
-		return fmt.Errorf("recording event on node %s: %w", ref.Name, err)
+func (k *kubeStore) CreateClaim(ctx context.Context, c *v1alpha1.UUIDClaim) error {
+	if err := k.client.Create(ctx, c); err != nil {
+		if apierrors.IsAlreadyExists(err) {
+			return errExists
+		}
+		return fmt.Errorf("claiming UUID %s: %w", c.Name, err)
 	}
 	return nil
 }
+
+func (k *kubeStore) UpdateClaim(ctx context.Context, c *v1alpha1.UUIDClaim) error {
+	err := k.client.Update(ctx, c)
+	switch {
+	case err == nil:
+		return nil
+	case apierrors.IsConflict(err), apierrors.IsNotFound(err):
+		return errConflict
+	default:
+		return fmt.Errorf("updating the claim of UUID %s: %w", c.Name, err)
+	}
+}
+
+func (k *kubeStore) OwnLedgers(ctx context.Context, replica string) ([]v1alpha1.UnsealLedger, error) {
+	var list v1alpha1.UnsealLedgerList
+	if err := k.client.List(ctx, &list, client.MatchingLabels{v1alpha1.LabelReplica: replica}); err != nil {
+		return nil, fmt.Errorf("listing the ledger of replica %s: %w", replica, err)
+	}
+	slices.SortFunc(list.Items, func(a, b v1alpha1.UnsealLedger) int { return strings.Compare(a.Name, b.Name) })
+	return list.Items, nil
+}
+
+func (k *kubeStore) SaveLedger(ctx context.Context, l *v1alpha1.UnsealLedger) error {
+	var err error
+	if l.ResourceVersion == "" {
+		err = k.client.Create(ctx, l)
+	} else {
+		err = k.client.Update(ctx, l)
+	}
+	switch {
+	case err == nil:
+		return nil
+	case apierrors.IsConflict(err), apierrors.IsAlreadyExists(err):
+		return fmt.Errorf("writing ledger segment %s: %w", l.Name, errConflict)
+	default:
+		return fmt.Errorf("writing ledger segment %s: %w", l.Name, err)
+	}
+}
+
+func (k *kubeStore) DeleteLedger(ctx context.Context, l *v1alpha1.UnsealLedger) error {
+	if err := k.client.Delete(ctx, l); err != nil && !apierrors.IsNotFound(err) {
+		return fmt.Errorf("deleting ledger segment %s: %w", l.Name, err)
+	}
+	return nil
+}
+
+func (k *kubeStore) Event(ref *v1alpha1.SovraNode, warning bool, reason, message string) {
+	k.decided.Event(eventRef(ref), eventType(warning), reason, message)
+}
+
+func (k *kubeStore) Refused(ref *v1alpha1.SovraNode, reason, message string) {
+	k.refusals.Event(eventRef(ref), corev1.EventTypeWarning, reason, message)
+}
+
+// eventRef is what an event names: the record, with its kind for the
+// recorder (cached objects carry no TypeMeta).
+func eventRef(n *v1alpha1.SovraNode) *corev1.ObjectReference {
+	return &corev1.ObjectReference{
+		APIVersion: v1alpha1.GroupVersion.String(), Kind: "SovraNode", Name: n.Name, UID: n.UID,
+	}
+}
+
+func eventType(warning bool) string {
+	if warning {
+		return corev1.EventTypeWarning
+	}
+	return corev1.EventTypeNormal
+}
+
+// recordWriteTimeout bounds one write of the sweeper or the ledger.
+const recordWriteTimeout = 10 * time.Second

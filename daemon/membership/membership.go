@@ -26,7 +26,6 @@ import (
 	"go.uber.org/zap"
 	coordinationv1 "k8s.io/api/coordination/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/validation"
@@ -45,16 +44,10 @@ const (
 	// election (the Talos API address its agent probes itself at): one of
 	// the addresses it enrolled with.
 	AnnotationBootstrapAddress = "sovra.dev/bootstrap-address"
-	// conditionQuarantined is the KMS's condition (daemon/kms
-	// ConditionQuarantined): a quarantined node is no member.
-	conditionQuarantined = "Quarantined"
 	// DefaultNamespace is sovrad's own namespace, which holds the leases.
 	DefaultNamespace = "sovra-system"
 	// DefaultLeaseDuration is how long a HELD lease lasts without renewal.
 	DefaultLeaseDuration = time.Minute
-	// credentialBackdate is how far before its issue a node credential's
-	// NotBefore lies (attestation backdates by one minute).
-	credentialBackdate = time.Minute
 	// eventInterval is the shortest time between two equal events about a
 	// node; every decision is still logged.
 	eventInterval = 30 * time.Second
@@ -160,12 +153,13 @@ func New(cfg Config, c client.Client, events EventRecorder, clock Clock, logger 
 	return &Service{cfg: cfg, client: c, events: events, clock: clock, logger: logger}
 }
 
-// Identity is who a call comes from, as its verified node credential says.
+// Identity is who a call comes from, as its verified node credential says
+// (package nodeauth authenticated it).
 type Identity struct {
 	// Node is the SovraNode name (the certificate's common name).
 	Node string
-	// NotBefore is the credential's NotBefore.
-	NotBefore time.Time
+	// UID is the record instance the credential was issued to.
+	UID types.UID
 }
 
 // Member is an attested node of a cluster.
@@ -243,8 +237,8 @@ func checkAddress(n *v1alpha1.SovraNode, address string) error {
 }
 
 // caller returns the caller's record and cluster, refusing a revoked,
-// unattested, quarantined or clusterless node, and a credential issued
-// before the record existed (a record deleted and enrolled again).
+// unattested, quarantined or clusterless node, and a credential issued to
+// an earlier instance of the record (deleted and enrolled again).
 func (s *Service) caller(ctx context.Context, id Identity) (*v1alpha1.SovraNode, string, error) {
 	var n v1alpha1.SovraNode
 	if err := s.client.Get(ctx, client.ObjectKey{Name: id.Node}, &n); err != nil {
@@ -253,9 +247,8 @@ func (s *Service) caller(ctx context.Context, id Identity) (*v1alpha1.SovraNode,
 		}
 		return nil, "", fmt.Errorf("reading node %s: %w", id.Node, err)
 	}
-	created := n.CreationTimestamp.Time.Truncate(time.Second)
-	if !id.NotBefore.IsZero() && id.NotBefore.Add(credentialBackdate+time.Second).Before(created) {
-		return nil, "", fmt.Errorf("node %s: %w: the credential predates the node's record; attest again", id.Node, ErrNotAttested)
+	if n.UID != id.UID {
+		return nil, "", fmt.Errorf("node %s: %w: the credential was issued to an earlier instance of the record; attest again", id.Node, ErrNotAttested)
 	}
 	if !attested(&n) {
 		return nil, "", fmt.Errorf("node %s: %w: its last attestation did not pass or it is quarantined; attest again", id.Node, ErrNotAttested)
@@ -282,8 +275,7 @@ func clusterOf(n *v1alpha1.SovraNode) (string, error) {
 // attested reports whether the node's last attestation passed and it is not
 // quarantined.
 func attested(n *v1alpha1.SovraNode) bool {
-	return n.Status.LastAttestationResult == v1alpha1.ResultPassed &&
-		!meta.IsStatusConditionTrue(n.Status.Conditions, conditionQuarantined)
+	return n.Status.LastAttestationResult == v1alpha1.ResultPassed && !n.Quarantined()
 }
 
 // event logs nothing (the caller logs) and records an event about node,

@@ -9,6 +9,7 @@ import (
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/types"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/client/fake"
 
@@ -58,7 +59,7 @@ type harness struct {
 // address.
 func node(name, cluster, addr string, result string) *v1alpha1.SovraNode {
 	n := &v1alpha1.SovraNode{
-		ObjectMeta: metav1.ObjectMeta{Name: name, CreationTimestamp: metav1.NewTime(time.Unix(1000, 0))},
+		ObjectMeta: metav1.ObjectMeta{Name: name, UID: types.UID("uid-" + name), CreationTimestamp: metav1.NewTime(time.Unix(1000, 0))},
 		Spec:       v1alpha1.SovraNodeSpec{EKHash: name, Hostname: name + ".lan", Addresses: []string{addr}},
 		Status:     v1alpha1.SovraNodeStatus{LastAttestationResult: result},
 	}
@@ -84,7 +85,7 @@ func newHarness(t testing.TB, nodes ...*v1alpha1.SovraNode) harness {
 	return harness{svc: New(Config{LeaseDuration: time.Minute}, c, rec, clk, nil), client: c, clock: clk, events: rec}
 }
 
-func id(name string) Identity { return Identity{Node: name, NotBefore: time.Unix(1_799_999_000, 0)} }
+func id(name string) Identity { return Identity{Node: name, UID: types.UID("uid-" + name)} }
 
 func TestMembersOfCallersClusterOnly(t *testing.T) {
 	h := newHarness(t,
@@ -96,7 +97,7 @@ func TestMembersOfCallersClusterOnly(t *testing.T) {
 		node("ek-n", "", "10.0.0.8", v1alpha1.ResultPassed),      // no cluster
 	)
 	q := node("ek-q", "prod", "10.0.0.5", v1alpha1.ResultPassed)
-	q.Status.Conditions = []metav1.Condition{{Type: conditionQuarantined, Status: metav1.ConditionTrue, Reason: "FailedAfterUnseal", LastTransitionTime: metav1.Now()}}
+	q.Status.Conditions = []metav1.Condition{{Type: v1alpha1.ConditionQuarantined, Status: metav1.ConditionTrue, Reason: "FailedAfterUnseal", LastTransitionTime: metav1.Now()}}
 	if err := h.client.Create(context.Background(), q); err != nil {
 		t.Fatal(err)
 	}
@@ -133,12 +134,12 @@ func TestMembersOfCallersClusterOnly(t *testing.T) {
 	}
 }
 
-func TestCredentialOlderThanRecordRefused(t *testing.T) {
+func TestCredentialOfEarlierRecordRefused(t *testing.T) {
 	n := node("ek-a", "prod", "10.0.0.1", v1alpha1.ResultPassed)
 	h := newHarness(t, n)
-	old := Identity{Node: "ek-a", NotBefore: time.Unix(1000-3600, 0)}
+	old := Identity{Node: "ek-a", UID: "uid-of-the-deleted-record"}
 	if _, _, err := h.svc.Members(context.Background(), old, ""); !errors.Is(err, ErrNotAttested) {
-		t.Fatalf("credential from before the record: err = %v, want ErrNotAttested", err)
+		t.Fatalf("credential of an earlier record: err = %v, want ErrNotAttested", err)
 	}
 }
 

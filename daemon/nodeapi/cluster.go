@@ -2,91 +2,41 @@ package nodeapi
 
 import (
 	"context"
-	"crypto/x509"
 	"errors"
 	"fmt"
-	"slices"
-	"time"
 
 	"go.uber.org/zap"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 
-	"github.com/sovra-dev/sovra/daemon/attestation"
 	"github.com/sovra-dev/sovra/daemon/membership"
+	"github.com/sovra-dev/sovra/daemon/nodeauth"
 	pb "github.com/sovra-dev/sovra/internal/nodeapi"
 )
 
 // clusterHandler serves the ClusterService: every call is authenticated by
-// the node credential, verified here against the node CA.
+// the node credential (package nodeauth, the server's interceptors).
 type clusterHandler struct {
 	pb.UnimplementedClusterServiceServer
-	svc *membership.Service
-	// roots holds the node CA, the only issuer of node credentials.
-	roots *x509.CertPool
-	// now tells the time for certificate checks; nil is time.Now.
-	now    func() time.Time
+	svc    *membership.Service
 	logger *zap.Logger
 }
 
-func newClusterHandler(svc *membership.Service, nodeCA *x509.Certificate, logger *zap.Logger) *clusterHandler {
-	roots := x509.NewCertPool()
-	roots.AddCert(nodeCA)
-	return &clusterHandler{svc: svc, roots: roots, logger: logger}
+func newClusterHandler(svc *membership.Service, logger *zap.Logger) *clusterHandler {
+	return &clusterHandler{svc: svc, logger: logger}
 }
 
-// errNoCredential is what a caller without a valid node credential hears.
-const errNoCredential = "present the node credential a passing attestation returned (mutual TLS with the node client certificate)"
-
-// identity authenticates the caller: the client certificate of the TLS
-// connection must chain to the node CA, be valid now, be for client
-// authentication and name a node.
-func (h *clusterHandler) identity(ctx context.Context, call string) (membership.Identity, error) {
-	p, ok := peer.FromContext(ctx)
-	if !ok {
-		return membership.Identity{}, status.Error(codes.Unauthenticated, errNoCredential)
-	}
-	from := ""
-	if p.Addr != nil {
-		from = p.Addr.String()
-	}
-	info, ok := p.AuthInfo.(credentials.TLSInfo)
-	if !ok || len(info.State.PeerCertificates) == 0 {
-		h.logger.Warn("denied: call without a node credential", zap.String("call", call), zap.String("from", from))
-		return membership.Identity{}, status.Error(codes.Unauthenticated, errNoCredential)
-	}
-	certs := info.State.PeerCertificates
-	inter := x509.NewCertPool()
-	for _, c := range certs[1:] {
-		inter.AddCert(c)
-	}
-	now := time.Now
-	if h.now != nil {
-		now = h.now
-	}
-	leaf := certs[0]
-	_, err := leaf.Verify(x509.VerifyOptions{
-		Roots: h.roots, Intermediates: inter, CurrentTime: now(),
-		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
-	})
-	if err == nil && !slices.Contains(leaf.Subject.Organization, attestation.NodeOrganization) {
-		err = errors.New("the certificate is not a node credential")
-	}
-	if err == nil && leaf.Subject.CommonName == "" {
-		err = errors.New("the certificate names no node")
-	}
+// identity is the authenticated caller of a call.
+func (h *clusterHandler) identity(ctx context.Context) (membership.Identity, error) {
+	id, err := nodeauth.Require(ctx)
 	if err != nil {
-		h.logger.Warn("denied: client certificate is not a valid node credential",
-			zap.String("call", call), zap.String("from", from), zap.String("subject", leaf.Subject.String()), zap.Error(err))
-		return membership.Identity{}, status.Error(codes.Unauthenticated, "the client certificate is not a valid node credential: "+errNoCredential)
+		return membership.Identity{}, err
 	}
-	return membership.Identity{Node: leaf.Subject.CommonName, NotBefore: leaf.NotBefore}, nil
+	return membership.Identity{Node: id.Node, UID: id.UID}, nil
 }
 
 func (h *clusterHandler) ListMembers(ctx context.Context, req *pb.ListMembersRequest) (*pb.ListMembersResponse, error) {
-	id, err := h.identity(ctx, "ListMembers")
+	id, err := h.identity(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -127,7 +77,7 @@ func wirePhase(p membership.Phase) pb.BootstrapPhase {
 }
 
 func (h *clusterHandler) BootstrapLease(ctx context.Context, req *pb.BootstrapLeaseRequest) (*pb.BootstrapLeaseResponse, error) {
-	id, err := h.identity(ctx, "BootstrapLease")
+	id, err := h.identity(ctx)
 	if err != nil {
 		return nil, err
 	}

@@ -21,11 +21,13 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"sigs.k8s.io/controller-runtime/pkg/client/fake"
 
 	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
 	"github.com/sovra-dev/sovra/daemon/attestation"
 	"github.com/sovra-dev/sovra/daemon/membership"
+	"github.com/sovra-dev/sovra/daemon/nodeauth"
 	"github.com/sovra-dev/sovra/internal/attest"
 	pb "github.com/sovra-dev/sovra/internal/nodeapi"
 )
@@ -68,11 +70,38 @@ func (ca testCA) issue(t *testing.T, cn string, org []string, server bool, notAf
 }
 
 func clusterNode(name, cluster, addr, result string) *v1alpha1.SovraNode {
-	return &v1alpha1.SovraNode{
-		ObjectMeta: metav1.ObjectMeta{Name: name, Labels: map[string]string{membership.LabelCluster: cluster}, CreationTimestamp: metav1.NewTime(time.Now().Add(-time.Hour))},
+	n := &v1alpha1.SovraNode{
+		ObjectMeta: metav1.ObjectMeta{Name: name, UID: types.UID("uid-" + name), Labels: map[string]string{membership.LabelCluster: cluster}, CreationTimestamp: metav1.NewTime(time.Now().Add(-time.Hour))},
 		Spec:       v1alpha1.SovraNodeSpec{EKHash: strings.Repeat("a", 64), EKPublic: []byte{1}, AKPublic: []byte{1}, Addresses: []string{addr}},
 		Status:     v1alpha1.SovraNodeStatus{LastAttestationResult: result},
 	}
+	cond := func(typ string, on bool) {
+		st := metav1.ConditionFalse
+		if on {
+			st = metav1.ConditionTrue
+		}
+		n.Status.Conditions = append(n.Status.Conditions, metav1.Condition{Type: typ, Status: st, Reason: "Test", LastTransitionTime: metav1.Now()})
+	}
+	cond(v1alpha1.ConditionEnrolled, true)
+	cond(v1alpha1.ConditionAttested, result == v1alpha1.ResultPassed)
+	return n
+}
+
+// credential issues a node credential for record name (its UID as
+// clusterNode gives it, or uid when set), valid until notAfter.
+func (ca testCA) credential(t *testing.T, name string, uid types.UID, notAfter time.Time) tls.Certificate {
+	t.Helper()
+	if uid == "" {
+		uid = types.UID("uid-" + name)
+	}
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	now := time.Now()
+	tmpl := nodeauth.Template(nodeauth.Credential{Node: name, UID: uid, Boot: "boot-1"}, big.NewInt(now.UnixNano()), now, notAfter.Sub(now))
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tls.Certificate{Certificate: [][]byte{der, ca.cert.Raw}, PrivateKey: key}
 }
 
 // startClusterAPI serves the node API with a ClusterService on a fake
@@ -169,7 +198,7 @@ func TestPeerRateLimitsCallsWithoutCredential(t *testing.T) {
 		t.Fatalf("Enroll over the limit = %v, want ResourceExhausted", err)
 	}
 
-	cred := ca.issue(t, "ek-a", []string{attestation.NodeOrganization}, false, time.Now().Add(time.Hour))
+	cred := ca.credential(t, "ek-a", "", time.Now().Add(time.Hour))
 	cluster := dialCluster(t, addr, ca, &cred)
 	for range minPeerBurst + 5 {
 		if _, err := cluster.ListMembers(ctx, &pb.ListMembersRequest{}); err != nil {
@@ -188,7 +217,7 @@ func TestClusterServiceAuthentication(t *testing.T) {
 	defer cancel()
 	hour := time.Now().Add(time.Hour)
 
-	good := ca.issue(t, "ek-a", []string{attestation.NodeOrganization}, false, hour)
+	good := ca.credential(t, "ek-a", "", hour)
 	resp, err := dialCluster(t, addr, ca, &good).ListMembers(ctx, &pb.ListMembersRequest{Address: "10.0.0.1"})
 	if err != nil {
 		t.Fatalf("ListMembers with the node credential: %v", err)
@@ -205,7 +234,7 @@ func TestClusterServiceAuthentication(t *testing.T) {
 	if err != nil || !lease.GetGranted() || lease.GetHolder() != "ek-a" || lease.GetPhase() != pb.BootstrapPhase_BOOTSTRAP_PHASE_HELD || lease.GetExpiresUnix() == 0 {
 		t.Fatalf("BootstrapLease = %v, %v", lease, err)
 	}
-	other := ca.issue(t, "ek-b", []string{attestation.NodeOrganization}, false, hour)
+	other := ca.credential(t, "ek-b", "", hour)
 	lease, err = dialCluster(t, addr, ca, &other).BootstrapLease(ctx, &pb.BootstrapLeaseRequest{Phase: pb.BootstrapPhase_BOOTSTRAP_PHASE_HELD, Address: "10.0.0.2"})
 	if err != nil || lease.GetGranted() || lease.GetHolder() != "ek-a" || lease.GetHolderAddress() != "10.0.0.1" {
 		t.Fatalf("second node's BootstrapLease = %v, %v; want denied, held by ek-a", lease, err)
@@ -228,9 +257,10 @@ func TestClusterServiceAuthentication(t *testing.T) {
 	}
 
 	wrongCA := newTestCA(t, "node CA") // same name, other key
-	forged := wrongCA.issue(t, "ek-a", []string{attestation.NodeOrganization}, false, hour)
+	forged := wrongCA.credential(t, "ek-a", "", hour)
+	earlier := ca.credential(t, "ek-a", "uid-of-the-deleted-record", hour)
 	notNode := ca.issue(t, "ek-a", []string{"somebody"}, false, hour)
-	failed := ca.issue(t, "ek-c", []string{attestation.NodeOrganization}, false, hour)
+	failed := ca.credential(t, "ek-c", "", hour)
 	for name, c := range map[string]struct {
 		cert *tls.Certificate
 		code codes.Code
@@ -239,6 +269,7 @@ func TestClusterServiceAuthentication(t *testing.T) {
 		"another CA":            {&forged, codes.Unauthenticated},
 		"not a node credential": {&notNode, codes.Unauthenticated},
 		"node not attested":     {&failed, codes.PermissionDenied},
+		"earlier record":        {&earlier, codes.PermissionDenied},
 	} {
 		client := dialCluster(t, addr, ca, c.cert)
 		_, err := client.ListMembers(ctx, &pb.ListMembersRequest{})
@@ -258,7 +289,7 @@ func TestClusterServiceAuthentication(t *testing.T) {
 
 func TestClusterServiceRefusesExpiredCredential(t *testing.T) {
 	addr, ca := startClusterAPI(t, clusterNode("ek-a", "prod", "10.0.0.1", v1alpha1.ResultPassed))
-	expired := ca.issue(t, "ek-a", []string{attestation.NodeOrganization}, false, time.Now().Add(-time.Second))
+	expired := ca.credential(t, "ek-a", "", time.Now().Add(-time.Second))
 	_, err := dialCluster(t, addr, ca, &expired).ListMembers(context.Background(), &pb.ListMembersRequest{})
 	if status.Code(err) != codes.Unauthenticated {
 		t.Fatalf("expired credential: %v, want Unauthenticated", err)

@@ -3,7 +3,6 @@ package nodeapi
 import (
 	"context"
 	"crypto/ecdsa"
-	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
@@ -34,9 +33,23 @@ type quietStore struct{ *attestation.KubeStore }
 
 func (quietStore) Event(context.Context, runtime.Object, bool, string, string) {}
 
-const fixtureNode = "ek-fixture"
+// fixedClock is the time the fixture's nonce was issued.
+type fixedClock time.Time
 
-func newHandler(t testing.TB) (*handler, *attesttest.Fixture, attestation.Store) {
+func (c fixedClock) Now() time.Time { return time.Time(c) }
+
+// fixtureNode is the record name of the fixture's TPM.
+func fixtureNode(f *attesttest.Fixture) string {
+	ek, err := attest.ParseEK(f.EKCertificate, nil)
+	if err != nil {
+		panic(err)
+	}
+	return attestation.NodeName(ek.Hash)
+}
+
+// newHandler serves the attestation service with the node CA key of the
+// daemon that issued the fixture's nonce, at the time it issued it.
+func newHandler(t testing.TB) (*handler, *attesttest.Fixture) {
 	t.Helper()
 	f, err := attesttest.Load()
 	if err != nil {
@@ -48,25 +61,30 @@ func newHandler(t testing.TB) (*handler, *attesttest.Fixture, attestation.Store)
 	roots, inter := x509.NewCertPool(), x509.NewCertPool()
 	roots.AppendCertsFromPEM(f.EKRootPEM)
 	inter.AppendCertsFromPEM(f.EKIntermediatePEM)
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "node CA"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), IsCA: true, BasicConstraintsValid: true}
-	der, _ := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	ca, _ := x509.ParseCertificate(der)
-	svc, err := attestation.New(attestation.Config{EK: attest.EKPolicy{Roots: roots, Intermediates: inter}, NodeCA: ca, NodeCAKey: key}, store, nil, zap.NewNop())
+	k, err := x509.ParsePKCS8PrivateKey(f.NodeCAKey)
 	if err != nil {
 		t.Fatal(err)
 	}
-	node := &v1alpha1.SovraNode{ObjectMeta: metav1.ObjectMeta{Name: fixtureNode},
+	key := k.(*ecdsa.PrivateKey)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "node CA"},
+		NotBefore: f.IssuedAt.Add(-time.Hour), NotAfter: f.IssuedAt.Add(time.Hour), IsCA: true, BasicConstraintsValid: true}
+	der, _ := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	ca, _ := x509.ParseCertificate(der)
+	svc, err := attestation.New(attestation.Config{EK: attest.EKPolicy{Roots: roots, Intermediates: inter}, NodeCA: ca, NodeCAKey: key},
+		store, fixedClock(f.IssuedAt), zap.NewNop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	node := &v1alpha1.SovraNode{ObjectMeta: metav1.ObjectMeta{Name: fixtureNode(f), UID: "uid-fixture"},
 		Spec: v1alpha1.SovraNodeSpec{EKHash: strings.Repeat("a", 64), EKPublic: []byte{1}, AKPublic: f.AKPublic}}
 	if err := store.CreateNode(context.Background(), node); err != nil {
 		t.Fatal(err)
 	}
-	return &handler{svc: svc, logger: zap.NewNop()}, f, store
+	return &handler{svc: svc, logger: zap.NewNop()}, f
 }
 
 func fixtureRequest(f *attesttest.Fixture) *pb.AttestRequest {
-	req := &pb.AttestRequest{Node: fixtureNode, Nonce: f.Nonce, Claims: f.Claims, Quote: f.Quote, Signature: f.Signature,
+	req := &pb.AttestRequest{Node: fixtureNode(f), Nonce: f.Nonce, Claims: f.Claims, Quote: f.Quote, Signature: f.Signature,
 		PcrHashAlg: uint32(attest.QuoteHash), EventLog: f.EventLog, Csr: f.CSR}
 	for _, i := range attest.QuotedPCRs {
 		req.Pcrs = append(req.Pcrs, &pb.PCRValue{Index: uint32(i), Digest: f.PCRs[i]})
@@ -75,13 +93,8 @@ func fixtureRequest(f *attesttest.Fixture) *pb.AttestRequest {
 }
 
 func TestAttestThroughHandler(t *testing.T) {
-	h, f, store := newHandler(t)
+	h, f := newHandler(t)
 	ctx := context.Background()
-	n := &v1alpha1.AttestationNonce{ObjectMeta: metav1.ObjectMeta{Name: attestation.NonceName(f.Nonce)},
-		Spec: v1alpha1.AttestationNonceSpec{Node: fixtureNode, ExpiresAt: metav1.NewTime(time.Now().Add(time.Minute))}}
-	if err := store.CreateNonce(ctx, n); err != nil {
-		t.Fatal(err)
-	}
 	resp, err := h.Attest(ctx, fixtureRequest(f))
 	if err != nil || len(resp.GetCertificateChain()) != 2 {
 		t.Fatalf("Attest = %v, %v", resp, err)
@@ -110,7 +123,7 @@ func TestConfigNeedsTLS(t *testing.T) {
 // FuzzAttestRequest feeds raw wire bytes through protobuf decoding, the
 // conversion and the service: whatever a node sends, it gets a status.
 func FuzzAttestRequest(f *testing.F) {
-	h, fx, store := newHandler(f)
+	h, fx := newHandler(f)
 	good, _ := proto.Marshal(fixtureRequest(fx))
 	f.Add(good)
 	f.Fuzz(func(t *testing.T, b []byte) {
@@ -118,11 +131,6 @@ func FuzzAttestRequest(f *testing.F) {
 		if proto.Unmarshal(b, &req) != nil {
 			return
 		}
-		// Keep the recorded nonce issued, so inputs reach verification.
-		_ = store.CreateNonce(context.Background(), &v1alpha1.AttestationNonce{
-			ObjectMeta: metav1.ObjectMeta{Name: attestation.NonceName(fx.Nonce)},
-			Spec:       v1alpha1.AttestationNonceSpec{Node: fixtureNode, ExpiresAt: metav1.NewTime(time.Now().Add(time.Hour))},
-		})
 		if _, err := h.Attest(context.Background(), &req); err != nil {
 			if _, ok := status.FromError(err); !ok {
 				t.Fatalf("error without a status: %v", err)
@@ -134,7 +142,7 @@ func FuzzAttestRequest(f *testing.F) {
 // FuzzEnrollBegin feeds raw wire bytes of the first enrollment message
 // through decoding, EK policy and AK checks.
 func FuzzEnrollBegin(f *testing.F) {
-	h, fx, _ := newHandler(f)
+	h, fx := newHandler(f)
 	good, _ := proto.Marshal(beginFor(fx))
 	f.Add(good)
 	f.Fuzz(func(t *testing.T, b []byte) {

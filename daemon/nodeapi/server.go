@@ -1,8 +1,10 @@
 // Package nodeapi serves the node API over gRPC with TLS: enrollment, nonces
 // and attestation on top of the attestation service, and, for callers with
 // the node credential, membership and the bootstrap lease on top of the
-// membership service. It is the edge: errors become gRPC status codes here
-// and nowhere else.
+// membership service. Every service but enrollment/attestation and the Talos
+// KMS is authenticated by the node credential (package nodeauth) before its
+// handler runs, so a service registered later is closed by default. It is
+// the edge: errors become gRPC status codes here and nowhere else.
 package nodeapi
 
 import (
@@ -13,14 +15,17 @@ import (
 	"net"
 	"time"
 
+	kmsapi "github.com/siderolabs/kms-client/api/kms"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/keepalive"
 	"k8s.io/client-go/rest"
 
+	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
 	"github.com/sovra-dev/sovra/daemon/attestation"
 	"github.com/sovra-dev/sovra/daemon/membership"
+	"github.com/sovra-dev/sovra/daemon/nodeauth"
 	pb "github.com/sovra-dev/sovra/internal/nodeapi"
 )
 
@@ -61,7 +66,16 @@ type Config struct {
 	// attestation) per peer address, in calls a second; zero or less turns
 	// the limit off.
 	PeerRate float64
+	// Auth authenticates the node credential of every call outside the
+	// anonymous services; NewServer builds it on the same API when nil.
+	Auth *nodeauth.Authenticator
 }
+
+// AnonymousServices are the services callers reach without a node
+// credential: enrollment and attestation (which earn one) and the Talos KMS
+// (Talos presents none). Every other service registered on the node API
+// requires the node credential.
+var AnonymousServices = []string{pb.NodeService_ServiceDesc.ServiceName, kmsapi.KMSService_ServiceDesc.ServiceName}
 
 // Validate reports every problem of c at once.
 func (c Config) Validate() error {
@@ -103,6 +117,9 @@ func NewServer(cfg Config, kubeconfig *rest.Config, logger *zap.Logger) (*Server
 			return nil, fmt.Errorf("creating node API: %w", err)
 		}
 	}
+	if cfg.Auth == nil {
+		cfg.Auth = nodeauth.New(cfg.Attestation.NodeCA, nodeauth.APIRecords{Client: store.Client}, nil, logger.Named("nodeauth"))
+	}
 	return NewServerWithStore(cfg, store, nil, logger)
 }
 
@@ -128,18 +145,22 @@ func NewServerWithStore(cfg Config, store attestation.Store, clock attestation.C
 		// attestation have none); the ClusterService verifies it.
 		tlsCfg.ClientAuth = tls.RequestClientCert
 	}
+	if cfg.Auth == nil {
+		cfg.Auth = nodeauth.New(cfg.Attestation.NodeCA, storeRecords{store}, nil, logger.Named("nodeauth"))
+	}
 	limit := newPeerLimit(cfg.PeerRate, logger)
+	authUnary, authStream := cfg.Auth.Interceptors(AnonymousServices...)
 	g := grpc.NewServer(
 		grpc.Creds(credentials.NewTLS(tlsCfg)),
-		grpc.ChainUnaryInterceptor(limit.unary),
-		grpc.ChainStreamInterceptor(limit.stream),
+		grpc.ChainUnaryInterceptor(limit.unary, authUnary),
+		grpc.ChainStreamInterceptor(limit.stream, authStream),
 		grpc.MaxRecvMsgSize(MaxMessageSize),
 		grpc.MaxConcurrentStreams(maxConcurrentStreams),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: keepaliveMinTime}),
 	)
 	pb.RegisterNodeServiceServer(g, &handler{svc: svc, logger: logger})
 	if cfg.Cluster != nil {
-		pb.RegisterClusterServiceServer(g, newClusterHandler(cfg.Cluster, cfg.Attestation.NodeCA, logger))
+		pb.RegisterClusterServiceServer(g, newClusterHandler(cfg.Cluster, logger))
 	}
 	return &Server{cfg: cfg, service: svc, grpc: g, logger: logger}, nil
 }
@@ -148,6 +169,18 @@ func NewServerWithStore(cfg Config, store attestation.Store, clock attestation.C
 // same listener and TLS identity (sovrad puts the Talos KMS there). Call it
 // before Run.
 func (s *Server) Register(register func(grpc.ServiceRegistrar)) { register(s.grpc) }
+
+// storeRecords reads records for the authenticator through the
+// attestation store.
+type storeRecords struct{ store attestation.Store }
+
+func (r storeRecords) Get(ctx context.Context, name string) (*v1alpha1.SovraNode, error) {
+	n, err := r.store.GetNode(ctx, name)
+	if errors.Is(err, attestation.ErrNodeNotFound) {
+		return nil, nodeauth.ErrNotFound
+	}
+	return n, err
+}
 
 // Service returns the attestation service behind the server.
 func (s *Server) Service() *attestation.Service { return s.service }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 
 	"go.uber.org/zap"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/rest"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
@@ -14,11 +15,13 @@ import (
 	"github.com/sovra-dev/sovra/daemon/config"
 	"github.com/sovra-dev/sovra/daemon/datadir"
 	"github.com/sovra-dev/sovra/daemon/nodeapi"
+	"github.com/sovra-dev/sovra/daemon/nodeauth"
 )
 
 // newNodeAPI builds the node API from the configuration: its TLS identity
 // from the node CA in the data directory, and the EK policy from its files.
-func newNodeAPI(cfg config.NodeAPI, files *datadir.Files, loopback *rest.Config, log *zap.Logger) (*nodeapi.Server, error) {
+func newNodeAPI(all *config.Config, files *datadir.Files, loopback *rest.Config, auth *nodeauth.Authenticator, log *zap.Logger) (*nodeapi.Server, error) {
+	cfg := all.NodeAPI
 	ek, err := attestation.EKPolicyFiles{
 		Roots:           cfg.EKRoots,
 		Intermediates:   cfg.EKIntermediates,
@@ -44,6 +47,7 @@ func newNodeAPI(cfg config.NodeAPI, files *datadir.Files, loopback *rest.Config,
 	return nodeapi.NewServer(nodeapi.Config{
 		Listen:   cfg.Listen,
 		PeerRate: cfg.RatePerIP,
+		Auth:     auth,
 		// A node credential, when a call presents one, must chain to the node
 		// CA; calls before the first attestation (enrollment) present none.
 		TLS: &tls.Config{
@@ -53,13 +57,30 @@ func newNodeAPI(cfg config.NodeAPI, files *datadir.Files, loopback *rest.Config,
 			ClientCAs:    nodeCAs,
 		},
 		Attestation: attestation.Config{
-			EK:        ek,
-			NonceTTL:  cfg.NonceTTL,
-			CertTTL:   cfg.NodeCertTTL,
-			NodeCA:    files.NodeCA.Cert,
-			NodeCAKey: files.NodeCA.Key,
+			EK:         ek,
+			NonceTTL:   cfg.NonceTTL,
+			CertTTL:    cfg.NodeCertTTL,
+			NodeCA:     files.NodeCA.Cert,
+			NodeCAKey:  files.NodeCA.Key,
+			SealWindow: all.KMS.SealWindow,
 		},
 	}, loopback, log.Named("nodeapi"))
+}
+
+// newAuthenticator builds the one check of node credentials that every
+// node-authenticated service shares, reading records from the API.
+func newAuthenticator(files *datadir.Files, loopback *rest.Config, log *zap.Logger) (*nodeauth.Authenticator, error) {
+	scheme, err := attestation.Scheme()
+	if err != nil {
+		return nil, err
+	}
+	cfg := rest.CopyConfig(loopback)
+	cfg.ContentType = runtime.ContentTypeJSON
+	c, err := client.New(cfg, client.Options{Scheme: scheme})
+	if err != nil {
+		return nil, fmt.Errorf("creating a client for node credentials: %w", err)
+	}
+	return nodeauth.New(files.NodeCA.Cert, nodeauth.APIRecords{Client: c}, nil, log.Named("nodeauth")), nil
 }
 
 // runNodeAPI installs the attestation CRDs in the API, waits for them, and

@@ -65,17 +65,21 @@ func Run(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 		return err
 	}
 
+	auth, err := newAuthenticator(files, api.Loopback, log)
+	if err != nil {
+		return err
+	}
 	var keys *kms.Service
 	var keysTLS *tls.Config
 	if cfg.KMS.MasterKeyFile != "" {
-		if keys, keysTLS, err = kms.NewFromConfig(cfg, files, api.Loopback, log); err != nil {
+		if keys, keysTLS, err = kms.NewFromConfig(cfg, files, api.Loopback, kms.ReplicaName(files.ServerURL), log); err != nil {
 			return err
 		}
 	}
 
 	var nodes *nodeapi.Server
 	if cfg.NodeAPI.Listen != "" {
-		if nodes, err = newNodeAPI(cfg.NodeAPI, files, api.Loopback, log); err != nil {
+		if nodes, err = newNodeAPI(cfg, files, api.Loopback, auth, log); err != nil {
 			return err
 		}
 	}
@@ -100,7 +104,7 @@ func Run(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 		nodes.Register(keys.RegisterVolumeKeys)
 		g.Go(func() error { return keys.Run(gctx) })
 	case keys != nil:
-		g.Go(func() error { return keys.Serve(gctx, cfg.KMS.Listen, keysTLS) })
+		g.Go(func() error { return keys.Serve(gctx, cfg.KMS.Listen, keysTLS, auth) })
 	}
 	// The API server outlives the Cluster API manager, so that at shutdown the
 	// leader can still release its Lease and another replica takes over at once.

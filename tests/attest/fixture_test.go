@@ -1,14 +1,18 @@
 package attest
 
 import (
+	"context"
 	"crypto/x509"
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"go.uber.org/zap/zaptest"
 
 	agentattest "github.com/sovra-dev/sovra/agent/attest"
+	"github.com/sovra-dev/sovra/daemon/attestation"
+	"github.com/sovra-dev/sovra/internal/attest"
 	"github.com/sovra-dev/sovra/internal/attest/attesttest"
 	"github.com/sovra-dev/sovra/internal/claims"
 	"github.com/sovra-dev/sovra/tests/swtpmlab"
@@ -33,8 +37,24 @@ func TestWriteFixtures(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	nonce := random(32)
-	req, err := a.EvidenceFor(key, "ek-fixture", nk, nonce)
+	// The nonce comes from a daemon's attestation service with a throwaway
+	// node CA, recorded with the fixture so the daemon's tests accept it.
+	ca, caKey := newCA(t, "fixture node CA")
+	svc, err := attestation.New(attestation.Config{NodeCA: ca, NodeCAKey: caKey}, nil, nil, zaptest.NewLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ek, err := attest.ParseEK(key.EKCertificate, key.EKPublic)
+	if err != nil {
+		t.Fatal(err)
+	}
+	node := attestation.NodeName(ek.Hash)
+	issuedAt := time.Now()
+	nonce, _, err := svc.IssueNonce(context.Background(), node)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req, err := a.EvidenceFor(key, node, nk, nonce)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -48,7 +68,10 @@ func TestWriteFixtures(t *testing.T) {
 		AKPublic: key.Params.Public, AKCreateData: key.Params.CreateData,
 		AKCreateAttestation: key.Params.CreateAttestation, AKCreateSignature: key.Params.CreateSignature,
 		Nonce: nonce, Claims: req.Claims, Quote: req.Quote, Signature: req.Signature,
-		PCRs: map[int][]byte{}, EventLog: req.EventLog, CSR: req.Csr,
+		PCRs: map[int][]byte{}, EventLog: req.EventLog, CSR: req.Csr, IssuedAt: issuedAt,
+	}
+	if f.NodeCAKey, err = x509.MarshalPKCS8PrivateKey(caKey); err != nil {
+		t.Fatal(err)
 	}
 	if f.NodeKey, err = x509.MarshalPKCS8PrivateKey(nk.Signer()); err != nil {
 		t.Fatal(err)

@@ -394,7 +394,7 @@ func (s *story) pcrPolicy() error {
 	}
 	enforce := &v1alpha1.AttestationPolicy{ObjectMeta: metav1.ObjectMeta{Name: "golden-pcr7"},
 		Spec: v1alpha1.AttestationPolicySpec{
-			NodeSelector: &metav1.LabelSelector{},
+			NodeSelector: &v1alpha1.NodeSelector{},
 			PCRs:         []v1alpha1.PCRRule{{Index: 7, Values: []string{strings.Repeat("ab", 32)}, Mode: v1alpha1.ModeEnforce}},
 		}}
 	if err := s.d.kube.Create(ctx, enforce); err != nil {

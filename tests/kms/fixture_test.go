@@ -55,8 +55,8 @@ type kmsDaemon struct {
 	localAddr string // source address of calls; empty: the kernel's choice
 }
 
-// startKMS starts sovrad with the KMS on a free port; the master keyring is
-// outside the data directory.
+// startKMS starts sovrad with the KMS on the node API's port, as in the
+// default deployment; the master keyring is outside the data directory.
 func startKMS(t testing.TB, extra ...string) *kmsDaemon {
 	t.Helper()
 	dataDir := filepath.Join(t.TempDir(), "data")
@@ -67,7 +67,7 @@ func startKMS(t testing.TB, extra ...string) *kmsDaemon {
 func startKMSWith(t testing.TB, dataDir, keyFile string, port int, extra ...string) *kmsDaemon {
 	t.Helper()
 	addr := "127.0.0.1:" + strconv.Itoa(port)
-	args := append([]string{"--master-key-file", keyFile, "--kms-listen", addr, "--controllers", "none", "--node-listen="}, extra...)
+	args := append([]string{"--master-key-file", keyFile, "--node-listen", addr, "--controllers", "none"}, extra...)
 	d := sovradtest.Start(t, dataDir, args...)
 	k := &kmsDaemon{Daemon: d, t: t, KMSAddr: addr, KeyFile: keyFile}
 	k.connect()
@@ -185,9 +185,13 @@ type nodeState struct {
 	Result             string // Passed or Failed; empty: never attested
 	Addresses          []string
 	AttestedAt         time.Time
+	// Boot, when set, is the boot the attestation reported, started at
+	// BootStarted (zero: a minute before the attestation).
+	Boot        string
+	BootStarted time.Time
 }
 
-var attestedNode = nodeState{Enrolled: true, Attested: true, Result: v1alpha1.ResultPassed, Addresses: []string{"127.0.0.1"}}
+var attestedNode = nodeState{Enrolled: true, Attested: true, Result: v1alpha1.ResultPassed, Addresses: []string{"127.0.0.1"}, Boot: "boot-1"}
 
 // createNode creates n's record with state st, as enrollment (and the
 // attestation that followed) would.
@@ -232,6 +236,20 @@ func setState(rec *v1alpha1.SovraNode, st nodeState) {
 		rec.Status.LastAttestationResult = st.Result
 		rec.Status.LastAttestationTime = &now
 		rec.Status.Reason = reason
+		if st.Boot != "" {
+			started := st.BootStarted
+			if started.IsZero() {
+				started = now.Add(-time.Minute)
+			}
+			boot := v1alpha1.Boot{ID: st.Boot, Started: metav1.NewTime(started), FirstAttested: now, LastAttested: now, Result: st.Result}
+			boots := []v1alpha1.Boot{boot}
+			for _, b := range rec.Status.Boots {
+				if b.ID != st.Boot {
+					boots = append(boots, b)
+				}
+			}
+			rec.Status.Boots = boots
+		}
 	} else {
 		cond(v1alpha1.ConditionAttested, false, v1alpha1.ReasonNotAttested)
 	}
@@ -371,4 +389,66 @@ func codeOf(err error) codes.Code {
 		return s.GRPCStatus().Code()
 	}
 	return status.Code(err)
+}
+
+// from returns the daemon as reached from source address addr (an address
+// of this host, e.g. 127.0.0.2).
+func (k *kmsDaemon) from(addr string) *kmsDaemon {
+	c := *k
+	c.localAddr = addr
+	return &c
+}
+
+// ledger returns the entries of every replica's ledger about n.
+func (k *kmsDaemon) ledger(ctx context.Context, n node) []v1alpha1.LedgerEntry {
+	k.t.Helper()
+	var list v1alpha1.UnsealLedgerList
+	if err := k.kube.List(ctx, &list); err != nil {
+		k.t.Fatal(err)
+	}
+	var out []v1alpha1.LedgerEntry
+	for _, l := range list.Items {
+		for _, e := range l.Spec.Entries {
+			if e.Node == n.Name {
+				out = append(out, e)
+			}
+		}
+	}
+	return out
+}
+
+// waitLedger waits until n's ledger holds an entry from source with the
+// verdict (empty: any), and returns it.
+func (k *kmsDaemon) waitLedger(ctx context.Context, n node, source, verdict string) v1alpha1.LedgerEntry {
+	k.t.Helper()
+	deadline := time.Now().Add(converge)
+	for {
+		entries := k.ledger(ctx, n)
+		for _, e := range entries {
+			if e.Source == source && (verdict == "" || e.Verdict == verdict) {
+				return e
+			}
+		}
+		if time.Now().After(deadline) {
+			k.t.Fatalf("no ledger entry of %s from %s with verdict %q: %+v\n%s", n.Name, source, verdict, entries, k.Tail(20))
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// waitCondition waits until n's record has condition typ True (or, with
+// on false, not True).
+func (k *kmsDaemon) waitCondition(ctx context.Context, n node, typ string, on bool) *v1alpha1.SovraNode {
+	k.t.Helper()
+	deadline := time.Now().Add(converge)
+	for {
+		rec := k.getNode(ctx, n)
+		if meta.IsStatusConditionTrue(rec.Status.Conditions, typ) == on {
+			return rec
+		}
+		if time.Now().After(deadline) {
+			k.t.Fatalf("condition %s of %s never became %v: %+v\n%s", typ, n.Name, on, rec.Status.Conditions, k.Tail(20))
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
 }

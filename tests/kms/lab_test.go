@@ -59,13 +59,7 @@ func TestLabMode(t *testing.T) {
 		t.Fatal(err)
 	}
 	ghostLab := node{Name: "kms-lab-" + ghost.UUID, UUID: ghost.UUID}
-	deadline := time.Now().Add(converge)
-	for !quarantinedRecord(d.getNode(ctx, ghostLab)) {
-		if time.Now().After(deadline) {
-			t.Fatalf("the never-enrolled lab node was not quarantined:\n%s", d.Tail(10))
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
+	d.waitCondition(ctx, ghostLab, kms.ConditionQuarantined, true)
 	waitLog(t, d, kms.ReasonEnrollmentMissed)
 	// Quarantined: not even Seal.
 	_, err = d.Seal(ctx, ghost.UUID, key(t))

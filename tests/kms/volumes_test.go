@@ -22,7 +22,7 @@ import (
 
 	"github.com/sovra-dev/sovra/agent/volumes"
 	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
-	"github.com/sovra-dev/sovra/daemon/attestation"
+	"github.com/sovra-dev/sovra/daemon/nodeauth"
 	"github.com/sovra-dev/sovra/internal/testutil"
 )
 
@@ -72,13 +72,14 @@ func (p *pki) issue(t *testing.T, tmpl *x509.Certificate) tls.Certificate {
 	return tls.Certificate{Certificate: [][]byte{der, p.cert.Raw}, PrivateKey: key, Leaf: leaf}
 }
 
-// credential is the node credential of a passing attestation of node.
-func (p *pki) credential(t *testing.T, node string) volumes.CredentialFunc {
-	cert := p.issue(t, &x509.Certificate{
-		Subject:   pkix.Name{CommonName: node, Organization: []string{attestation.NodeOrganization}},
-		NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(certTTL),
-		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
-	})
+// credential is the node credential of a passing attestation of the
+// record's current boot, for this instance of the record.
+func (p *pki) credential(t *testing.T, rec *v1alpha1.SovraNode) volumes.CredentialFunc {
+	boot := ""
+	if b := rec.CurrentBoot(); b != nil {
+		boot = b.ID
+	}
+	cert := p.issue(t, nodeauth.Template(nodeauth.Credential{Node: rec.Name, UID: rec.UID, Boot: boot}, nil, time.Now(), certTTL))
 	return func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return &cert, nil }
 }
 
@@ -159,7 +160,7 @@ func TestAgentVolumes(t *testing.T) {
 	if err := d.createNode(ctx, n, attestedNode); err != nil {
 		t.Fatal(err)
 	}
-	remote := &volumes.Remote{Addr: addr, Roots: ca.pool, Credential: ca.credential(t, n.Name)}
+	remote := &volumes.Remote{Addr: addr, Roots: ca.pool, Credential: ca.credential(t, d.getNode(ctx, n))}
 	m := &volumes.Manager{Keys: remote}
 	vol := volumes.Volume{ID: "data", Device: newVolume(t)}
 	var outcome volumes.Outcome
@@ -216,7 +217,21 @@ func TestAgentVolumes(t *testing.T) {
 			t.Fatal(err)
 		}
 		time.Sleep(time.Second)
-		denied(t, &volumes.Manager{Keys: &volumes.Remote{Addr: addr, Roots: ca.pool, Credential: ca.credential(t, f.Name)}}, newVolume(t))
+		denied(t, &volumes.Manager{Keys: &volumes.Remote{Addr: addr, Roots: ca.pool, Credential: ca.credential(t, d.getNode(ctx, f))}}, newVolume(t))
+	})
+	t.Run("credential of an earlier boot", func(t *testing.T) {
+		// The node rebooted and attested again: the credential of its
+		// previous boot gets no key.
+		old := ca.credential(t, d.getNode(ctx, n))
+		st := attestedNode
+		st.Boot = "boot-2"
+		d.setNodeState(ctx, n, st)
+		_, _, err := (&volumes.Remote{Addr: addr, Roots: ca.pool, Credential: old}).VolumeKey(ctx, "data", 1)
+		if codeOf(err) != codes.PermissionDenied {
+			t.Fatalf("credential of an earlier boot: %v, want PermissionDenied", err)
+		}
+		waitLog(t, d, "CredentialNotOfCurrentBoot")
+		remote.Credential = ca.credential(t, d.getNode(ctx, n))
 	})
 	t.Run("node without a credential (not attested in this boot)", func(t *testing.T) {
 		none := func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
@@ -226,7 +241,7 @@ func TestAgentVolumes(t *testing.T) {
 	})
 	t.Run("credential from another CA", func(t *testing.T) {
 		rogue := newPKI(t)
-		_, _, err := (&volumes.Remote{Addr: addr, Roots: ca.pool, Credential: rogue.credential(t, n.Name)}).VolumeKey(ctx, "data", 1)
+		_, _, err := (&volumes.Remote{Addr: addr, Roots: ca.pool, Credential: rogue.credential(t, d.getNode(ctx, n))}).VolumeKey(ctx, "data", 1)
 		if err == nil {
 			t.Fatal("a rogue credential got a key")
 		}
@@ -244,11 +259,18 @@ func TestAgentVolumes(t *testing.T) {
 			}
 			time.Sleep(50 * time.Millisecond)
 		}
-		// Re-created with the same UUID: a new salt, so a different key;
-		// the old volume stays closed.
+		// Re-created with the same name and UUID (the same TPM enrolled
+		// again): the credential of the deleted record gets nothing...
 		if err := d.createNode(ctx, n, attestedNode); err != nil {
 			t.Fatal(err)
 		}
+		time.Sleep(time.Second)
+		if _, _, err := remote.VolumeKey(ctx, vol.ID, 1); codeOf(err) != codes.PermissionDenied {
+			t.Fatalf("credential of the deleted record: %v, want PermissionDenied", err)
+		}
+		// ...and the new record's own credential a new salt's key: the old
+		// volume stays closed.
+		remote.Credential = ca.credential(t, d.getNode(ctx, n))
 		var fresh []byte
 		for deadline := time.Now().Add(converge); ; {
 			if fresh, _, err = remote.VolumeKey(ctx, vol.ID, 1); err == nil || time.Now().After(deadline) {

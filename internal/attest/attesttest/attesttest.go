@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"time"
 )
 
 //go:embed testdata/evidence.json
@@ -34,6 +35,11 @@ type Fixture struct {
 	// NodeKey is the PKCS#8 DER of the in-memory node key whose hash is
 	// in Claims (a throwaway test key), and CSR a request signed by it.
 	NodeKey, CSR []byte
+	// NodeCAKey is the PKCS#8 DER of the (throwaway) node CA key the daemon
+	// that issued Nonce held, and IssuedAt when it issued it: a service
+	// with that key and clock accepts the nonce.
+	NodeCAKey []byte
+	IssuedAt  time.Time
 }
 
 // Load returns a fresh copy of the recorded fixture.

@@ -8,6 +8,11 @@ import (
 // the KMS finds a node by the UUID Talos sends.
 const LabelUUID = "sovra.dev/uuid"
 
+// LabelLabPending marks a record the KMS created, in lab mode, for a node
+// that sealed before it enrolled; its salt moves to the node's enrolled
+// record when one claims the same UUID.
+const LabelLabPending = "kms.sovra.dev/lab-pending"
+
 // Condition types of a SovraNode.
 const (
 	// ConditionEnrolled is True once the node's AK was activated against its EK.
