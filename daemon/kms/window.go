@@ -24,6 +24,9 @@ import (
 //   - its first window, from its creation for Config.SealWindow (a node an
 //     operator pre-registered, or one that enrolled, installs now);
 //   - a window enrollment opened for a record that never sealed;
+//     both close FreshSealWindow after the node's first Seal: an install
+//     seals its volumes within minutes, and a window is a time in which
+//     anyone who knows the UUID may Seal;
 //   - a window an operator opened (AnnotationSealingWindow);
 //   - a window sovra opened when it wiped the host (OpenSealingWindow);
 //   - lab mode.
@@ -33,10 +36,15 @@ func (s *Service) sealWindow(rec *v1alpha1.SovraNode, now time.Time) (string, bo
 	if s.cfg.LabMode {
 		return "lab mode", true
 	}
-	if w := windowOf(rec); w != nil && !now.Before(w.Opened.Time) && now.Before(w.Expires.Time) {
+	var installed bool // the node's install burst is over
+	if sl := rec.Status.Sealing; sl != nil && sl.FirstSealed != nil {
+		installed = now.After(sl.FirstSealed.Add(FreshSealWindow))
+	}
+	if w := windowOf(rec); w != nil && !now.Before(w.Opened.Time) && now.Before(w.Expires.Time) &&
+		!(installed && w.Reason == v1alpha1.WindowEnrollment) {
 		return w.Reason, true
 	}
-	if now.Before(rec.CreationTimestamp.Add(s.cfg.SealWindow)) {
+	if now.Before(rec.CreationTimestamp.Add(s.cfg.SealWindow)) && !installed {
 		return v1alpha1.WindowPreRegistration, true
 	}
 	return "no sealing window is open: open one with kubectl annotate snode " + rec.Name + " " + AnnotationSealingWindow + "=30m", false
