@@ -11,7 +11,8 @@ import (
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/keepalive"
+
+	"github.com/sovra-dev/sovra/daemon/connlimit"
 )
 
 const (
@@ -38,23 +39,22 @@ func NewGRPCServer(tlsCfg *tls.Config) (*grpc.Server, error) {
 		grpc.Creds(credentials.NewTLS(tlsCfg)),
 		grpc.MaxRecvMsgSize(MaxRequestSize),
 		grpc.MaxConcurrentStreams(maxConcurrentStreams),
-		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second}),
+		grpc.ConnectionTimeout(connlimit.HandshakeTimeout),
+		grpc.KeepaliveParams(connlimit.Keepalive),
+		grpc.KeepaliveEnforcementPolicy(connlimit.KeepalivePolicy),
 	), nil
 }
 
-// Serve runs the KMS on its own TLS listener at addr until ctx ends: the
-// gRPC server and Run together.
-func (s *Service) Serve(ctx context.Context, addr string, tlsCfg *tls.Config) error {
+// Serve runs the KMS on its own TLS listener lis until ctx ends: the gRPC
+// server and Run together. It closes lis.
+func (s *Service) Serve(ctx context.Context, lis net.Listener, tlsCfg *tls.Config) error {
 	g, err := NewGRPCServer(tlsCfg)
 	if err != nil {
+		_ = lis.Close()
 		return err
 	}
 	s.Register(g)
 	s.RegisterVolumeKeys(g)
-	lis, err := net.Listen("tcp", addr)
-	if err != nil {
-		return fmt.Errorf("listening for the KMS on %s: %w", addr, err)
-	}
 	s.logger.Info("KMS listening", zap.String("address", lis.Addr().String()))
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()

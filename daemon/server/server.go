@@ -10,6 +10,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"net"
 	"time"
 
 	"go.uber.org/zap"
@@ -65,11 +66,21 @@ func Run(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 		return err
 	}
 
+	limiter, err := newConnLimiter(cfg, log)
+	if err != nil {
+		return err
+	}
 	var keys *kms.Service
 	var keysTLS *tls.Config
 	if cfg.KMS.MasterKeyFile != "" {
 		if keys, keysTLS, err = kms.NewFromConfig(cfg, files, api.Loopback, log); err != nil {
 			return err
+		}
+	}
+	var keysLis net.Listener
+	if keys != nil && cfg.KMS.Listen != "" {
+		if keysLis, err = net.Listen("tcp", cfg.KMS.Listen); err != nil {
+			return fmt.Errorf("listening for the KMS on %s: %w", cfg.KMS.Listen, err)
 		}
 	}
 
@@ -89,7 +100,7 @@ func Run(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 			if !readyOrDone(gctx, ready) {
 				return nil // shutting down before ready
 			}
-			return runNodeAPI(gctx, nodes, api.Loopback)
+			return runNodeAPI(gctx, nodes, api.Loopback, cfg.NodeAPI.Listen, limiter)
 		})
 	}
 	switch {
@@ -100,7 +111,7 @@ func Run(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 		nodes.Register(keys.RegisterVolumeKeys)
 		g.Go(func() error { return keys.Run(gctx) })
 	case keys != nil:
-		g.Go(func() error { return keys.Serve(gctx, cfg.KMS.Listen, keysTLS) })
+		g.Go(func() error { return keys.Serve(gctx, limiter.Wrap(keysLis, "KMS"), keysTLS) })
 	}
 	// The API server outlives the Cluster API manager, so that at shutdown the
 	// leader can still release its Lease and another replica takes over at once.
