@@ -66,8 +66,9 @@ func newNodeAPI(cfg config.NodeAPI, files *datadir.Files, loopback *rest.Config,
 }
 
 // runNodeAPI installs the attestation CRDs in the API, waits for them, and
-// serves the node API on addr, through limiter, until ctx ends.
-func runNodeAPI(ctx context.Context, srv *nodeapi.Server, loopback *rest.Config, addr string, limiter *connlimit.Limiter) error {
+// serves the node API on addr, through limiter, until ctx ends. It opens
+// listening once the node API accepts connections.
+func runNodeAPI(ctx context.Context, srv *nodeapi.Server, loopback *rest.Config, addr string, limiter *connlimit.Limiter, listening *gate) error {
 	c, err := attestationClient(loopback)
 	if err != nil {
 		return err
@@ -82,6 +83,7 @@ func runNodeAPI(ctx context.Context, srv *nodeapi.Server, loopback *rest.Config,
 	if err != nil {
 		return fmt.Errorf("listening for the node API on %s: %w", addr, err)
 	}
+	listening.Open()
 	return srv.Serve(ctx, limiter.Wrap(lis, "node API"))
 }
 
