@@ -47,6 +47,13 @@ const (
 	// crypto/x509 looks there too.
 	caBundle = "/etc/ssl/certs/ca-certificates.crt"
 
+	// The health check's pacing: sovrad answers in milliseconds once up;
+	// a first start (keys, datastore, CRDs) takes up to a minute or two.
+	healthInterval    = 30 * time.Second
+	healthTimeout     = 10 * time.Second
+	healthStartPeriod = 2 * time.Minute
+	healthRetries     = 3
+
 	dataDirMode = 0o700
 	tmpMode     = 0o1777
 	binaryMode  = 0o755
@@ -133,6 +140,17 @@ func DaemonImage(o DaemonOptions) (v1.Image, string, error) {
 			ExposedPorts: map[string]struct{}{
 				strconv.Itoa(APIPort) + "/tcp":     {},
 				strconv.Itoa(NodeAPIPort) + "/tcp": {},
+			},
+			// `sovrad healthcheck` asks /readyz (with SOVRA_LISTEN and
+			// SOVRA_DATA_DIR from the environment). Docker runs it; the
+			// OCI format has no health check, so podman and Kubernetes
+			// need it given (an exec probe, podman --health-cmd).
+			Healthcheck: &v1.HealthConfig{
+				Test:        []string{"CMD", DaemonBinary, "healthcheck"},
+				Interval:    healthInterval,
+				Timeout:     healthTimeout,
+				StartPeriod: healthStartPeriod,
+				Retries:     healthRetries,
 			},
 			WorkingDir: DataDir,
 			Volumes:    map[string]struct{}{DataDir: {}},

@@ -85,6 +85,10 @@ func TestDaemonImageConfig(t *testing.T) {
 		t.Errorf("entrypoint %q, want [%s]", c.Entrypoint, DaemonBinary)
 	}
 
+	if hc := c.Healthcheck; hc == nil || !slices.Equal(hc.Test, []string{"CMD", DaemonBinary, "healthcheck"}) {
+		t.Errorf("health check %+v, want %s healthcheck", hc, DaemonBinary)
+	}
+
 	if _, ok := c.Volumes[DataDir]; !ok {
 		t.Errorf("volumes %v lack %s", c.Volumes, DataDir)
 	}

@@ -84,6 +84,8 @@ func TestUnitSettings(t *testing.T) {
 		"NoNewPrivileges=yes\n",
 		"ProtectSystem=strict\n",
 		"ExecStart=" + DaemonBinary + " --data-dir=%S/sovra\n",
+		"Type=notify\n",
+		"NotifyAccess=main\n",
 	} {
 		if !strings.Contains(unit, want) {
 			t.Errorf("%s lacks %q", unitFile, strings.TrimSpace(want))

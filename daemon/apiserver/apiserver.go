@@ -24,6 +24,7 @@ import (
 	utilerrors "k8s.io/apimachinery/pkg/util/errors"
 	"k8s.io/apimachinery/pkg/util/wait"
 	genericapiserver "k8s.io/apiserver/pkg/server"
+	"k8s.io/apiserver/pkg/server/healthz"
 	"k8s.io/apiserver/pkg/util/webhook"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
@@ -70,6 +71,9 @@ type Config struct {
 	Port         int
 	// AdminGroup, when set, is bound to cluster-admin; when empty, the binding is removed.
 	AdminGroup string
+	// ReadyChecks are added to the server's own in /readyz (each listed by
+	// name in /readyz?verbose and served at /readyz/<name>).
+	ReadyChecks []healthz.HealthChecker
 }
 
 // Server is a built, not yet running, API server.
@@ -144,6 +148,9 @@ func New(ctx context.Context, c Config, log *zap.Logger) (*Server, error) {
 		go ensureAdminGroup(hook, hook.LoopbackClientConfig, c.AdminGroup, log)
 		return nil
 	})
+	if err := chain.GenericAPIServer.AddReadyzChecks(c.ReadyChecks...); err != nil {
+		return nil, fmt.Errorf("adding readiness checks: %w", err)
+	}
 	prepared, err := chain.PrepareRun()
 	if err != nil {
 		return nil, fmt.Errorf("preparing the API server: %w", err)

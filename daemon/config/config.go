@@ -35,9 +35,17 @@ const (
 	defaultNodeCertTTL     = time.Hour
 	defaultNonceTTL        = time.Minute
 	defaultNodeRatePerIP   = 10
-	defaultAttestDeadline  = 10 * time.Minute
-	defaultSealWindow      = time.Hour
-	defaultKMSRatePerIP    = 5
+	// defaultNodeMaxConnsPerIP bounds the connections one source holds on
+	// the node API and KMS listeners: Talos opens one per KMS call, an agent
+	// one or two; a NAT in front of many nodes needs more.
+	defaultNodeMaxConnsPerIP = 32
+	// defaultNodeMaxConns bounds the connections held on them in total,
+	// well under the unit's LimitNOFILE (65536) so the API server and the
+	// datastore keep their file descriptors.
+	defaultNodeMaxConns   = 4096
+	defaultAttestDeadline = 10 * time.Minute
+	defaultSealWindow     = time.Hour
+	defaultKMSRatePerIP   = 5
 	// maxSealWindow bounds --seal-window: a window is a time in which
 	// anyone who knows a new node's UUID may Seal.
 	maxSealWindow = 24 * time.Hour
@@ -130,6 +138,13 @@ type NodeAPI struct {
 	// RatePerIP bounds enrollment, nonce and attestation calls per peer
 	// address, in calls a second; zero turns the limit off.
 	RatePerIP float64
+	// MaxConnsPerIP bounds the connections held at a time from one source
+	// (an IPv4 address, an IPv6 /64) on the node API and KMS listeners;
+	// --kms-trusted-proxies are exempt. Zero means no bound.
+	MaxConnsPerIP int
+	// MaxConns bounds the connections held on those listeners together;
+	// zero means no bound.
+	MaxConns int
 }
 
 // KMS configures the Talos KMS: sidero.kms.KMSService over TLS.
@@ -163,10 +178,11 @@ type KMS struct {
 // New returns the configuration with every default filled in.
 func New() *Config {
 	return &Config{
-		DataDir:         defaultDataDir,
-		Listen:          defaultListen,
-		OIDC:            OIDC{UsernameClaim: defaultUsernameClaim},
-		NodeAPI:         NodeAPI{Listen: defaultNodeListen, NodeCertTTL: defaultNodeCertTTL, NonceTTL: defaultNonceTTL, RatePerIP: defaultNodeRatePerIP},
+		DataDir: defaultDataDir,
+		Listen:  defaultListen,
+		OIDC:    OIDC{UsernameClaim: defaultUsernameClaim},
+		NodeAPI: NodeAPI{Listen: defaultNodeListen, NodeCertTTL: defaultNodeCertTTL, NonceTTL: defaultNonceTTL, RatePerIP: defaultNodeRatePerIP,
+			MaxConnsPerIP: defaultNodeMaxConnsPerIP, MaxConns: defaultNodeMaxConns},
 		KMS:             KMS{AttestDeadline: defaultAttestDeadline, SealWindow: defaultSealWindow, RatePerIP: defaultKMSRatePerIP},
 		LogLevel:        "info",
 		ShutdownTimeout: defaultShutdownTimeout,
@@ -196,6 +212,8 @@ func (c *Config) FlagSet() *pflag.FlagSet {
 	fs.DurationVar(&c.NodeAPI.NodeCertTTL, "node-cert-ttl", c.NodeAPI.NodeCertTTL, "lifetime of the node credential a passing attestation earns")
 	fs.DurationVar(&c.NodeAPI.NonceTTL, "nonce-ttl", c.NodeAPI.NonceTTL, "how long an attestation nonce is accepted")
 	fs.Float64Var(&c.NodeAPI.RatePerIP, "node-rate-per-ip", c.NodeAPI.RatePerIP, "enrollment, nonce and attestation calls a second each peer address may make (burst: 5 s of it, at least 10); raise it for nodes behind one NAT; 0 turns the limit off")
+	fs.IntVar(&c.NodeAPI.MaxConnsPerIP, "node-max-conns-per-ip", c.NodeAPI.MaxConnsPerIP, "connections one source (an IPv4 address, an IPv6 /64) may hold at a time on the node API and KMS listeners; more are closed at once; --kms-trusted-proxies are exempt; raise it for nodes behind one NAT, 0 turns it off")
+	fs.IntVar(&c.NodeAPI.MaxConns, "node-max-conns", c.NodeAPI.MaxConns, "connections the node API and KMS listeners may hold at a time together; more are closed at once; 0 turns it off")
 	fs.StringVar(&c.KMS.MasterKeyFile, "master-key-file", c.KMS.MasterKeyFile, "master keyring of the Talos KMS (mode 0600, outside the datastore, the same on every replica; created when missing); empty turns the KMS off")
 	fs.StringVar(&c.KMS.Listen, "kms-listen", c.KMS.Listen, "TLS address of the Talos KMS (sidero.kms.KMSService) and the volume key service; empty serves them on the node API (--node-listen)")
 	fs.BoolVar(&c.KMS.LabMode, "kms-lab-mode", c.KMS.LabMode, "labs only: let any node Seal; its record is created on first Seal and must enroll within --attest-deadline")
@@ -271,6 +289,7 @@ func (c *Config) Validate() error {
 	errs = append(errs, c.validateDataDir()...)
 	errs = append(errs, c.validateOIDC()...)
 	errs = append(errs, c.validateNodeAPI()...)
+	errs = append(errs, c.validateConnLimits()...)
 	errs = append(errs, c.validateKMS()...)
 	if c.AuditPolicy != "" {
 		if err := readable(c.AuditPolicy); err != nil {
@@ -326,6 +345,23 @@ func (c *Config) validateNodeAPI() []error {
 	}
 	if n.RatePerIP < 0 || math.IsNaN(n.RatePerIP) || math.IsInf(n.RatePerIP, 0) {
 		errs = append(errs, fmt.Errorf("--node-rate-per-ip %v: must be 0 (no limit) or a positive number of calls a second", n.RatePerIP))
+	}
+	return errs
+}
+
+// validateConnLimits checks the connection caps, which bound the node API's
+// listener and the KMS's (--kms-listen) alike.
+func (c *Config) validateConnLimits() []error {
+	n := c.NodeAPI
+	var errs []error
+	if n.MaxConnsPerIP < 0 {
+		errs = append(errs, fmt.Errorf("--node-max-conns-per-ip %d: must be 0 (no limit) or a positive number of connections", n.MaxConnsPerIP))
+	}
+	if n.MaxConns < 0 {
+		errs = append(errs, fmt.Errorf("--node-max-conns %d: must be 0 (no limit) or a positive number of connections", n.MaxConns))
+	}
+	if n.MaxConns > 0 && n.MaxConnsPerIP > n.MaxConns {
+		errs = append(errs, fmt.Errorf("--node-max-conns-per-ip %d: must not exceed --node-max-conns %d", n.MaxConnsPerIP, n.MaxConns))
 	}
 	return errs
 }

@@ -38,12 +38,13 @@ func TestValidateReportsEverything(t *testing.T) {
 	c.OIDC.ClientID = "x"
 	c.ShutdownTimeout = 0
 	c.NodeAPI.RatePerIP = -1
+	c.NodeAPI.MaxConns = -1
 	c.BootstrapGrace = 0
 	err := c.Validate()
 	if err == nil {
 		t.Fatal("no error")
 	}
-	for _, want := range []string{"--listen", "no host", "need --oidc-issuer-url", "--shutdown-timeout", "--node-rate-per-ip", "--bootstrap-grace"} {
+	for _, want := range []string{"--listen", "no host", "need --oidc-issuer-url", "--shutdown-timeout", "--node-rate-per-ip", "--node-max-conns -1", "--bootstrap-grace"} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("missing %q in %v", want, err)
 		}
@@ -73,5 +74,29 @@ func TestValidateSocketPathLength(t *testing.T) {
 	c.DataDir = "/" + strings.Repeat("d", 120)
 	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "too long") {
 		t.Fatalf("long data dir: %v", err)
+	}
+}
+
+func TestValidateConnLimits(t *testing.T) {
+	c := New()
+	c.DataDir = filepath.Join(t.TempDir(), "data")
+	if err := c.Parse(nil, env(map[string]string{"SOVRA_NODE_MAX_CONNS_PER_IP": "64", "SOVRA_NODE_MAX_CONNS": "100"})); err != nil {
+		t.Fatal(err)
+	}
+	if c.NodeAPI.MaxConnsPerIP != 64 || c.NodeAPI.MaxConns != 100 {
+		t.Fatalf("from the environment: %d, %d", c.NodeAPI.MaxConnsPerIP, c.NodeAPI.MaxConns)
+	}
+	c.NodeAPI.Listen = "" // the caps bound --kms-listen too
+	c.NodeAPI.MaxConnsPerIP, c.NodeAPI.MaxConns = 200, 100
+	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "--node-max-conns-per-ip 200: must not exceed --node-max-conns 100") {
+		t.Fatalf("per-source cap above the total: %v", err)
+	}
+	c.NodeAPI.MaxConnsPerIP, c.NodeAPI.MaxConns = -1, 0
+	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "--node-max-conns-per-ip -1") {
+		t.Fatalf("negative per-source cap: %v", err)
+	}
+	c.NodeAPI.MaxConnsPerIP, c.NodeAPI.MaxConns = 0, 0
+	if err := c.Validate(); err != nil {
+		t.Fatalf("no caps: %v", err)
 	}
 }

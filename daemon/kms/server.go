@@ -12,8 +12,8 @@ import (
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/keepalive"
 
+	"github.com/sovra-dev/sovra/daemon/connlimit"
 	"github.com/sovra-dev/sovra/daemon/nodeauth"
 )
 
@@ -47,23 +47,23 @@ func NewGRPCServer(tlsCfg *tls.Config, auth *nodeauth.Authenticator) (*grpc.Serv
 		grpc.ChainStreamInterceptor(stream),
 		grpc.MaxRecvMsgSize(MaxRequestSize),
 		grpc.MaxConcurrentStreams(maxConcurrentStreams),
-		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second}),
+		grpc.ConnectionTimeout(connlimit.HandshakeTimeout),
+		grpc.KeepaliveParams(connlimit.Keepalive),
+		grpc.KeepaliveEnforcementPolicy(connlimit.KeepalivePolicy),
 	), nil
 }
 
-// Serve runs the KMS on its own TLS listener at addr until ctx ends: the
-// gRPC server and Run together.
-func (s *Service) Serve(ctx context.Context, addr string, tlsCfg *tls.Config, auth *nodeauth.Authenticator) error {
+// Serve runs the KMS on its own TLS listener lis until ctx ends: the gRPC
+// server and Run together. It closes lis. auth authenticates the node
+// credentials of the volume key service.
+func (s *Service) Serve(ctx context.Context, lis net.Listener, tlsCfg *tls.Config, auth *nodeauth.Authenticator) error {
 	g, err := NewGRPCServer(tlsCfg, auth)
 	if err != nil {
+		_ = lis.Close()
 		return err
 	}
 	s.Register(g)
 	s.RegisterVolumeKeys(g)
-	lis, err := net.Listen("tcp", addr)
-	if err != nil {
-		return fmt.Errorf("listening for the KMS on %s: %w", addr, err)
-	}
 	s.logger.Info("KMS listening", zap.String("address", lis.Addr().String()))
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()

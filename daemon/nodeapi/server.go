@@ -19,11 +19,11 @@ import (
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/keepalive"
 	"k8s.io/client-go/rest"
 
 	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
 	"github.com/sovra-dev/sovra/daemon/attestation"
+	"github.com/sovra-dev/sovra/daemon/connlimit"
 	"github.com/sovra-dev/sovra/daemon/membership"
 	"github.com/sovra-dev/sovra/daemon/nodeauth"
 	pb "github.com/sovra-dev/sovra/internal/nodeapi"
@@ -44,8 +44,6 @@ const (
 	ShutdownGrace = 10 * time.Second
 	// maxConcurrentStreams bounds the calls per connection.
 	maxConcurrentStreams = 64
-	// keepaliveMinTime is the shortest keepalive ping interval clients may use.
-	keepaliveMinTime = 10 * time.Second
 )
 
 // Config configures the node API server.
@@ -156,7 +154,9 @@ func NewServerWithStore(cfg Config, store attestation.Store, clock attestation.C
 		grpc.ChainStreamInterceptor(limit.stream, authStream),
 		grpc.MaxRecvMsgSize(MaxMessageSize),
 		grpc.MaxConcurrentStreams(maxConcurrentStreams),
-		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: keepaliveMinTime}),
+		grpc.ConnectionTimeout(connlimit.HandshakeTimeout),
+		grpc.KeepaliveParams(connlimit.Keepalive),
+		grpc.KeepaliveEnforcementPolicy(connlimit.KeepalivePolicy),
 	)
 	pb.RegisterNodeServiceServer(g, &handler{svc: svc, logger: logger})
 	if cfg.Cluster != nil {

@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
+	"net"
 
 	"go.uber.org/zap"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -13,7 +14,9 @@ import (
 
 	"github.com/sovra-dev/sovra/daemon/attestation"
 	"github.com/sovra-dev/sovra/daemon/config"
+	"github.com/sovra-dev/sovra/daemon/connlimit"
 	"github.com/sovra-dev/sovra/daemon/datadir"
+	"github.com/sovra-dev/sovra/daemon/kms"
 	"github.com/sovra-dev/sovra/daemon/nodeapi"
 	"github.com/sovra-dev/sovra/daemon/nodeauth"
 )
@@ -84,15 +87,12 @@ func newAuthenticator(files *datadir.Files, loopback *rest.Config, log *zap.Logg
 }
 
 // runNodeAPI installs the attestation CRDs in the API, waits for them, and
-// serves the node API until ctx ends.
-func runNodeAPI(ctx context.Context, srv *nodeapi.Server, loopback *rest.Config) error {
-	scheme, err := attestation.Scheme()
+// serves the node API on addr, through limiter, until ctx ends. It opens
+// listening once the node API accepts connections.
+func runNodeAPI(ctx context.Context, srv *nodeapi.Server, loopback *rest.Config, addr string, limiter *connlimit.Limiter, listening *gate) error {
+	c, err := attestationClient(loopback)
 	if err != nil {
 		return err
-	}
-	c, err := client.New(loopback, client.Options{Scheme: scheme})
-	if err != nil {
-		return fmt.Errorf("creating a client for the attestation CRDs: %w", err)
 	}
 	if err := attestation.InstallCRDs(ctx, c); err != nil {
 		return err
@@ -100,5 +100,43 @@ func runNodeAPI(ctx context.Context, srv *nodeapi.Server, loopback *rest.Config)
 	if err := attestation.WaitForCRDs(ctx, c); err != nil {
 		return err
 	}
-	return srv.Run(ctx)
+	lis, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("listening for the node API on %s: %w", addr, err)
+	}
+	listening.Open()
+	return srv.Serve(ctx, limiter.Wrap(lis, "node API"))
+}
+
+// attestationClient is a client of the sovra.dev API for the CRDs.
+func attestationClient(loopback *rest.Config) (client.Client, error) {
+	scheme, err := attestation.Scheme()
+	if err != nil {
+		return nil, err
+	}
+	c, err := client.New(loopback, client.Options{Scheme: scheme})
+	if err != nil {
+		return nil, fmt.Errorf("creating a client for the attestation CRDs: %w", err)
+	}
+	return c, nil
+}
+
+// newConnLimiter bounds the connections the node API and KMS listeners hold
+// together (--node-max-conns-per-ip, --node-max-conns); trusted proxies
+// carry many nodes' calls and are held to the total only.
+func newConnLimiter(cfg *config.Config, log *zap.Logger) (*connlimit.Limiter, error) {
+	proxies, err := kms.ParseTrustedProxies(cfg.KMS.TrustedProxies)
+	if err != nil {
+		return nil, fmt.Errorf("--kms-trusted-proxies: %w", err)
+	}
+	log.Info("node connections bounded",
+		zap.Int("perSource", cfg.NodeAPI.MaxConnsPerIP),
+		zap.Int("total", cfg.NodeAPI.MaxConns),
+		zap.Duration("handshakeTimeout", connlimit.HandshakeTimeout),
+		zap.Duration("maxIdle", connlimit.MaxConnectionIdle))
+	return connlimit.New(connlimit.Config{
+		PerSource: cfg.NodeAPI.MaxConnsPerIP,
+		Total:     cfg.NodeAPI.MaxConns,
+		Exempt:    proxies,
+	}, log.Named("connlimit")), nil
 }

@@ -10,12 +10,14 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"net"
 	"time"
 
 	"go.uber.org/zap"
 	"golang.org/x/sync/errgroup"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 
 	"github.com/sovra-dev/sovra/daemon/apiserver"
 	"github.com/sovra-dev/sovra/daemon/capi"
@@ -34,6 +36,7 @@ const readyPollInterval = 100 * time.Millisecond
 // It returns nil after a clean shutdown.
 func Run(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 	start := time.Now()
+	notify := takeNotifySocket()
 	log.Info("starting sovrad", zap.String("version", version.Version), zap.String("dataDir", cfg.DataDir))
 	files, err := datadir.Prepare(cfg, log)
 	if err != nil {
@@ -49,12 +52,14 @@ func Run(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 	if err != nil {
 		return err
 	}
+	rd := newReadiness(cfg)
 	api, err := apiserver.New(ctx, apiserver.Config{
 		Files:        files,
 		EtcdEndpoint: ds.Endpoint,
 		BindIP:       ip,
 		Port:         port,
 		AdminGroup:   cfg.AdminGroup,
+		ReadyChecks:  rd.checks(),
 	}, log)
 	if err != nil {
 		return err
@@ -69,11 +74,22 @@ func Run(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 	if err != nil {
 		return err
 	}
+	limiter, err := newConnLimiter(cfg, log)
+	if err != nil {
+		return err
+	}
 	var keys *kms.Service
 	var keysTLS *tls.Config
 	if cfg.KMS.MasterKeyFile != "" {
 		if keys, keysTLS, err = kms.NewFromConfig(cfg, files, api.Loopback, kms.ReplicaName(files.ServerURL), log); err != nil {
 			return err
+		}
+		rd.kms.keys.Store(keys)
+	}
+	var keysLis net.Listener
+	if keys != nil && cfg.KMS.Listen != "" {
+		if keysLis, err = net.Listen("tcp", cfg.KMS.Listen); err != nil {
+			return fmt.Errorf("listening for the KMS on %s: %w", cfg.KMS.Listen, err)
 		}
 	}
 
@@ -93,7 +109,7 @@ func Run(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 			if !readyOrDone(gctx, ready) {
 				return nil // shutting down before ready
 			}
-			return runNodeAPI(gctx, nodes, api.Loopback)
+			return runNodeAPI(gctx, nodes, api.Loopback, cfg.NodeAPI.Listen, limiter, rd.nodeAPI)
 		})
 	}
 	switch {
@@ -104,7 +120,7 @@ func Run(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 		nodes.Register(keys.RegisterVolumeKeys)
 		g.Go(func() error { return keys.Run(gctx) })
 	case keys != nil:
-		g.Go(func() error { return keys.Serve(gctx, cfg.KMS.Listen, keysTLS, auth) })
+		g.Go(func() error { return keys.Serve(gctx, limiter.Wrap(keysLis, "KMS"), keysTLS, auth) })
 	}
 	// The API server outlives the Cluster API manager, so that at shutdown the
 	// leader can still release its Lease and another replica takes over at once.
@@ -123,10 +139,19 @@ func Run(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 		return nil
 	})
 	g.Go(func() error {
-		if err := waitReady(gctx, api); err != nil {
+		if err := waitReady(gctx, api.Loopback, apiReadyz()); err != nil {
 			return nil // shutting down before ready
 		}
 		close(ready)
+		log.Info("Kubernetes API ready: starting the node API and the controllers")
+		if err := rd.waitCRDs(gctx, api.Loopback); err != nil {
+			return nil // shutting down before ready
+		}
+		// Ready as a load balancer sees it: without credentials, every check.
+		if err := waitReady(gctx, rest.AnonymousClientConfig(api.Loopback), "/readyz"); err != nil {
+			return nil // shutting down before ready
+		}
+		notifyReady(notify, log)
 		log.Info("sovrad ready",
 			zap.String("server", files.ServerURL),
 			zap.String("kubeconfig", files.AdminKubeconfig),
@@ -167,14 +192,14 @@ func readyOrDone(ctx context.Context, ready <-chan struct{}) bool {
 	}
 }
 
-// waitReady polls the server's /readyz until it answers ok.
-func waitReady(ctx context.Context, api *apiserver.Server) error {
-	client, err := kubernetes.NewForConfig(api.Loopback)
+// waitReady polls the server's readyz path with cfg until it answers ok.
+func waitReady(ctx context.Context, cfg *rest.Config, path string) error {
+	client, err := kubernetes.NewForConfig(cfg)
 	if err != nil {
 		return err
 	}
 	return wait.PollUntilContextCancel(ctx, readyPollInterval, true, func(ctx context.Context) (bool, error) {
-		body, err := client.Discovery().RESTClient().Get().AbsPath("/readyz").DoRaw(ctx)
+		body, err := client.Discovery().RESTClient().Get().RequestURI(path).DoRaw(ctx)
 		return err == nil && string(body) == "ok", nil
 	})
 }

@@ -7,7 +7,6 @@ import (
 	"context"
 	"crypto/tls"
 	"net"
-	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -105,16 +104,6 @@ func nodeAPIFrom(t *testing.T, d *kmsDaemon, addr string) pb.NodeServiceClient {
 	return pb.NewNodeServiceClient(conn)
 }
 
-// logSince returns what the daemon logged from offset on.
-func logSince(t *testing.T, d *kmsDaemon, offset int64) string {
-	t.Helper()
-	b, err := os.ReadFile(d.Log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return string(b[offset:])
-}
-
 // eventsOf counts the events about record name, and their total count.
 func eventsOf(t *testing.T, d *kmsDaemon, name string) (objects int, calls int32) {
 	t.Helper()
@@ -147,7 +136,7 @@ func TestSealIsNoOracle(t *testing.T) {
 
 	attacker := d.from(attackerAddr)
 	before := d.getNode(ctx, n)
-	offset := logSize(t, d)
+	offset := d.LogSize()
 	forged, err := attacker.Seal(ctx, n.UUID, key(t))
 	requireDenied(t, forged, err)
 	_, unknownErr := attacker.Seal(ctx, newNode(t).UUID, key(t))
@@ -196,7 +185,7 @@ func TestAnonymousQuarantine(t *testing.T) {
 
 	attackCtx, stop := context.WithTimeout(ctx, 12*time.Second) // three deadlines
 	defer stop()
-	offset := logSize(t, d)
+	offset := d.LogSize()
 	attacker := d.from(attackerAddr)
 	nonces := nodeAPIFrom(t, d, attackerAddr)
 	var wg sync.WaitGroup
@@ -245,7 +234,7 @@ func TestAnonymousQuarantine(t *testing.T) {
 	if len(markers.Items) > attested+1 {
 		t.Fatalf("%d nonce markers for %d attestations: anonymous nonce requests made state", len(markers.Items), attested)
 	}
-	log := logSince(t, d, offset)
+	log := d.LogSince(offset)
 	for _, want := range []string{`"reason":"NoSealingWindow"`, `"reason":"BlobRejected"`} {
 		if !strings.Contains(log, want) {
 			t.Errorf("the attack left no %s in the log", want)
@@ -268,7 +257,7 @@ func TestUUIDFlood(t *testing.T) {
 	blob := d.sealEventually(ctx, victim, secret)
 	forged := bytes.Clone(blob)
 	forged[len(forged)-1] ^= 1
-	offset := logSize(t, d)
+	offset := d.LogSize()
 	eventsBefore, _ := eventsOf(t, d, victim.Name)
 
 	floodCtx, stop := context.WithTimeout(ctx, 6*time.Second)
@@ -331,7 +320,7 @@ func TestUUIDFlood(t *testing.T) {
 	}
 	time.Sleep(11 * time.Second) // the refusals' log line is written every 10 s
 	objects, _ := eventsOf(t, d, victim.Name)
-	lines := strings.Count(logSince(t, d, offset), "\n")
+	lines := strings.Count(d.LogSince(offset), "\n")
 	t.Logf("flood: %.0f calls/s from %s, %d limited; victim: %d Unseals, mean %s, worst %s; %d new events, %d log lines",
 		rate, attackerAddr, limited.Load(), calls, (ok / time.Duration(calls)).Round(time.Millisecond), worst.Round(time.Millisecond),
 		objects-eventsBefore, lines)
@@ -341,7 +330,7 @@ func TestUUIDFlood(t *testing.T) {
 	if lines > 1000 {
 		t.Fatalf("%d log lines for %d calls: refusals must fold", lines, sent.Load())
 	}
-	if !strings.Contains(logSince(t, d, offset), "over the per-source rate") {
+	if !strings.Contains(d.LogSince(offset), "over the per-source rate") {
 		t.Fatal("the flood's refusals are not in the log")
 	}
 }
@@ -374,7 +363,7 @@ func TestUnexpectedUnseal(t *testing.T) {
 			st.Boot, st.BootStarted = "boot-2", time.Now().Add(-30*time.Second)
 			d.setNodeState(ctx, n, st)
 			d.unsealEventually(ctx, n, blob)
-			offset := logSize(t, d)
+			offset := d.LogSize()
 			// The disk's copy is opened elsewhere in the same boot.
 			if _, err := d.from(elsewhere).Unseal(ctx, n.UUID, blob); err != nil {
 				t.Fatalf("the copy's Unseal: %v", err)
@@ -415,7 +404,7 @@ func TestUnexpectedUnseal(t *testing.T) {
 func waitLogSince(t *testing.T, d *kmsDaemon, offset int64, s string) {
 	t.Helper()
 	deadline := time.Now().Add(converge)
-	for !strings.Contains(logSince(t, d, offset), s) {
+	for !strings.Contains(d.LogSince(offset), s) {
 		if time.Now().After(deadline) {
 			t.Fatalf("the daemon did not log %q after the attack started:\n%s", s, d.Tail(20))
 		}

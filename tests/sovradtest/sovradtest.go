@@ -49,13 +49,28 @@ type Daemon struct {
 // waits until /readyz answers ok, and stops it when the test ends.
 func Start(t testing.TB, dataDir string, args ...string) *Daemon {
 	t.Helper()
+	d := Launch(t, dataDir, args...)
+	d.WaitReady()
+	return d
+}
+
+// Launch starts sovrad as Start does but returns at once, for tests that
+// watch it start; WaitReady waits for it.
+func Launch(t testing.TB, dataDir string, args ...string) *Daemon {
+	t.Helper()
 	d := &Daemon{t: t, DataDir: dataDir, Port: testutil.FreePort(t), Args: args}
-	d.start()
+	d.launch()
 	t.Cleanup(func() { d.Kill() })
 	return d
 }
 
 func (d *Daemon) start() {
+	d.t.Helper()
+	d.launch()
+	d.WaitReady()
+}
+
+func (d *Daemon) launch() {
 	d.t.Helper()
 	d.Log = filepath.Join(d.t.TempDir(), "sovrad.log")
 	logFile, err := os.Create(d.Log)
@@ -75,6 +90,12 @@ func (d *Daemon) start() {
 	}
 	d.done = make(chan error, 1)
 	go func() { d.done <- d.cmd.Wait(); logFile.Close() }()
+}
+
+// WaitReady waits until /readyz answers ok, failing the test if sovrad
+// exits or takes too long.
+func (d *Daemon) WaitReady() {
+	d.t.Helper()
 	if err := d.waitReady(); err != nil {
 		d.t.Fatalf("sovrad did not become ready: %v\n%s", err, d.Tail(40))
 	}
@@ -161,6 +182,26 @@ func (d *Daemon) Restart() {
 	d.t.Helper()
 	d.Stop()
 	d.start()
+}
+
+// LogSize is the size of the daemon's log now: an offset for LogSince.
+func (d *Daemon) LogSize() int64 {
+	d.t.Helper()
+	st, err := os.Stat(d.Log)
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	return st.Size()
+}
+
+// LogSince is what the daemon logged after offset.
+func (d *Daemon) LogSince(offset int64) string {
+	d.t.Helper()
+	b, err := os.ReadFile(d.Log)
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	return string(b[offset:])
 }
 
 // Tail returns the last n lines of the daemon's log.

@@ -2,7 +2,9 @@
 // attestations and serves the Kubernetes API that kubectl, Helm and Cluster
 // API talk to. Run `sovrad --help` for its flags; each is also settable as a
 // SOVRA_* environment variable. `sovrad keyring list|rotate FILE` lists or
-// rotates the KMS master keyring.
+// rotates the KMS master keyring; `sovrad healthcheck` exits 0 when the
+// daemon configured by the same flags and variables is ready (a container
+// health check).
 package main
 
 import (
@@ -45,6 +47,9 @@ func run(args []string, stderr io.Writer) int {
 	}
 	if len(args) > 0 && args[0] == "keyring" {
 		return keyringCommand(args[1:], os.Stdout, stderr)
+	}
+	if len(args) > 0 && args[0] == "healthcheck" {
+		return healthcheckCommand(args[1:], os.Stdout, stderr)
 	}
 	cfg := config.New()
 	if err := cfg.Parse(args, os.Getenv); err != nil {
