@@ -200,7 +200,13 @@ func TestAnonymousQuarantine(t *testing.T) {
 			}
 		}()
 	}
-	attack(func() { _, _ = attacker.Seal(attackCtx, n.UUID, key(t)) })
+	attack(func() {
+		// Seal a key of the attacker's choosing; were Seal an oracle, its
+		// blob would open, and the release would start the node's trouble.
+		if forged, err := attacker.Seal(attackCtx, n.UUID, key(t)); err == nil {
+			_, _ = attacker.Unseal(attackCtx, n.UUID, forged)
+		}
+	})
 	attack(func() {
 		forged := bytes.Clone(blob)
 		forged[len(forged)-1] ^= 1
@@ -226,6 +232,11 @@ func TestAnonymousQuarantine(t *testing.T) {
 	rec := d.getNode(ctx, n.node)
 	if rec.Quarantined() || meta.IsStatusConditionTrue(rec.Status.Conditions, v1alpha1.ConditionUnexpectedUnseal) || !rec.AttestedOK() {
 		t.Fatalf("after the attack: %+v", rec.Status.Conditions)
+	}
+	for _, e := range d.ledger(ctx, n.node) {
+		if e.Source == attackerAddr {
+			t.Fatalf("a key was released to the attacker: %+v", e)
+		}
 	}
 	var markers v1alpha1.AttestationNonceList
 	if err := d.kube.List(ctx, &markers); err != nil {

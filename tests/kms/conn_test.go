@@ -315,7 +315,7 @@ func slowestOf(ds []time.Duration) time.Duration {
 // and a node on another address unseals meanwhile.
 func TestConnectionCapOnKMSListener(t *testing.T) {
 	const perSource, conns = 4, 12
-	k := startKMS(t, "--node-max-conns-per-ip="+strconv.Itoa(perSource))
+	k := startKMSApart(t, "--node-max-conns-per-ip="+strconv.Itoa(perSource))
 	ctx := context.Background()
 	n := newNode(t)
 	if err := k.createNode(ctx, n, attestedNode); err != nil {

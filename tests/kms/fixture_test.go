@@ -64,6 +64,19 @@ func startKMS(t testing.TB, extra ...string) *kmsDaemon {
 	return startKMSWith(t, dataDir, keyFile, testutil.FreePort(t), extra...)
 }
 
+// startKMSApart starts sovrad with the KMS on a listener of its own
+// (--kms-listen) and no node API.
+func startKMSApart(t testing.TB, extra ...string) *kmsDaemon {
+	t.Helper()
+	addr := "127.0.0.1:" + strconv.Itoa(testutil.FreePort(t))
+	keyFile := filepath.Join(t.TempDir(), "secrets", "master.key")
+	args := append([]string{"--master-key-file", keyFile, "--kms-listen", addr, "--node-listen=", "--controllers", "none"}, extra...)
+	d := sovradtest.Start(t, filepath.Join(t.TempDir(), "data"), args...)
+	k := &kmsDaemon{Daemon: d, t: t, KMSAddr: addr, KeyFile: keyFile}
+	k.connect()
+	return k
+}
+
 func startKMSWith(t testing.TB, dataDir, keyFile string, port int, extra ...string) *kmsDaemon {
 	t.Helper()
 	addr := "127.0.0.1:" + strconv.Itoa(port)
