@@ -20,6 +20,10 @@ func TestJudge(t *testing.T) {
 		n := &v1alpha1.SovraNode{Status: v1alpha1.SovraNodeStatus{Boots: boots}}
 		return n
 	}
+	withAddr := func(n *v1alpha1.SovraNode) *v1alpha1.SovraNode {
+		n.Spec.Addresses = []string{"10.0.0.1"}
+		return n
+	}
 	boot := func(id string, started time.Time) v1alpha1.Boot {
 		return v1alpha1.Boot{ID: id, Started: metav1.NewTime(started), Result: v1alpha1.ResultPassed}
 	}
@@ -52,6 +56,8 @@ func TestJudge(t *testing.T) {
 			[]v1alpha1.LedgerEntry{entry("a", "10.0.0.1", t0.Add(20*time.Second))}, t0.Add(5*time.Minute + deadline), "Unexpected " + reasonUnexpectedConflict},
 		{"the same caller again, not a retry", rec(boot("B1", t0)), entry("e", "10.0.0.1", t0.Add(20*time.Minute)),
 			[]v1alpha1.LedgerEntry{entry("a", "10.0.0.1", t0.Add(20*time.Second))}, t0.Add(20*time.Minute + deadline), "Unexpected " + reasonUnexpectedTwice},
+		{"a boot that ended before it attested, from the node's address", withAddr(rec(boot("B2", t0.Add(5*time.Minute)))), entry("e", "10.0.0.1", t0), nil, t0.Add(time.Hour), "Explained a boot before B2"},
+		{"the same, from an address that is not the node's", withAddr(rec(boot("B2", t0.Add(5*time.Minute)))), entry("e", "192.0.2.9", t0), nil, t0.Add(time.Hour), "Unexpected " + reasonUnexpectedNoBoot},
 		{"the first release is the legitimate one", rec(boot("B1", t0)), entry("a", "10.0.0.1", t0.Add(20*time.Second)),
 			[]v1alpha1.LedgerEntry{entry("e", "192.0.2.9", t0.Add(5*time.Minute))}, t0.Add(time.Hour), "Explained B1"},
 	} {
