@@ -21,7 +21,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/go-logr/zapr"
 	kmsapi "github.com/siderolabs/kms-client/api/kms"
+	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -30,6 +32,7 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/tools/clientcmd"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	ctrllog "sigs.k8s.io/controller-runtime/pkg/log"
 
 	agentattest "github.com/sovra-dev/sovra/agent/attest"
 	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
@@ -54,6 +57,10 @@ const (
 	converge  = 20 * time.Second
 	pollPause = 100 * time.Millisecond
 )
+
+// The API clients of the tests log nothing of their own (controller-runtime
+// warns, with a stack, when no logger was set).
+func init() { ctrllog.SetLogger(zapr.NewLogger(zap.NewNop())) }
 
 // zeroUUID is a UUID no record claims.
 const zeroUUID = "00000000-0000-0000-0000-000000000000"
@@ -311,6 +318,34 @@ func (d *daemon) logSince(off int64) []logLine {
 		out = append(out, l)
 	}
 	return out
+}
+
+// denialLogEvery is the attestation service's throttle of its refusal log
+// lines, per node and reason (daemon/attestation/helpers.go).
+const denialLogEvery = 10 * time.Second
+
+// requireDenialLogged checks that lines (the log since an action that
+// started at start) hold the attestation service's refusal of node for
+// reason, or that a line about both was logged less than denialLogEvery
+// before start (the service then logs no other).
+func (d *daemon) requireDenialLogged(t testing.TB, lines []logLine, start time.Time, node, reason string) {
+	t.Helper()
+	match := func(l logLine) bool {
+		return l.Msg == "denied" && l.field("node") == node && l.field("reason") == reason
+	}
+	for _, l := range lines {
+		if match(l) {
+			t.Logf("logged: denied %s (%s): %s", node, reason, l.field("error"))
+			return
+		}
+	}
+	for _, l := range d.logSince(0) {
+		if match(l) && l.Time.After(start.Add(-denialLogEvery-time.Second)) {
+			t.Logf("not logged again: a line about %s (%s) was logged %s before", node, reason, start.Sub(l.Time).Round(time.Millisecond))
+			return
+		}
+	}
+	t.Fatalf("the daemon logged no refusal of %s (%s) since the action started", node, reason)
 }
 
 // requireStatus fails t unless err is a gRPC status with code and a
