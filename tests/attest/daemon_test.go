@@ -2,7 +2,6 @@ package attest
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -307,7 +306,7 @@ func (l logLine) field(name string) string {
 // logSince parses the daemon's log from offset off.
 func (d *daemon) logSince(off int64) []logLine {
 	var out []logLine
-	sc := bufio.NewScanner(bytes.NewReader(d.LogSince(off)))
+	sc := bufio.NewScanner(strings.NewReader(d.LogSince(off)))
 	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
 	for sc.Scan() {
 		var l logLine

@@ -214,24 +214,6 @@ func (d *Daemon) Tail(n int) string {
 	return strings.Join(lines, "\n")
 }
 
-// LogSize is the current length of the daemon's log: the offset to read
-// from for what an action about to start makes the daemon log.
-func (d *Daemon) LogSize() int64 {
-	fi, err := os.Stat(d.Log)
-	if err != nil {
-		return 0
-	}
-	return fi.Size()
-}
-
-// LogSince returns the daemon's log from offset off (see LogSize).
-func (d *Daemon) LogSince(off int64) []byte {
-	data, _ := os.ReadFile(d.Log)
-	if off > int64(len(data)) {
-		return nil
-	}
-	return data[off:]
-}
 
 // WaitEstablished waits until every named CRD is Established. (kubectl wait
 // --for=condition=Established fails, rather than waits, while a new CRD has
