@@ -214,7 +214,6 @@ func (d *Daemon) Tail(n int) string {
 	return strings.Join(lines, "\n")
 }
 
-
 // WaitEstablished waits until every named CRD is Established. (kubectl wait
 // --for=condition=Established fails, rather than waits, while a new CRD has
 // no conditions yet.)
