@@ -19,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 	"k8s.io/apimachinery/pkg/util/validation"
 
+	"github.com/sovra-dev/sovra/daemon/auditpolicy"
 	"github.com/sovra-dev/sovra/daemon/capi/controllers"
 	"github.com/sovra-dev/sovra/daemon/capi/fence"
 )
@@ -94,6 +95,7 @@ type Config struct {
 	// audit.log in DataDir.
 	AuditLog string
 	// AuditPolicy is an audit policy file that replaces the default policy.
+	// It must record SovraNodes at Metadata at most (package auditpolicy).
 	AuditPolicy string
 
 	// LogLevel is the level of sovrad's own logs: debug, info, warn or error.
@@ -294,6 +296,8 @@ func (c *Config) Validate() error {
 	if c.AuditPolicy != "" {
 		if err := readable(c.AuditPolicy); err != nil {
 			add("--audit-policy: %v", err)
+		} else if err := auditpolicy.Check(c.AuditPolicy); err != nil {
+			add("--audit-policy %s: %v", c.AuditPolicy, err)
 		}
 	}
 	if c.AuditLog != "" && c.AuditLog != "-" {

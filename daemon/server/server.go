@@ -27,6 +27,7 @@ import (
 	"github.com/sovra-dev/sovra/daemon/datastore"
 	"github.com/sovra-dev/sovra/daemon/kms"
 	"github.com/sovra-dev/sovra/daemon/nodeapi"
+	"github.com/sovra-dev/sovra/daemon/shred"
 	"github.com/sovra-dev/sovra/internal/version"
 )
 
@@ -122,6 +123,12 @@ func Run(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 	case keys != nil:
 		g.Go(func() error { return keys.Serve(gctx, limiter.Wrap(keysLis, "KMS"), keysTLS, auth) })
 	}
+	g.Go(func() error {
+		if !readyOrDone(gctx, ready) {
+			return nil // shutting down before ready
+		}
+		return shred.Run(gctx, shred.Config{Loopback: api.Loopback, Datastore: ds}, log.Named("shred"))
+	})
 	// The API server outlives the Cluster API manager, so that at shutdown the
 	// leader can still release its Lease and another replica takes over at once.
 	capiDone := make(chan struct{})
