@@ -274,7 +274,7 @@ func (s *Service) Seal(ctx context.Context, req *kmsapi.Request) (*kmsapi.Respon
 		if why, open := s.sealWindow(rec, s.clock.Now()); !open {
 			return reasonNoWindow, why
 		}
-		if s.cfg.BindAddresses && len(rec.Spec.Addresses) > 0 && !knowsAddress(rec, c.src.Addr) {
+		if (s.cfg.BindAddresses || isLab(rec)) && len(rec.Spec.Addresses) > 0 && !knowsAddress(rec, c.src.Addr) {
 			return reasonAddress, "source is not a known address of the node"
 		}
 		return "", ""
@@ -343,6 +343,10 @@ func (s *Service) Unseal(ctx context.Context, req *kmsapi.Request) (*kmsapi.Resp
 	switch {
 	case quarantined(rec):
 		return nil, s.deny(c, reasonQuarantined, "record is quarantined; an operator must clear it")
+	case isLab(rec) && !freshSealFrom(rec, fingerprint(req.GetData()), c.src.Addr, s.clock.Now()):
+		return nil, s.deny(c, reasonNotEnrolled, "node is not enrolled; before it enrolls it may open only what it sealed in the last "+FreshSealWindow.String()+", from the address it sealed from")
+	case isLab(rec):
+		// A pending machine opens the volume it just formatted.
 	case !enrolled(rec):
 		return nil, s.deny(c, reasonNotEnrolled, "node is not enrolled")
 	case !attestedOK(rec):
