@@ -254,6 +254,11 @@ func (s *Service) pass(ctx context.Context, node *v1alpha1.SovraNode, boot *v1al
 	if err != nil {
 		return err
 	}
+	reason := v1alpha1.ReasonAttestationPassed
+	if len(warnings) > 0 {
+		reason = reasonPolicyWarnings
+	}
+	countVerdict(resultPassed, reason)
 	s.store.Event(ctx, node, false, v1alpha1.ReasonAttestationPassed, msg+"; boot "+boot.ID)
 	s.logger.Info("attested", zap.String("node", node.Name), zap.String("boot", boot.ID), zap.Strings("warnings", warnings))
 	return nil
@@ -278,6 +283,7 @@ func (s *Service) fail(ctx context.Context, node *v1alpha1.SovraNode, boot *v1al
 	if err != nil {
 		return err
 	}
+	countVerdict(resultFailed, reason)
 	s.store.Event(ctx, node, true, reason, msg)
 	s.logger.Warn("attestation failed", zap.String("node", node.Name), zap.String("reason", reason), zap.String("message", msg))
 	return nil

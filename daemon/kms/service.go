@@ -159,6 +159,7 @@ func newService(cfg Config, keyring *custody.Keyring, clock Clock, logger *zap.L
 		logger = zap.NewNop()
 	}
 	logger = logger.Named("kms")
+	zeroMetrics()
 	if cfg.LabMode {
 		logger.Warn("KMS lab mode is ON: any node UUID may Seal; its record is created on first Seal; use it in labs only")
 	}
@@ -388,6 +389,7 @@ func (s *Service) begin(ctx context.Context, op string, req *kmsapi.Request) (*c
 		return nil, nil, errUnavailable
 	}
 	if !s.limits.Allow(ratelimit.SourceKey(c.src.Addr), s.clock.Now()) {
+		countDecision(op, false, reasonRateLimited)
 		s.throttled.add(c.src.String(), op)
 		return nil, nil, errRateLimited
 	}
@@ -421,8 +423,10 @@ func (s *Service) event(rec *v1alpha1.SovraNode, warning bool, reason, message s
 	}
 }
 
-// record writes the decision to the log: every key decision has its line.
+// record writes the decision to the log (every key decision has its line)
+// and counts it.
 func (s *Service) record(c *call, allowed bool, reason, detail string) {
+	countDecision(c.op, allowed, reason)
 	decision := "denied"
 	if allowed {
 		decision = "allowed"

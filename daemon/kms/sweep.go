@@ -15,6 +15,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
+	"github.com/sovra-dev/sovra/daemon/metrics"
 )
 
 const (
@@ -243,6 +244,7 @@ func (s *Service) quarantine(ctx context.Context, st Store, name, reason, msg st
 	if err := st.UpdateStatus(ctx, n); err != nil {
 		return err
 	}
+	metrics.KMSQuarantines.WithLabelValues(reason).Inc()
 	s.logger.Warn("node quarantined", zap.String("node", name), zap.String("node_uuid", n.Spec.UUID),
 		zap.String("reason", reason), zap.String("detail", msg))
 	s.event(n, true, "Quarantined", reason+": "+msg+"; clear with: kubectl annotate snode "+name+" "+AnnotationClearQuarantine+"=yes")

@@ -13,6 +13,7 @@ import (
 
 	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
 	"github.com/sovra-dev/sovra/daemon/custody"
+	"github.com/sovra-dev/sovra/daemon/metrics"
 )
 
 // Talos seals only when it formats a volume or fills a key slot: a fresh
@@ -130,6 +131,7 @@ func (s *Service) openWindow(ctx context.Context, st Store, name, reason, by str
 		if err != nil {
 			return err
 		}
+		metrics.SealingWindowsOpened.WithLabelValues(reason).Inc()
 		until := now.Add(d).UTC().Format(time.RFC3339)
 		s.logger.Info("sealing window opened", zap.String("node", name), zap.String("reason", reason),
 			zap.String("by", by), zap.String("until", until))
