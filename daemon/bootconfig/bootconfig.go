@@ -29,6 +29,7 @@ import (
 
 	"github.com/sovra-dev/sovra/daemon/kms"
 	"github.com/sovra-dev/sovra/daemon/machineconfig"
+	"github.com/sovra-dev/sovra/daemon/metrics"
 	"github.com/sovra-dev/sovra/daemon/ratelimit"
 )
 
@@ -150,6 +151,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "method not allowed: use GET", http.StatusMethodNotAllowed)
 		return
 	case !s.limits.Allow(ratelimit.SourceKey(src), s.now()):
+		metrics.BootConfigFetches.WithLabelValues("RateLimited").Inc()
 		w.Header().Set("Retry-After", "1")
 		http.Error(w, "too many requests from this address: retry later", http.StatusTooManyRequests)
 		return
@@ -157,19 +159,21 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), fetchTimeout)
 	defer cancel()
 	uuid := r.URL.Query().Get(UUIDParam)
-	outcome := "no UUID: no sealing window"
+	outcome := "NoUUID"
 	switch {
 	case uuid == "" || uuid == "${uuid}":
 		uuid = ""
 	case s.keys == nil:
-		outcome = "the KMS is off: no sealing window"
+		outcome = "KMSOff"
 	default:
 		exp, err := s.keys.Expect(ctx, uuid, src, s.cfg.Window, s.cfg.MaxPending)
 		switch {
 		case errors.Is(err, kms.ErrInvalidUUID):
+			metrics.BootConfigFetches.WithLabelValues("BadRequest").Inc()
 			http.Error(w, "bad request: "+UUIDParam+" is not a machine UUID (hex digits and dashes)", http.StatusBadRequest)
 			return
 		case err != nil:
+			metrics.BootConfigFetches.WithLabelValues("Unavailable").Inc()
 			s.logger.Error("enrollment configuration not served: recording the machine failed", zap.Stringer("source", src), zap.Error(err))
 			http.Error(w, "the daemon could not record the machine: retry later", http.StatusServiceUnavailable)
 			return
@@ -182,6 +186,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "the daemon could not build the enrollment configuration: retry later", http.StatusServiceUnavailable)
 		return
 	}
+	metrics.BootConfigFetches.WithLabelValues(outcome).Inc()
 	s.logger.Info("enrollment configuration served", zap.String("node_uuid", uuid), zap.Stringer("source", src), zap.String("sealing", outcome))
 	w.Header().Set("Content-Type", contentType)
 	w.Header().Set("Cache-Control", "no-store")

@@ -65,6 +65,9 @@ const (
 	ReasonHostReturned   = "HostReturned"
 	ReasonHostFailed     = "HostFailed"
 	ReasonAccepted       = "HostAccepted"
+	// Why a configuration was refused (metrics and log lines).
+	reasonAttestationTooOld = "AttestationTooOld"
+	reasonConfigInvalid     = "ConfigInvalid"
 )
 
 // ErrNotReady is why a claimed host cannot get its configuration yet.

@@ -26,6 +26,7 @@ import (
 	infrav1 "github.com/sovra-dev/sovra/daemon/apis/infrastructure/v1alpha1"
 	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
 	"github.com/sovra-dev/sovra/daemon/machineconfig"
+	"github.com/sovra-dev/sovra/daemon/metrics"
 	"github.com/sovra-dev/sovra/daemon/nodeauth"
 	"github.com/sovra-dev/sovra/internal/hostapi"
 )
@@ -204,6 +205,7 @@ func (s *Service) decide(ctx context.Context, host *v1alpha1.Host, rec *v1alpha1
 		s.logger.Info("configuration released", zap.String("host", host.Name), zap.String("machine", st.Machine),
 			zap.Int64("generation", d.gen), zap.String("boot", boot))
 		s.event(host, corev1.EventTypeNormal, ReasonConfigReleased, fmt.Sprintf("configuration generation %d of machine %s released to boot %s", d.gen, st.Machine, boot))
+		metrics.ConfigReleases.WithLabelValues("released", ReasonConfigReleased).Inc()
 	}
 	return d, nil
 }
@@ -273,7 +275,7 @@ func (s *Service) claimed(ctx context.Context, host *v1alpha1.Host, st *v1alpha1
 		return decision{action: hostapi.Action_ACTION_NONE, message: "running generation " + fmt.Sprint(running)}, nil
 	}
 	if age := rec.Status.LastAttestationTime; !rec.AttestedOK() || age == nil || now.Sub(age.Time) > s.cfg.MaxAttestationAge {
-		s.refuse(host, "the host's last passing attestation is older than %s: attest again", s.cfg.MaxAttestationAge)
+		s.refuse(host, reasonAttestationTooOld, "the host's last passing attestation is older than %s: attest again", s.cfg.MaxAttestationAge)
 		return wait("attest again: a configuration is released only to an attestation younger than %s", s.cfg.MaxAttestationAge), nil
 	}
 	ca, err := s.agentCA(ctx, host)
@@ -284,7 +286,7 @@ func (s *Service) claimed(ctx context.Context, host *v1alpha1.Host, st *v1alpha1
 		Daemon: s.cfg.Daemon, ProviderID: ProviderID(host.Name), Generation: st.ReleasedGeneration, AgentCA: ca,
 	})
 	if err != nil {
-		s.refuse(host, "the machine's configuration does not merge: %v", err)
+		s.refuse(host, reasonConfigInvalid, "the machine's configuration does not merge: %v", err)
 		return wait("the machine's configuration is not valid; see the host's events"), nil
 	}
 	st.Phase = v1alpha1.HostProvisioning
@@ -294,8 +296,9 @@ func (s *Service) claimed(ctx context.Context, host *v1alpha1.Host, st *v1alpha1
 }
 
 // refuse audits a configuration that was not released.
-func (s *Service) refuse(host *v1alpha1.Host, format string, a ...any) {
+func (s *Service) refuse(host *v1alpha1.Host, reason, format string, a ...any) {
 	msg := fmt.Sprintf(format, a...)
+	metrics.ConfigReleases.WithLabelValues("refused", reason).Inc()
 	s.logger.Warn("configuration not released", zap.String("host", host.Name), zap.String("reason", msg))
 	s.event(host, corev1.EventTypeWarning, ReasonConfigRefused, msg)
 }

@@ -5,14 +5,10 @@
 // controller-runtime managers (controllerruntime.go).
 //
 // The packages that count (attestation, kms, nodeauth, membership, the
-// bootstrap fence, connlimit, nodeapi) own their label values: reasons are
+// bootstrap fence, connlimit, nodeapi, hosts, bootconfig) own their label values: reasons are
 // the same CamelCase constants their log lines and events carry, so a
 // panel's reason finds its log lines. Every label has a small, fixed set of
 // values: never a node name, a UUID, an address or an error text.
-//
-// Configuration releases are not counted yet: there is no configuration
-// delivery. When it comes, its counter belongs here as
-// sovra_config_releases_total{decision, reason}, as the KMS counts its keys.
 package metrics
 
 import (
@@ -127,12 +123,36 @@ var (
 	})
 )
 
+// Machines (packages hosts, capi/infra and bootconfig).
+var (
+	// ConfigReleases counts the decisions on machine configurations.
+	ConfigReleases = k8smetrics.NewCounterVec(&k8smetrics.CounterOpts{
+		Namespace: namespace, Name: "config_releases_total",
+		Help: "Decisions on a claimed host's machine configuration, by decision (released, refused) and reason " +
+			"(ConfigReleased, AttestationTooOld, ConfigInvalid).",
+	}, []string{"decision", "reason"})
+
+	// HostClaims counts the claims of hosts by machines.
+	HostClaims = k8smetrics.NewCounterVec(&k8smetrics.CounterOpts{
+		Namespace: namespace, Name: "host_claims_total",
+		Help: "Claims of a pool host by a SovraMachine, by result (claimed; lost: another machine claimed the host first; none: no host available).",
+	}, []string{"result"})
+
+	// BootConfigFetches counts the fetches of the enrollment configuration.
+	BootConfigFetches = k8smetrics.NewCounterVec(&k8smetrics.CounterOpts{
+		Namespace: namespace, Name: "boot_config_fetches_total",
+		Help: "Fetches of the enrollment configuration, by what they did to the KMS (Created, Pending, Known, BoundElsewhere, Full, NoUUID, KMSOff) " +
+			"or why they were refused (RateLimited, BadRequest, Unavailable).",
+	}, []string{"outcome"})
+)
+
 func init() {
 	legacyregistry.MustRegister(
 		Enrollments, Attestations, SealingWindowsOpened,
 		KMSDecisions, KMSUnexpectedReleases, KMSQuarantines, KMSLedgerEntries, KMSLedgerWrites,
 		NodeCredentialRefusals, NodeAPIRateLimited, ConnectionsRefused, ConnectionsHeld,
 		BootstrapLeaseDecisions, BootstrapFenceRefusals,
+		ConfigReleases, HostClaims, BootConfigFetches,
 	)
 	legacyregistry.Registerer().MustRegister(controllerRuntime)
 }

@@ -31,6 +31,7 @@ import (
 	infrav1 "github.com/sovra-dev/sovra/daemon/apis/infrastructure/v1alpha1"
 	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
 	"github.com/sovra-dev/sovra/daemon/hosts"
+	"github.com/sovra-dev/sovra/daemon/metrics"
 )
 
 const (
@@ -237,15 +238,18 @@ func (r *MachineReconciler) claim(ctx context.Context, sm *infrav1.SovraMachine)
 		err := r.Client.Update(ctx, h) // the host's resourceVersion: one claim wins
 		switch {
 		case err == nil:
+			metrics.HostClaims.WithLabelValues("claimed").Inc()
 			r.Logger.Info("host claimed", zap.String("host", h.Name), zap.String("machine", sm.Namespace+"/"+sm.Name))
 			r.event(h, corev1.EventTypeNormal, "HostClaimed", "claimed by machine "+sm.Namespace+"/"+sm.Name)
 			return h, nil
 		case apierrors.IsConflict(err), apierrors.IsNotFound(err):
+			metrics.HostClaims.WithLabelValues("lost").Inc()
 			continue // another machine was faster: try the next
 		default:
 			return nil, fmt.Errorf("claiming host %s: %w", h.Name, err)
 		}
 	}
+	metrics.HostClaims.WithLabelValues("none").Inc()
 	return nil, nil
 }
 
