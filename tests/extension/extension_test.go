@@ -283,6 +283,7 @@ func checkSpec(t *testing.T, spec services.Spec, rootfs, arch string) {
 
 	entry := filepath.Join(rootfs, extension.ContainerRoot, filepath.Clean("/"+spec.Container.Entrypoint))
 	checkStaticELF(t, entry, arch)
+	checkAgentSize(t, entry, arch)
 
 	var deps []string
 
