@@ -40,33 +40,32 @@ func runCommand(args []string, _, stderr io.Writer) int {
 
 	logger.Info("sovra-agent starting", zap.String("version", version.Version), zap.String("role", string(cfg.Role)))
 
-	extra, attester, err := attestationControllers(cfg, logger)
+	extra, attester, conn, err := attestationControllers(cfg, logger)
 	if err != nil {
 		logger.Error("setting up attestation failed", zap.Error(err))
 
 		return exitFailed
 	}
 
-	vols, err := volumeControllers(cfg, attester, logger)
+	if conn != nil {
+		defer conn.Close() //nolint:errcheck
+	}
+
+	vols, keyConn, err := volumeControllers(cfg, attester, conn, logger)
 	if err != nil {
 		logger.Error("setting up the agent-managed volumes failed", zap.Error(err))
 
 		return exitFailed
 	}
 
-	extra = append(extra, vols...)
-
-	link, err := clusterLink(cfg, attester, logger)
-	if err != nil {
-		logger.Error("setting up the daemon's membership and bootstrap lease failed", zap.Error(err))
-
-		return exitFailed
+	if keyConn != nil {
+		defer keyConn.Close() //nolint:errcheck
 	}
 
-	opts := agentruntime.Options{Config: cfg, Logger: logger}
-	if link != nil {
-		defer link.Close() //nolint:errcheck
+	extra = append(extra, vols...)
 
+	opts := agentruntime.Options{Config: cfg, Logger: logger}
+	if link := clusterLink(cfg, attester, conn, logger); link != nil {
 		opts.PeerSource, opts.Lease = link, link
 	}
 
