@@ -135,7 +135,33 @@ func (s *Service) Expect(ctx context.Context, uuid string, src netip.Addr, windo
 	s.event(rec, false, "EnrollmentConfigFetched", fmt.Sprintf(
 		"a new machine fetched the enrollment configuration from %s: it may seal its first volumes from there until %s, and must enroll with its TPM from there",
 		src, now.Add(window).UTC().Format(time.RFC3339)))
+	s.awaitCached(ctx, uuid)
 	return ExpectCreated, nil
+}
+
+// cacheWait bounds how long Expect waits for its record to reach the KMS's
+// cache, so that the machine's first Seal, right after the fetch, finds it
+// (Talos retries a refused Seal only after 30 s).
+const cacheWait = 5 * time.Second
+
+// awaitCached waits until this replica's cache resolves uuid, at most
+// cacheWait. Other replicas see the record a moment later: the machine
+// retries.
+func (s *Service) awaitCached(ctx context.Context, uuid string) {
+	ctx, cancel := context.WithTimeout(ctx, cacheWait)
+	defer cancel()
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		if box := s.store.Load(); box != nil && resolve(box.Store, uuid) != nil {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+	}
 }
 
 // expectKnown audits a fetch for a UUID a record holds.

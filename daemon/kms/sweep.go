@@ -156,6 +156,20 @@ func staleClaim(st Store, c *v1alpha1.UUIDClaim, now time.Time) bool {
 	return false
 }
 
+// enrollBy is when a node that sealed under the pending or lab record rec
+// must have enrolled: a machine that fetched the enrollment configuration
+// has its window (it installs and reboots first); a lab record has the
+// attestation deadline from its first Seal.
+func enrollBy(rec *v1alpha1.SovraNode, attestDeadline time.Duration) (time.Time, string) {
+	if !expected(rec) {
+		return rec.CreationTimestamp.Add(attestDeadline), "lab mode"
+	}
+	if w := windowOf(rec); w != nil && w.Reason == v1alpha1.WindowBootConfig {
+		return w.Expires.Time, "enrollment configuration"
+	}
+	return rec.CreationTimestamp.Add(DefaultBootConfigWindow), "enrollment configuration"
+}
+
 // sweepLab moves a lab record's salt to the node's enrolled record, or
 // quarantines it when the node did not enroll in time.
 func (s *Service) sweepLab(ctx context.Context, st Store, lab *v1alpha1.SovraNode, all []*v1alpha1.SovraNode, now time.Time) error {
@@ -173,10 +187,9 @@ func (s *Service) sweepLab(ctx context.Context, st Store, lab *v1alpha1.SovraNod
 			s.logger.Info("pending machine removed: it never sealed in its window", zap.String("node", lab.Name), zap.String("node_uuid", lab.Spec.UUID))
 			return st.Delete(ctx, lab)
 		}
-		if now.After(lab.CreationTimestamp.Add(s.cfg.AttestDeadline)) {
+		if deadline, what := enrollBy(lab, s.cfg.AttestDeadline); now.After(deadline) {
 			return s.quarantine(ctx, st, lab.Name, ReasonEnrollmentMissed,
-				fmt.Sprintf("lab mode: the node sealed at %s and did not enroll within %s",
-					lab.CreationTimestamp.UTC().Format(time.RFC3339), s.cfg.AttestDeadline), now)
+				fmt.Sprintf("%s: the node sealed and did not enroll by %s", what, deadline.UTC().Format(time.RFC3339)), now)
 		}
 		return nil
 	}

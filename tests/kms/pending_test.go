@@ -91,8 +91,13 @@ func startBoot(t *testing.T, extra ...string) (*kmsDaemon, string) {
 // the boot server: seal or open for a machine that fetched from elsewhere,
 // open a sealing window on an enrolled machine, or enumerate UUIDs.
 func TestPendingMachine(t *testing.T) {
-	d, bootAddr := startBoot(t)
+	d, bootAddr := startBoot(t, "--seal-window", "2s")
 	ctx := context.Background()
+	// known enrolled long ago: its sealing window is closed.
+	known := newNode(t)
+	if err := d.createNode(ctx, known, attestedNode); err != nil {
+		t.Fatal(err)
+	}
 	machine := d.bootFetcher(t, bootAddr, "127.0.0.1")
 	attacker := d.bootFetcher(t, bootAddr, attackerAddr)
 	fromAttacker := d.from(attackerAddr)
@@ -104,10 +109,11 @@ func TestPendingMachine(t *testing.T) {
 			t.Errorf("the enrollment configuration has no %s", want)
 		}
 	}
-	// A throwaway cluster per fetch: no two machines share a secret.
+	// Each fetch gets its own Talos identity: no machine can reach
+	// another's Talos API with what its configuration holds.
 	other := machine.mustFetch(t, newNode(t).UUID)
-	if sharedSecret(cfg, other) {
-		t.Error("two enrollment configurations share a secret")
+	if bytes.Equal(talosCA(t, cfg), talosCA(t, other)) {
+		t.Error("two enrollment configurations share a Talos API CA")
 	}
 
 	pending := node{Name: "boot-" + n.UUID, UUID: n.UUID}
@@ -153,19 +159,25 @@ func TestPendingMachine(t *testing.T) {
 	if err := d.createNode(ctx, n, attestedNode); err != nil {
 		t.Fatal(err)
 	}
+	waitEvent(t, d, n.Name, "LabRecordAdopted")
+	if out, _ := d.TryKubectl("get", "sovranode", pending.Name); strings.Contains(out, n.UUID) {
+		t.Fatal("the pending record outlived the adoption")
+	}
 	if got := d.unsealEventually(ctx, n, blob); !bytes.Equal(got, secret) {
 		t.Fatal("unsealed other data after adoption")
 	}
 
 	// An enrolled machine's UUID: the boot server serves the configuration
-	// and opens no window; the attacker cannot seal for it.
+	// and opens no window; nobody can seal for it, from anywhere.
 	offset := d.LogSize()
-	if code, _ := attacker.fetch(t, n.UUID); code != http.StatusOK {
+	if code, _ := attacker.fetch(t, known.UUID); code != http.StatusOK {
 		t.Fatalf("a fetch for an enrolled UUID answered HTTP %d", code)
 	}
-	_, err = fromAttacker.Seal(ctx, n.UUID, key(t))
-	requireDenied(t, nil, err)
-	if out, _ := d.TryKubectl("get", "sovranode", pending.Name); strings.Contains(out, n.UUID) {
+	for _, from := range []*kmsDaemon{fromAttacker, d} {
+		_, err = from.Seal(ctx, known.UUID, key(t))
+		requireDenied(t, nil, err)
+	}
+	if out, _ := d.TryKubectl("get", "sovranode", "boot-"+known.UUID); strings.Contains(out, known.UUID) {
 		t.Fatal("a fetch for an enrolled UUID made a pending record")
 	}
 	if !strings.Contains(d.LogSince(offset), "no sealing window opened") {
@@ -190,7 +202,7 @@ func TestPendingMachineAdoptedElsewhere(t *testing.T) {
 	d.bootFetcher(t, bootAddr, attackerAddr).mustFetch(t, n.UUID)
 	forgedState, err := d.from(attackerAddr).Seal(ctx, n.UUID, key(t))
 	if err != nil {
-		t.Fatalf("the first fetcher's Seal: %v", err)
+		t.Fatalf("the first fetcher's Seal: %v\n%s", err, d.Tail(30))
 	}
 	// The real machine enrolls from its own address.
 	if err := d.createNode(ctx, n, attestedNode); err != nil {
@@ -246,21 +258,16 @@ func TestBootServerLimits(t *testing.T) {
 	t.Logf("12 fetches from one source: %d served, %d limited; %d pending records", len(uuids), limited, len(list.Items))
 }
 
-// sharedSecret reports whether two configurations share a PEM block or a
-// token-like line (the throwaway cluster's secrets).
-func sharedSecret(a, b []byte) bool {
-	for _, line := range strings.Split(string(a), "\n") {
-		line = strings.TrimSpace(line)
-		k, v, ok := strings.Cut(line, ":")
-		if !ok || len(strings.TrimSpace(v)) < 16 {
-			continue
-		}
-		switch strings.TrimSpace(k) {
-		case "crt", "key", "token", "secret", "secretboxEncryptionSecret", "aescbcEncryptionSecret", "id":
-			if bytes.Contains(b, []byte(strings.TrimSpace(v))) {
-				return true
-			}
-		}
+// talosCA returns the key of the Talos API CA a configuration holds.
+func talosCA(t *testing.T, cfg []byte) []byte {
+	t.Helper()
+	c, err := configloader.NewFromBytes(cfg)
+	if err != nil {
+		t.Fatal(err)
 	}
-	return false
+	ca := c.Machine().Security().IssuingCA()
+	if ca == nil || len(ca.Key) == 0 {
+		t.Fatal("the enrollment configuration has no Talos API CA")
+	}
+	return ca.Key
 }
