@@ -1,6 +1,7 @@
 package capi
 
 import (
+	"context"
 	"fmt"
 
 	"github.com/go-logr/zapr"
@@ -9,8 +10,10 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	infrav1 "github.com/sovra-dev/sovra/daemon/apis/infrastructure/v1alpha1"
+	"github.com/sovra-dev/sovra/daemon/attestation"
 	"github.com/sovra-dev/sovra/daemon/capi/crds"
 	"github.com/sovra-dev/sovra/daemon/capi/infra"
 	"github.com/sovra-dev/sovra/daemon/capi/infraref"
@@ -60,6 +63,19 @@ func sovraProvider() (crds.Provider, error) {
 		p.CRDs = append(p.CRDs, u)
 	}
 	return p, nil
+}
+
+// installHostKinds installs the sovra.dev CRDs (SovraNode, Host) that
+// sovra's infrastructure provider and the host pool's reconciler watch, and
+// waits for them. The node API installs them too, but a replica without it
+// (--node-listen=) runs these controllers as well, and their caches would
+// never sync: the manager, and sovrad, would stop after its cache-sync
+// timeout. Installing twice is harmless (install retries a conflict).
+func installHostKinds(ctx context.Context, c client.Client) error {
+	if err := attestation.InstallCRDs(ctx, c); err != nil {
+		return err
+	}
+	return attestation.WaitForCRDs(ctx, c)
 }
 
 // setupSovra registers sovra's infrastructure provider (SovraCluster,
