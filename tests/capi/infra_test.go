@@ -27,6 +27,9 @@ const (
 	// releasedReason is the reason of sovra's event on such a Cluster.
 	releasedReason    = "InfrastructureKindMissing"
 	clusterctlTimeout = time.Minute
+	// cacheSyncTimeout is controller-runtime's default CacheSyncTimeout:
+	// a controller whose kinds are not installed stops the manager then.
+	cacheSyncTimeout = 2 * time.Minute
 )
 
 // TestInfrastructureReferences is the story of what sovrad does not serve:
@@ -36,6 +39,11 @@ const (
 // the operator installed (the stand-in) is accepted; a Cluster whose
 // infrastructure CRD was deleted under it still deletes; and `clusterctl
 // describe cluster` shows a sovra cluster, down to why its machines wait.
+//
+// The daemon runs without its node API, as the other stories here do: its
+// Cluster API manager installs the host pool's kinds itself (a sovrad that
+// did not stopped when its SovraMachine controller's cache never synced),
+// and the story outlasts that two-minute cache-sync timeout.
 func TestInfrastructureReferences(t *testing.T) {
 	d := startDaemon(t, filepath.Join(t.TempDir(), "data"))
 	waitCRDs(t, d)
@@ -113,28 +121,74 @@ metadata:
 	t.Run("clusterctl describe cluster", func(t *testing.T) {
 		const cns, name = "sovra-clusters", "demo"
 		mustApply(t, d, sovraClusterYAML(cns, name))
-		waitFor(t, reconcileTimeout, "the SovraCluster to be ready and a worker SovraMachine to wait for a host", func() (bool, string) {
+		// No host is in the pool: the three SovraMachines (one control
+		// plane, two workers) wait for one, and their Machines say so.
+		const wantWaiting = "NoHostAvailable NoHostAvailable NoHostAvailable"
+		waitFor(t, reconcileTimeout, "the SovraCluster to be ready and every SovraMachine and Machine to wait for a host", func() (bool, string) {
 			ready := jsonpath(d, "-n", cns, "get", "cluster", name, "-o", "jsonpath={.status.infrastructureReady}")
-			reasons := jsonpath(d, "-n", cns, "get", "sovramachines", "-o", `jsonpath={.items[*].status.conditions[?(@.type=="Ready")].reason}`)
-			return ready == "true" && strings.Contains(reasons, "NoHostAvailable"), "infrastructureReady " + ready + ", machines " + reasons
+			infra := jsonpath(d, "-n", cns, "get", "sovramachines", "-o", `jsonpath={.items[*].status.conditions[?(@.type=="Ready")].reason}`)
+			machines := jsonpath(d, "-n", cns, "get", "machines", "-o", `jsonpath={.items[*].status.conditions[?(@.type=="Ready")].reason}`)
+			return ready == "true" && infra == wantWaiting && machines == wantWaiting,
+				"infrastructureReady " + ready + ", SovraMachines " + infra + ", Machines " + machines
 		})
-		out := clusterctl(t, d, "describe", "cluster", name, "-n", cns, "--grouping=false", "--show-templates")
-		for _, want := range []string{
-			"Cluster/" + name,
-			"ClusterInfrastructure - SovraCluster/" + name,
-			"ControlPlane - TalosControlPlane/" + name + "-control-plane",
-			"MachineDeployment/" + name + "-workers",
-			"MachineInfrastructure - SovraMachine/" + name + "-workers-",
-			"MachineInfrastructureTemplate - infrastructure.cluster.x-k8s.io/v1alpha1/" + name + "-workers",
-			"NoHostAvailable",
-		} {
-			if !strings.Contains(out, want) {
-				t.Errorf("clusterctl describe does not show %q:\n%s", want, out)
+		// --echo shows each Machine's SovraMachine even where it says what
+		// the Machine says; --grouping=false lists the workers one by one.
+		out := clusterctl(t, d, "describe", "cluster", name, "-n", cns, "--grouping=false", "--show-templates", "--echo")
+		wantLines(t, out,
+			"Cluster/"+name+" ",
+			"ClusterInfrastructure - SovraCluster/"+name+" True",
+			"ControlPlane - TalosControlPlane/"+name+"-control-plane ",
+			"MachineInfrastructure - SovraMachine/"+name+"-control-plane-",
+			"MachineDeployment/"+name+"-workers ",
+			"MachineInfrastructureTemplate - infrastructure.cluster.x-k8s.io/v1alpha1/"+name+"-workers",
+			"MachineInfrastructure - SovraMachine/"+name+"-workers-",
+		)
+		// Every Machine, and its SovraMachine, says why it waits.
+		for _, m := range strings.Fields(jsonpath(d, "-n", cns, "get", "machines", "-o", "jsonpath={.items[*].metadata.name}")) {
+			wantLines(t, out, "Machine/"+m+" False Warning NoHostAvailable")
+		}
+		if n := strings.Count(out, noHostMessage); n != 3 {
+			t.Errorf("%d SovraMachines say %q, want 3:\n%s", n, noHostMessage, out)
+		}
+		// The v1beta2 view reads the same objects and shows the reason too.
+		out = clusterctl(t, d, "describe", "cluster", name, "-n", cns, "--v1beta2")
+		wantLines(t, out, "Cluster/"+name+" ", "MachineInfrastructure - SovraMachine/"+name+"-control-plane-")
+		if !strings.Contains(out, "InfrastructureReady: "+noHostMessage) {
+			t.Errorf("the v1beta2 view does not say why the control-plane Machine waits:\n%s", out)
+		}
+	})
+
+	// Every controller's cache synced: sovrad is still up after
+	// controller-runtime's cache-sync timeout.
+	time.Sleep(time.Until(d.StartedAt.Add(cacheSyncTimeout + 10*time.Second)))
+	if out, err := d.TryKubectl("get", "--raw", "/readyz"); err != nil {
+		t.Fatalf("sovrad is down %s after its start: %v\n%s\n%s", time.Since(d.StartedAt).Round(time.Second), err, out, d.Tail(20))
+	}
+}
+
+// noHostMessage is what a SovraMachine without a host says.
+const noHostMessage = "no accepted, attested host is available whose labels match the host selector"
+
+// wantLines fails unless every part of want is on some line of clusterctl's
+// table, with runs of spaces collapsed to one.
+func wantLines(t *testing.T, out string, want ...string) {
+	t.Helper()
+	var lines []string
+	for _, l := range strings.Split(out, "\n") {
+		lines = append(lines, strings.Join(strings.Fields(l), " ")+" ")
+	}
+	for _, w := range want {
+		found := false
+		for _, l := range lines {
+			if strings.Contains(l, w) {
+				found = true
+				break
 			}
 		}
-		// The v1beta2 view reads the same objects.
-		clusterctl(t, d, "describe", "cluster", name, "-n", cns, "--v1beta2")
-	})
+		if !found {
+			t.Errorf("clusterctl describe does not show %q:\n%s", w, out)
+		}
+	}
 }
 
 // wantRefused fails unless kubectl apply was refused with every part of want.
