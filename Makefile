@@ -22,10 +22,10 @@ all: build
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-build: bin/sovrad bin/sovra-agent bin/kubectl ## build the daemon, the agent and the test kubectl into bin/
+build: bin/sovrad bin/sovra-agent bin/kubectl bin/clusterctl ## build the daemon, the agent and the test kubectl and clusterctl into bin/
 
 # Go's build cache makes these cheap when nothing changed, so they always run.
-.PHONY: bin/sovrad bin/sovra-agent bin/kubectl generate
+.PHONY: bin/sovrad bin/sovra-agent bin/kubectl bin/clusterctl generate
 generate: ## extract the Cluster API and Talos provider manifests from the pinned modules (git-ignored, embedded in sovrad)
 	$(GO) generate ./daemon/capi/crds
 
@@ -37,6 +37,11 @@ bin/sovra-agent:
 
 bin/kubectl:
 	$(GO) build -ldflags "$(K8S_LDFLAGS)" -o $@ ./tests/cmd/kubectl
+
+# clusterctl of the pinned Cluster API, for `clusterctl describe cluster` in the
+# stories; it never checks for a newer release (see tests/cmd/clusterctl).
+bin/clusterctl:
+	$(GO) build -o $@ ./tests/cmd/clusterctl
 
 run: bin/sovrad ## run the daemon on its embedded SQLite default in $(DATA_DIR)
 	@echo "sovrad: data in $(DATA_DIR); kubeconfig: $(DATA_DIR)/admin.kubeconfig"

@@ -7,6 +7,7 @@ import (
 
 	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/client-go/util/retry"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
@@ -16,22 +17,29 @@ import (
 const crdPollInterval = 100 * time.Millisecond
 
 // InstallCRDs creates or updates the sovra.dev CRDs; c's scheme must come
-// from Scheme.
+// from Scheme. The node API, the KMS and the Cluster API manager each
+// install them as they start, concurrently: a write that lost the race to
+// another (AlreadyExists, Conflict) is read again and retried.
 func InstallCRDs(ctx context.Context, c client.Client) error {
 	crds, err := v1alpha1.CRDs()
 	if err != nil {
 		return fmt.Errorf("installing CRDs: %w", err)
 	}
+	lostRace := func(err error) bool { return apierrors.IsAlreadyExists(err) || apierrors.IsConflict(err) }
 	for _, crd := range crds {
-		var cur apiextensionsv1.CustomResourceDefinition
-		err := c.Get(ctx, client.ObjectKey{Name: crd.Name}, &cur)
-		switch {
-		case apierrors.IsNotFound(err):
-			err = c.Create(ctx, crd)
-		case err == nil:
+		err := retry.OnError(retry.DefaultRetry, lostRace, func() error {
+			var cur apiextensionsv1.CustomResourceDefinition
+			err := c.Get(ctx, client.ObjectKey{Name: crd.Name}, &cur)
+			switch {
+			case apierrors.IsNotFound(err):
+				crd.ResourceVersion = ""
+				return c.Create(ctx, crd)
+			case err != nil:
+				return err
+			}
 			crd.ResourceVersion = cur.ResourceVersion
-			err = c.Update(ctx, crd)
-		}
+			return c.Update(ctx, crd)
+		})
 		if err != nil {
 			return fmt.Errorf("installing CRD %s: %w", crd.Name, err)
 		}

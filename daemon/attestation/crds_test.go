@@ -6,7 +6,9 @@ import (
 	"time"
 
 	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
+	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/client/fake"
+	"sigs.k8s.io/controller-runtime/pkg/client/interceptor"
 
 	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
 )
@@ -47,5 +49,54 @@ func TestInstallCRDs(t *testing.T) {
 	defer cancelWait()
 	if err := WaitForCRDs(wait, c); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestInstallCRDsLosesRace: another installer (the node API, the KMS or the
+// Cluster API manager of this replica) creates, then updates, each CRD
+// between this one's read and its write; InstallCRDs reads again and wins.
+func TestInstallCRDsLosesRace(t *testing.T) {
+	s, err := Scheme()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rivalled := map[string]bool{}
+	c := fake.NewClientBuilder().WithScheme(s).WithInterceptorFuncs(interceptor.Funcs{
+		Create: func(ctx context.Context, c client.WithWatch, obj client.Object, opts ...client.CreateOption) error {
+			if !rivalled["create "+obj.GetName()] {
+				rivalled["create "+obj.GetName()] = true
+				rival := obj.DeepCopyObject().(client.Object)
+				if err := c.Create(ctx, rival); err != nil {
+					t.Fatal(err)
+				}
+			}
+			return c.Create(ctx, obj, opts...)
+		},
+		Update: func(ctx context.Context, c client.WithWatch, obj client.Object, opts ...client.UpdateOption) error {
+			if !rivalled["update "+obj.GetName()] {
+				rivalled["update "+obj.GetName()] = true
+				var rival apiextensionsv1.CustomResourceDefinition
+				if err := c.Get(ctx, client.ObjectKeyFromObject(obj), &rival); err != nil {
+					t.Fatal(err)
+				}
+				if err := c.Update(ctx, &rival); err != nil {
+					t.Fatal(err)
+				}
+			}
+			return c.Update(ctx, obj, opts...)
+		},
+	}).Build()
+	ctx := context.Background()
+	for i := range 2 { // lose the create race, then the update race
+		if err := InstallCRDs(ctx, c); err != nil {
+			t.Fatalf("install %d: %v", i, err)
+		}
+	}
+	want, err := v1alpha1.CRDs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rivalled) != 2*len(want) {
+		t.Errorf("raced %d writes, want %d", len(rivalled), 2*len(want))
 	}
 }

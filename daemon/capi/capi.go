@@ -227,6 +227,9 @@ func install(ctx context.Context, c client.Client, providers []crds.Provider, co
 		if err == nil {
 			err = crds.Install(ctx, c, providers, conv, log)
 		}
+		if err == nil {
+			err = installHostKinds(ctx, c)
+		}
 		if err != nil {
 			log.Warn("installing the Cluster API CRDs, will retry", zap.Error(err))
 			return false, nil

@@ -10,6 +10,10 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	clusterv1 "sigs.k8s.io/cluster-api/api/v1beta1"
 	"sigs.k8s.io/controller-runtime/pkg/webhook/conversion"
+
+	"github.com/sovra-dev/sovra/daemon/capi/crds"
+	"github.com/sovra-dev/sovra/daemon/capi/infraref"
+	"github.com/sovra-dev/sovra/daemon/capi/webhooks"
 )
 
 // TestSchemeServesConversion: the scheme holds every version the Talos
@@ -34,5 +38,31 @@ func TestIsLeadershipLost(t *testing.T) {
 	}
 	if isLeadershipLost(errors.New("failed to wait for caches to sync")) || isLeadershipLost(nil) {
 		t.Error("another failure taken for a leader loss")
+	}
+}
+
+// TestSovraProvider: sovra's CRDs carry the provider and contract labels,
+// and its provider registers the infrastructure-reference webhook at the
+// URL sovrad serves it on.
+func TestSovraProvider(t *testing.T) {
+	p, err := sovraProvider()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(p.CRDs) != 3 {
+		t.Fatalf("want 3 CRDs, got %d", len(p.CRDs))
+	}
+	for _, crd := range p.CRDs {
+		labels := crd.GetLabels()
+		if labels[providerLabel] != sovraProviderName || labels["cluster.x-k8s.io/v1beta1"] != "v1alpha1" {
+			t.Errorf("%s: labels %v", crd.GetName(), labels)
+		}
+	}
+	regs := webhooks.Registrations([]crds.Provider{p}, "https://10.0.0.1:9443", []byte("ca"), []string{infraref.Path})
+	if len(regs) != 1 || regs[0].GetName() != infraref.ConfigurationName {
+		t.Fatalf("registrations: %v", regs)
+	}
+	if regs := webhooks.Registrations([]crds.Provider{p}, "https://10.0.0.1:9443", []byte("ca"), nil); len(regs) != 0 {
+		t.Errorf("registered a webhook that is not served: %v", regs)
 	}
 }

@@ -29,11 +29,13 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/controller"
+	"sigs.k8s.io/controller-runtime/pkg/webhook/admission"
 	"sigs.k8s.io/controller-runtime/pkg/webhook/conversion"
 
 	"github.com/sovra-dev/sovra/daemon/capi/controllers"
 	"github.com/sovra-dev/sovra/daemon/capi/crds"
 	"github.com/sovra-dev/sovra/daemon/capi/fence"
+	"github.com/sovra-dev/sovra/daemon/capi/infraref"
 	"github.com/sovra-dev/sovra/daemon/capi/webhooks"
 	"github.com/sovra-dev/sovra/daemon/membership"
 )
@@ -238,7 +240,8 @@ func partialSecretCache(mgr ctrl.Manager) (cache.Cache, error) {
 }
 
 // setupWebhooks registers the defaulting, validation and conversion webhooks
-// of Cluster API core and the Talos providers: every replica serves them.
+// of Cluster API core and the Talos providers, and sovra's check of
+// infrastructure references: every replica serves them.
 func setupWebhooks(mgr ctrl.Manager, server *webhooks.Server, clusterCache clustercache.ClusterCache) error {
 	var cacheReader capiwebhooks.ClusterCacheReader
 	if clusterCache != nil {
@@ -269,6 +272,8 @@ func setupWebhooks(mgr ctrl.Manager, server *webhooks.Server, clusterCache clust
 			return fmt.Errorf("setting up the %s webhook: %w", h.name, err)
 		}
 	}
+	// sovra's own: infrastructure references sovrad cannot serve are refused.
+	server.Register(infraref.Path, &admission.Webhook{Handler: &infraref.Validator{APIReader: mgr.GetAPIReader()}})
 	// Every CRD that declares webhook conversion points at /convert; the
 	// builder registers it only for types with spokes in the scheme.
 	if !slices.Contains(server.Paths(), crds.ConvertPath) {

@@ -1,34 +1,49 @@
 package capi
 
 import (
+	"context"
 	"fmt"
 
 	"github.com/go-logr/zapr"
 	"go.uber.org/zap"
+	admissionregistrationv1 "k8s.io/api/admissionregistration/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	infrav1 "github.com/sovra-dev/sovra/daemon/apis/infrastructure/v1alpha1"
+	"github.com/sovra-dev/sovra/daemon/attestation"
 	"github.com/sovra-dev/sovra/daemon/capi/crds"
 	"github.com/sovra-dev/sovra/daemon/capi/infra"
+	"github.com/sovra-dev/sovra/daemon/capi/infraref"
 	"github.com/sovra-dev/sovra/daemon/hosts"
 	"github.com/sovra-dev/sovra/internal/version"
 )
 
-// sovraProviderName names sovra's own infrastructure provider among the
-// providers whose CRDs Run installs.
-const sovraProviderName = "infrastructure-sovra"
+const (
+	// sovraProviderName names sovra's own infrastructure provider among the
+	// providers whose CRDs Run installs.
+	sovraProviderName = "infrastructure-sovra"
+	// providerLabel names a CRD's provider, as clusterctl's provider contract
+	// asks of every provider component (upstream's manifests carry it).
+	providerLabel = "cluster.x-k8s.io/provider"
+)
 
 // sovraProvider is sovra's infrastructure provider as a crds.Provider: its
-// CRDs, applied with the others; it has no webhook registrations of
-// upstream's to rewrite.
+// CRDs, labelled with the provider's name, applied with the others, and the
+// registration of the webhook that refuses infrastructure references sovrad
+// cannot serve (package infraref).
 func sovraProvider() (crds.Provider, error) {
 	typed, err := infrav1.CRDs()
 	if err != nil {
 		return crds.Provider{}, err
 	}
-	p := crds.Provider{Name: sovraProviderName, Module: "github.com/sovra-dev/sovra@" + version.Version}
+	p := crds.Provider{
+		Name:       sovraProviderName,
+		Module:     "github.com/sovra-dev/sovra@" + version.Version,
+		Validating: []*admissionregistrationv1.ValidatingWebhookConfiguration{infraref.Registration()},
+	}
 	for _, crd := range typed {
 		obj, err := runtime.DefaultUnstructuredConverter.ToUnstructured(crd)
 		if err != nil {
@@ -39,14 +54,34 @@ func sovraProvider() (crds.Provider, error) {
 		u.SetKind("CustomResourceDefinition")
 		unstructured.RemoveNestedField(u.Object, "status")
 		unstructured.RemoveNestedField(u.Object, "metadata", "creationTimestamp")
+		labels := u.GetLabels()
+		if labels == nil {
+			labels = map[string]string{}
+		}
+		labels[providerLabel] = sovraProviderName
+		u.SetLabels(labels)
 		p.CRDs = append(p.CRDs, u)
 	}
 	return p, nil
 }
 
+// installHostKinds installs the sovra.dev CRDs (SovraNode, Host) that
+// sovra's infrastructure provider and the host pool's reconciler watch, and
+// waits for them. The node API installs them too, but a replica without it
+// (--node-listen=) runs these controllers as well, and their caches would
+// never sync: the manager, and sovrad, would stop after its cache-sync
+// timeout. Installing twice is harmless (install retries a conflict).
+func installHostKinds(ctx context.Context, c client.Client) error {
+	if err := attestation.InstallCRDs(ctx, c); err != nil {
+		return err
+	}
+	return attestation.WaitForCRDs(ctx, c)
+}
+
 // setupSovra registers sovra's infrastructure provider (SovraCluster,
-// SovraMachine) and the host pool's reconciler, each with the manager's event
-// recorder under its own name.
+// SovraMachine), the release of deleted Clusters whose infrastructure kind is
+// missing (package infraref) and the host pool's reconciler, each with the
+// manager's event recorder under its own name.
 func setupSovra(mgr ctrl.Manager, log *zap.Logger) error {
 	clusterLog := zapr.NewLogger(log.Named("sovracluster"))
 	if err := (&infra.ClusterReconciler{Client: mgr.GetClient()}).SetupWithManager(mgr, clusterLog); err != nil {
@@ -56,6 +91,12 @@ func setupSovra(mgr ctrl.Manager, log *zap.Logger) error {
 		Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(),
 		Events: mgr.GetEventRecorderFor("sovra-infrastructure"), Logger: log.Named("sovramachine"),
 	}).SetupWithManager(mgr, zapr.NewLogger(log.Named("sovramachine"))); err != nil {
+		return err
+	}
+	if err := (&infraref.MissingInfrastructureReconciler{
+		Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(),
+		Events: mgr.GetEventRecorderFor("sovra-infrastructure"), Logger: log.Named("missing-infrastructure"),
+	}).SetupWithManager(mgr); err != nil {
 		return err
 	}
 	return (&hosts.Reconciler{Client: mgr.GetClient(), Events: mgr.GetEventRecorderFor("sovra-hosts"), Logger: log.Named("hosts")}).SetupWithManager(mgr)

@@ -151,5 +151,6 @@ func waitCRDs(t testing.TB, d *sovradtest.Daemon) {
 	})
 }
 
-// wantCRDs is the number of CRDs of CAPI core (13), CABPT (2) and CACPPT (1).
-const wantCRDs = 16
+// wantCRDs is the number of CRDs of CAPI core (13), CABPT (2), CACPPT (1)
+// and sovra's infrastructure provider (3).
+const wantCRDs = 19

@@ -103,6 +103,11 @@ func (r *MachineReconciler) Reconcile(ctx context.Context, req ctrl.Request) (_ 
 		return ctrl.Result{}, err
 	}
 	defer func() {
+		if sm.DeletionTimestamp.IsZero() {
+			// Ready summarises the steps, so that the Machine (and
+			// `clusterctl describe cluster`) says why the machine waits.
+			conditions.SetSummary(&sm, conditions.WithConditions(infrav1.HostClaimedCondition, infrav1.HostProvisionedCondition))
+		}
 		if err := helper.Patch(ctx, &sm, patch.WithOwnedConditions{Conditions: []clusterv1.ConditionType{
 			clusterv1.ReadyCondition, infrav1.HostClaimedCondition, infrav1.HostProvisionedCondition,
 		}}); err != nil && retErr == nil {
@@ -154,7 +159,6 @@ func (r *MachineReconciler) reconcileNormal(ctx context.Context, sm *infrav1.Sov
 	case v1alpha1.HostProvisioned:
 		sm.Status.Ready = true
 		conditions.MarkTrue(sm, infrav1.HostProvisionedCondition)
-		conditions.MarkTrue(sm, clusterv1.ReadyCondition)
 		return ctrl.Result{}, nil
 	case v1alpha1.HostFailed:
 		reason, msg := infrav1.HostFailedReason, "host "+host.Name+" failed attestation; it gets no configuration"
@@ -163,8 +167,6 @@ func (r *MachineReconciler) reconcileNormal(ctx context.Context, sm *infrav1.Sov
 		return ctrl.Result{}, nil
 	}
 	conditions.MarkFalse(sm, infrav1.HostProvisionedCondition, infrav1.WaitingForHostReason, clusterv1.ConditionSeverityInfo,
-		"host %s is %s", host.Name, orPending(host.Status.Phase))
-	conditions.MarkFalse(sm, clusterv1.ReadyCondition, infrav1.WaitingForHostReason, clusterv1.ConditionSeverityInfo,
 		"host %s is %s", host.Name, orPending(host.Status.Phase))
 	return ctrl.Result{RequeueAfter: requeueSoon}, nil
 }
