@@ -1,6 +1,6 @@
 // Package talosfake is a fake Talos node for the bootstrap stories: the real
 // machinery MachineService (Version, SystemStat, Bootstrap, EtcdMemberList,
-// List) and the real COSI state server over an in-memory state, behind
+// List, Memory, ApplyConfiguration, Reset) and the real COSI state server over an in-memory state, behind
 // apid-like mutual TLS with a server certificate from the cluster's Talos CA.
 // Like apid it routes calls that name other nodes in their gRPC metadata
 // ("nodes", "node") to those nodes' fakes. It is built only from the
@@ -93,6 +93,15 @@ type Options struct {
 	EtcdStartDelay time.Duration
 	// Logger receives a line per call; nil means none.
 	Logger *zap.Logger
+	// Hardware is what the node's hardware and block resources describe;
+	// nil means none (the node publishes no Processor, MemoryModule or Disk).
+	Hardware *Hardware
+	// OnApply, when set, is called with every ApplyConfiguration the node
+	// accepts, after it was recorded; an error fails the call with
+	// InvalidArgument, as machined's validation does.
+	OnApply func(ApplyCall) error
+	// OnReset, when set, is called with every Reset the node accepts.
+	OnReset func(ResetCall)
 }
 
 // BootstrapCall is one recorded Bootstrap call.
@@ -129,6 +138,8 @@ type Node struct {
 	etcdData    bool
 	etcdRunning bool
 	calls       []BootstrapCall
+	applies     []ApplyCall
+	resets      []ResetCall
 }
 
 // New returns a fake node with a fresh server certificate.
@@ -169,6 +180,10 @@ func New(opts Options) (*Node, error) {
 
 	if err := n.state.Create(context.Background(), ts); err != nil {
 		return nil, fmt.Errorf("creating the time status resource: %w", err)
+	}
+
+	if err := n.publishHardware(opts.Hardware); err != nil {
+		return nil, err
 	}
 
 	n.etcdData = opts.EtcdData
