@@ -75,6 +75,10 @@ type Options struct {
 	// certificate and the client certificate for forwarded calls, and
 	// clients must present a certificate it signed.
 	CA *x509.PEMEncodedCertificateAndKey
+	// AcceptedCAs (PEM) also sign client certificates the node accepts, as
+	// machine.acceptedCAs does in Talos (a released configuration lists the
+	// agent CA there).
+	AcceptedCAs [][]byte
 	// MachineType is controlplane, init or worker.
 	MachineType machinetype.Type
 	// BootTime is what SystemStat reports.
@@ -156,7 +160,7 @@ func New(opts Options) (*Node, error) {
 		opts.APIPort = constants.ApidPort
 	}
 
-	creds, err := serverCredentials(opts.CA, opts.Address)
+	creds, err := serverCredentials(opts.CA, opts.Address, opts.AcceptedCAs)
 	if err != nil {
 		return nil, err
 	}
@@ -201,8 +205,9 @@ func New(opts Options) (*Node, error) {
 }
 
 // serverCredentials issues an apid-like server certificate for addr from ca
-// and requires clients to present a certificate from the same CA.
-func serverCredentials(ca *x509.PEMEncodedCertificateAndKey, addr netip.Addr) (credentials.TransportCredentials, error) {
+// and requires clients to present a certificate from the same CA or one of
+// accepted (machine.acceptedCAs).
+func serverCredentials(ca *x509.PEMEncodedCertificateAndKey, addr netip.Addr, accepted [][]byte) (credentials.TransportCredentials, error) {
 	authority, err := x509.NewCertificateAuthorityFromCertificateAndKey(ca)
 	if err != nil {
 		return nil, fmt.Errorf("loading the Talos CA: %w", err)
@@ -225,6 +230,12 @@ func serverCredentials(ca *x509.PEMEncodedCertificateAndKey, addr netip.Addr) (c
 	pool := stdx509.NewCertPool()
 	if !pool.AppendCertsFromPEM(ca.Crt) {
 		return nil, errors.New("loading the Talos CA: not a PEM certificate")
+	}
+
+	for _, a := range accepted {
+		if !pool.AppendCertsFromPEM(a) {
+			return nil, errors.New("loading an accepted CA: not a PEM certificate")
+		}
 	}
 
 	return credentials.NewTLS(&tls.Config{
