@@ -218,7 +218,14 @@ func Merge(bootstrap []byte, r Released) ([]byte, error) {
 	if cfg.RawV1Alpha1() == nil {
 		return nil, errors.New("merging the machine configuration: the bootstrap data has no v1alpha1 machine configuration")
 	}
-	tc, err := agentTalosconfig(r.AgentCA)
+	// apid presents a certificate of the machine's Talos CA: the agent's
+	// talosconfig verifies it with that CA, and presents a certificate of
+	// the agent CA, which machine.acceptedCAs lets in.
+	osCA := cfg.RawV1Alpha1().MachineConfig
+	if osCA == nil || osCA.MachineCA == nil || len(osCA.MachineCA.Crt) == 0 {
+		return nil, errors.New("merging the machine configuration: the bootstrap data has no Talos CA (machine.ca)")
+	}
+	tc, err := agentTalosconfig(r.AgentCA, osCA.MachineCA.Crt)
 	if err != nil {
 		return nil, err
 	}
@@ -305,8 +312,9 @@ func replaces(ours []coreconfig.Document, doc coreconfig.Document) bool {
 }
 
 // agentTalosconfig is the agent's client configuration for its own
-// machine's Talos API: a certificate of the machine's agent CA.
-func agentTalosconfig(ca *x509.PEMEncodedCertificateAndKey) ([]byte, error) {
+// machine's Talos API: a certificate of the machine's agent CA, and the
+// machine's Talos CA (serverCA), which signs apid's certificate.
+func agentTalosconfig(ca *x509.PEMEncodedCertificateAndKey, serverCA []byte) ([]byte, error) {
 	if ca == nil {
 		return nil, errors.New("merging the machine configuration: no agent CA")
 	}
@@ -314,7 +322,7 @@ func agentTalosconfig(ca *x509.PEMEncodedCertificateAndKey) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("issuing the agent's Talos API certificate: %w", err)
 	}
-	b, err := clientconfig.NewConfig(AgentService, []string{localTalosAPI}, ca.Crt, cert).Bytes()
+	b, err := clientconfig.NewConfig(AgentService, []string{localTalosAPI}, serverCA, cert).Bytes()
 	if err != nil {
 		return nil, fmt.Errorf("encoding the agent's talosconfig: %w", err)
 	}

@@ -1,6 +1,6 @@
 // Package talosfake is a fake Talos node for the bootstrap stories: the real
 // machinery MachineService (Version, SystemStat, Bootstrap, EtcdMemberList,
-// List) and the real COSI state server over an in-memory state, behind
+// List, Memory, ApplyConfiguration, Reset) and the real COSI state server over an in-memory state, behind
 // apid-like mutual TLS with a server certificate from the cluster's Talos CA.
 // Like apid it routes calls that name other nodes in their gRPC metadata
 // ("nodes", "node") to those nodes' fakes. It is built only from the
@@ -75,6 +75,10 @@ type Options struct {
 	// certificate and the client certificate for forwarded calls, and
 	// clients must present a certificate it signed.
 	CA *x509.PEMEncodedCertificateAndKey
+	// AcceptedCAs (PEM) also sign client certificates the node accepts, as
+	// machine.acceptedCAs does in Talos (a released configuration lists the
+	// agent CA there).
+	AcceptedCAs [][]byte
 	// MachineType is controlplane, init or worker.
 	MachineType machinetype.Type
 	// BootTime is what SystemStat reports.
@@ -93,6 +97,15 @@ type Options struct {
 	EtcdStartDelay time.Duration
 	// Logger receives a line per call; nil means none.
 	Logger *zap.Logger
+	// Hardware is what the node's hardware and block resources describe;
+	// nil means none (the node publishes no Processor, MemoryModule or Disk).
+	Hardware *Hardware
+	// OnApply, when set, is called with every ApplyConfiguration the node
+	// accepts, after it was recorded; an error fails the call with
+	// InvalidArgument, as machined's validation does.
+	OnApply func(ApplyCall) error
+	// OnReset, when set, is called with every Reset the node accepts.
+	OnReset func(ResetCall)
 }
 
 // BootstrapCall is one recorded Bootstrap call.
@@ -129,6 +142,8 @@ type Node struct {
 	etcdData    bool
 	etcdRunning bool
 	calls       []BootstrapCall
+	applies     []ApplyCall
+	resets      []ResetCall
 }
 
 // New returns a fake node with a fresh server certificate.
@@ -145,7 +160,7 @@ func New(opts Options) (*Node, error) {
 		opts.APIPort = constants.ApidPort
 	}
 
-	creds, err := serverCredentials(opts.CA, opts.Address)
+	creds, err := serverCredentials(opts.CA, opts.Address, opts.AcceptedCAs)
 	if err != nil {
 		return nil, err
 	}
@@ -171,6 +186,10 @@ func New(opts Options) (*Node, error) {
 		return nil, fmt.Errorf("creating the time status resource: %w", err)
 	}
 
+	if err := n.publishHardware(opts.Hardware); err != nil {
+		return nil, err
+	}
+
 	n.etcdData = opts.EtcdData
 	if opts.StateDir != "" {
 		if _, err := os.Stat(filepath.Join(opts.StateDir, EtcdDataFile)); err == nil {
@@ -186,8 +205,9 @@ func New(opts Options) (*Node, error) {
 }
 
 // serverCredentials issues an apid-like server certificate for addr from ca
-// and requires clients to present a certificate from the same CA.
-func serverCredentials(ca *x509.PEMEncodedCertificateAndKey, addr netip.Addr) (credentials.TransportCredentials, error) {
+// and requires clients to present a certificate from the same CA or one of
+// accepted (machine.acceptedCAs).
+func serverCredentials(ca *x509.PEMEncodedCertificateAndKey, addr netip.Addr, accepted [][]byte) (credentials.TransportCredentials, error) {
 	authority, err := x509.NewCertificateAuthorityFromCertificateAndKey(ca)
 	if err != nil {
 		return nil, fmt.Errorf("loading the Talos CA: %w", err)
@@ -210,6 +230,12 @@ func serverCredentials(ca *x509.PEMEncodedCertificateAndKey, addr netip.Addr) (c
 	pool := stdx509.NewCertPool()
 	if !pool.AppendCertsFromPEM(ca.Crt) {
 		return nil, errors.New("loading the Talos CA: not a PEM certificate")
+	}
+
+	for _, a := range accepted {
+		if !pool.AppendCertsFromPEM(a) {
+			return nil, errors.New("loading an accepted CA: not a PEM certificate")
+		}
 	}
 
 	return credentials.NewTLS(&tls.Config{
