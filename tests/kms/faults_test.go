@@ -148,19 +148,14 @@ func TestKillDuringBootStorm(t *testing.T) {
 	}
 }
 
-// TestPostgresRestartUnderTwoReplicas: two sovrad replicas share one
-// PostgreSQL and one master keyring; PostgreSQL restarts in the middle of a
-// boot storm spread over both; every node unseals in the end.
-func TestPostgresRestartUnderTwoReplicas(t *testing.T) {
-	// catchUp bounds how long a replica's view may lag the database after
-	// the restart.
-	const catchUp = 2 * time.Minute
-
-	pg := pgtest.Start(t)
-	dsn := pg.DSN("sovra")
+// startReplicas starts two sovrad replicas of one deployment on the
+// database dsn: one master keyring, the shared keys of the data directory.
+func startReplicas(t *testing.T, dsn string, extra ...string) (a, b *kmsDaemon) {
+	t.Helper()
 	keyFile := filepath.Join(t.TempDir(), "master.key")
+	args := append([]string{"--datastore", dsn}, extra...)
 	dirA := filepath.Join(t.TempDir(), "a")
-	a := startKMSWith(t, dirA, keyFile, testutil.FreePort(t), "--datastore", dsn)
+	a = startKMSWith(t, dirA, keyFile, testutil.FreePort(t), args...)
 	dirB := filepath.Join(t.TempDir(), "b")
 	if err := os.Mkdir(dirB, 0o700); err != nil {
 		t.Fatal(err)
@@ -174,7 +169,19 @@ func TestPostgresRestartUnderTwoReplicas(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	b := startKMSWith(t, dirB, keyFile, testutil.FreePort(t), "--datastore", dsn)
+	return a, startKMSWith(t, dirB, keyFile, testutil.FreePort(t), args...)
+}
+
+// TestPostgresRestartUnderTwoReplicas: two sovrad replicas share one
+// PostgreSQL and one master keyring; PostgreSQL restarts in the middle of a
+// boot storm spread over both; every node unseals in the end.
+func TestPostgresRestartUnderTwoReplicas(t *testing.T) {
+	// catchUp bounds how long a replica's view may lag the database after
+	// the restart.
+	const catchUp = 2 * time.Minute
+
+	pg := pgtest.Start(t)
+	a, b := startReplicas(t, pg.DSN("sovra"))
 
 	boots := prepareBoots(t, a)
 	lost := storm(t, []*kmsDaemon{a, b}, boots, func() {
