@@ -658,11 +658,16 @@ func BenchmarkBootStorm(b *testing.B) {
 	report("  and node API transport, Unseal answers a fixed key); separate processes sharing this host's CPUs with the client")
 	report("  setup (records, %d seals, a first boot of every node) %s; sovrad quiet between rounds: %v CPU/s (mean)",
 		2*stormNodes, setup.Round(time.Second), mean(s.idle).Round(time.Millisecond))
+	report("  sovrad memory: %s (GOGC %s)", memory(d.PID()), gogcOf(d))
 	report("sustained: %d callers, a round = %d nodes' boot (%d Unseals), rounds alternating; CPU from the round's start until",
 		stormCallers, half, half*len(talosVolumes))
 	report("  its deferred work is done (sovrad: every release in its ledger with a verdict):")
+	background := func(r round) string { // sovrad's quiet cost over the span, per Unseal
+		return ms(r.perUnseal(mean(s.idle) * r.span / time.Second))
+	}
 	for i := range ours {
 		report("  round %d sovrad %s", i+1, ours[i])
+		report("      of which sovrad's quiet background over the span: about %s/unseal", background(ours[i]))
 		report("      verdicts: %s", ours[i].verdicts)
 		report("      sovrad handler time (decision log): %s", ours[i].handler)
 		report("  round %d bare   %s", i+1, bare[i])
@@ -672,6 +677,7 @@ func BenchmarkBootStorm(b *testing.B) {
 		ms(ourPer), ms(ourIn/time.Duration(max(1, ourCalls))), ms(ourDeferred/time.Duration(max(1, ourCalls))), ms(barePer), ratio, cpuGoal)
 	report("latency: %d nodes booting over %s (%d a second), STATE then EPHEMERAL, fresh connections:", stormNodes, arrivalSpan, arrivals)
 	report("  sovrad %s", ourLat)
+	report("      of which sovrad's quiet background over the span: about %s/unseal", background(ourLat))
 	report("      verdicts: %s", ourLat.verdicts)
 	report("      sovrad handler time (decision log): %s", ourLat.handler)
 	report("  bare   %s", bareLat)
@@ -712,4 +718,44 @@ func loadavg() string {
 		return "unknown"
 	}
 	return strings.Join(f[:3], " ")
+}
+
+// memory is a process's resident memory now and at its peak.
+func memory(pid int) string {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return "unknown"
+	}
+	v := map[string]string{}
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) >= 2 {
+			v[strings.TrimSuffix(f[0], ":")] = f[1]
+		}
+	}
+	mib := func(kb string) string {
+		n, err := strconv.ParseInt(kb, 10, 64)
+		if err != nil {
+			return "?"
+		}
+		return strconv.FormatInt(n>>10, 10) + " MiB"
+	}
+	return "resident " + mib(v["VmRSS"]) + " at the end, " + mib(v["VmHWM"]) + " at the peak"
+}
+
+// gogcOf is the GOGC the daemon logged it collects with.
+func gogcOf(d *kmsDaemon) string {
+	b, err := os.ReadFile(d.Log)
+	if err != nil {
+		return "unknown"
+	}
+	for _, line := range bytes.Split(b, []byte("\n")) {
+		var rec struct {
+			Msg  string `json:"msg"`
+			GOGC string `json:"GOGC"`
+		}
+		if json.Unmarshal(line, &rec) == nil && rec.Msg == "garbage collection" {
+			return rec.GOGC
+		}
+	}
+	return "the Go default"
 }
