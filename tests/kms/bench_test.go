@@ -658,7 +658,7 @@ func BenchmarkBootStorm(b *testing.B) {
 	report("  and node API transport, Unseal answers a fixed key); separate processes sharing this host's CPUs with the client")
 	report("  setup (records, %d seals, a first boot of every node) %s; sovrad quiet between rounds: %v CPU/s (mean)",
 		2*stormNodes, setup.Round(time.Second), mean(s.idle).Round(time.Millisecond))
-	report("  sovrad memory: %s (GOGC %s)", memory(d.PID()), gogcOf(d))
+	report("  memory: sovrad %s (GOGC %s); bare %s", memory(d.PID()), gogcOf(d), memory(s.bare.Pid))
 	report("sustained: %d callers, a round = %d nodes' boot (%d Unseals), rounds alternating; CPU from the round's start until",
 		stormCallers, half, half*len(talosVolumes))
 	report("  its deferred work is done (sovrad: every release in its ledger with a verdict):")
