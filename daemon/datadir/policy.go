@@ -9,9 +9,11 @@ import (
 )
 
 // defaultAuditPolicy records who did what to which object for everything,
-// the full request and response for Cluster API objects (the lifecycle an
-// auditor asks about), and never the content of Secrets, ConfigMaps or token
-// requests. Read-only health and discovery probes are not recorded.
+// the full request and response for Cluster API and sovra.dev objects (the
+// lifecycle an auditor asks about), and never the content of Secrets,
+// ConfigMaps, token requests or SovraNodes (whose key salt must go when the
+// node is revoked; package auditpolicy checks an operator's policy for it).
+// Read-only health and discovery probes are not recorded.
 const defaultAuditPolicy = `apiVersion: audit.k8s.io/v1
 kind: Policy
 omitStages: ["RequestReceived"]
@@ -28,6 +30,8 @@ rules:
       - group: "authentication.k8s.io"
         resources: ["tokenreviews"]
       - group: "authorization.k8s.io"
+      - group: "sovra.dev"
+        resources: ["sovranodes", "sovranodes/*"]
   - level: RequestResponse
     resources:
       - group: "cluster.x-k8s.io"

@@ -2,6 +2,13 @@
 // SQLite file in the data directory by default, or over PostgreSQL when
 // several replicas share one database. kine listens on a unix socket in the
 // data directory (mode 0600, in a 0700 directory), never on the network.
+//
+// kine keeps every revision of every key until it is compacted. Its own
+// periodic compactor is off: the API server compacts (every five minutes,
+// as it does etcd), and so does package shred, at once after a node record
+// is deleted and periodically, through Compact. On SQLite every connection
+// runs with secure_delete on, so that what a compaction deletes is zeroed
+// in the database file, and Checkpoint then empties the write-ahead log.
 package datastore
 
 import (
@@ -28,9 +35,11 @@ import (
 
 const (
 	sqliteFile = "state.db"
-	// sqliteOptions are kine's own defaults for SQLite: WAL journal, a shared
-	// cache and a generous busy timeout for the API server's bursts.
-	sqliteOptions = "?_journal=WAL&cache=shared&_busy_timeout=30000&_txlock=immediate"
+	// sqliteOptions are kine's own defaults for SQLite (WAL journal, a shared
+	// cache and a generous busy timeout for the API server's bursts) and
+	// secure_delete, which zeroes deleted content in the database file.
+	// ("fast" is not enough: it leaves freed overflow pages as they were.)
+	sqliteOptions = "?_journal=WAL&cache=shared&_busy_timeout=30000&_txlock=immediate&_secure_delete=on"
 
 	// notifyInterval is how often kine sends watch progress notifications,
 	// which the API server's watch cache needs to stay current.
@@ -44,6 +53,18 @@ const (
 	keepaliveMinTime  = 5 * time.Second
 	keepaliveInterval = 2 * time.Hour
 	keepaliveTimeout  = 20 * time.Second
+
+	// kine's compaction: its own periodic compactor is off (interval 0), so
+	// that Compact runs kine's safe, batched compaction at once; no
+	// revisions are kept beyond the one compacted to. compactTimeout bounds
+	// one batch's transaction, compactBatchSize the revisions it covers,
+	// and pollBatchSize the rows kine's watch loop reads at a time (kine's
+	// defaults for the last three).
+	compactInterval  = 0
+	compactMinRetain = 0
+	compactTimeout   = 5 * time.Second
+	compactBatchSize = 1000
+	pollBatchSize    = 500
 )
 
 // Datastore is a running kine.
@@ -51,6 +72,10 @@ type Datastore struct {
 	// Endpoint is the etcd URL the API server connects to (unix://...).
 	Endpoint string
 	server   *grpc.Server
+	// history compacts kine and checkpoints SQLite; see history.go.
+	history *history
+	// cancel ends kine's context (its watch loop and compactor).
+	cancel context.CancelFunc
 }
 
 // SQLitePath is the SQLite database file sovrad uses in dataDir.
@@ -59,37 +84,59 @@ func SQLitePath(dataDir string) string {
 }
 
 // Start starts kine for cfg. On PostgreSQL kine waits for the database to be
-// reachable, retrying; ctx bounds that wait.
+// reachable, retrying; ctx bounds that wait. Once started, kine runs until
+// Stop, even after ctx ends: the API server outlives the daemon's context,
+// and kine's watch loop must outlive it (a watch opened after that loop
+// ended would never end, and would hold Stop).
 func Start(ctx context.Context, cfg *config.Config, dataDir string, log *zap.Logger) (*Datastore, error) {
 	kind, err := cfg.DatastoreKind()
 	if err != nil {
 		return nil, err
 	}
 	dsn := cfg.Datastore
+	sqlitePath := ""
 	if kind == config.DatastoreSQLite {
-		path := SQLitePath(dataDir)
-		if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		sqlitePath = SQLitePath(dataDir)
+		if err := os.MkdirAll(filepath.Dir(sqlitePath), 0o700); err != nil {
 			return nil, fmt.Errorf("creating datastore directory: %w", err)
 		}
-		dsn = "sqlite://" + path + sqliteOptions
+		dsn = "sqlite://" + sqlitePath + sqliteOptions
 	}
 	srv := grpc.NewServer(
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: keepaliveMinTime}),
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: keepaliveInterval, Timeout: keepaliveTimeout}),
 	)
 	log.Info("starting datastore", zap.String("kind", kind))
-	etcd, err := endpoint.Listen(ctx, endpoint.Config{
+	kctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	abort := context.AfterFunc(ctx, cancel)
+	etcd, err := endpoint.Listen(kctx, endpoint.Config{
 		GRPCServer:          srv,
 		Listener:            "unix://" + cfg.KineSocket(),
 		Endpoint:            dsn,
 		MetricsRegisterer:   legacyregistry.Registerer(),
 		NotifyInterval:      notifyInterval,
 		EmulatedETCDVersion: emulatedEtcdVersion,
+		CompactInterval:     compactInterval,
+		CompactMinRetain:    compactMinRetain,
+		CompactTimeout:      compactTimeout,
+		CompactBatchSize:    compactBatchSize,
+		PollBatchSize:       pollBatchSize,
 	})
+	if !abort() && err == nil {
+		err = ctx.Err() // ctx ended while kine started
+	}
 	if err != nil {
+		srv.Stop()
+		cancel()
 		return nil, fmt.Errorf("starting %s datastore: %s", kind, redact(err.Error(), cfg.Datastore))
 	}
-	return &Datastore{Endpoint: etcd.Endpoints[0], server: srv}, nil
+	h, err := newHistory(etcd.Endpoints[0], sqlitePath)
+	if err != nil {
+		srv.Stop()
+		cancel()
+		return nil, err
+	}
+	return &Datastore{Endpoint: etcd.Endpoints[0], server: srv, history: h, cancel: cancel}, nil
 }
 
 // redact removes from msg the datastore URL and its password, which kine's
@@ -110,8 +157,10 @@ func redact(msg, dsn string) string {
 }
 
 // Stop stops serving the etcd API. In-flight calls get stopGrace to finish;
-// watch streams the API server left open are then cut.
+// watch streams the API server left open are then cut. Then kine stops.
 func (d *Datastore) Stop() {
+	defer d.cancel()
+	d.history.close()
 	stopped := make(chan struct{})
 	go func() {
 		d.server.GracefulStop()

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 	"slices"
 	"time"
 
@@ -11,6 +12,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
+	"github.com/sovra-dev/sovra/daemon/metrics"
 )
 
 // Unseal accounting: Talos unseals a node's volumes early in each boot, and
@@ -21,7 +23,10 @@ import (
 //     formatted, or
 //   - a boot the node reported started before it (BootSkew) and no longer
 //     than BootUnsealWindow before it, and it is the first release of the
-//     blob in that boot, or the same caller's retry (RetryWindow).
+//     blob in that boot, or the same caller's retry (RetryWindow), or
+//   - it came from an address the node enrolled with, shortly
+//     (UnattestedBootWindow) before a boot the node reported: a boot that
+//     ended before its agent attested, as a staged upgrade's install boot.
 //
 // Anything else (a release no boot explains, a blob released again in one
 // boot, or to a second source) may still be explained by a boot reported
@@ -61,6 +66,11 @@ func judge(rec *v1alpha1.SovraNode, e v1alpha1.LedgerEntry, others []v1alpha1.Le
 		}
 	}
 	late := !now.Before(at.Add(deadline))
+	for _, b := range rec.Status.Boots {
+		if gap := b.Started.Sub(at); gap > 0 && gap <= UnattestedBootWindow && knowsAddressString(rec, e.Source) {
+			return judgment{verdict: v1alpha1.VerdictExplained, boot: "a boot before " + b.ID + " that did not attest"}
+		}
+	}
 	var boot *v1alpha1.Boot
 	for i := range rec.Status.Boots {
 		if b := &rec.Status.Boots[i]; !b.Started.Add(-BootSkew).After(at) && (boot == nil || b.Started.After(boot.Started.Time)) {
@@ -223,6 +233,11 @@ func (s *Service) AccountOnce(ctx context.Context, st Store) {
 	})
 }
 
+func knowsAddressString(rec *v1alpha1.SovraNode, source string) bool {
+	a, err := netip.ParseAddr(source)
+	return err == nil && knowsAddress(rec, a.Unmap())
+}
+
 func bootOf(rec *v1alpha1.SovraNode, id string) *v1alpha1.Boot {
 	if rec == nil {
 		return nil
@@ -273,6 +288,10 @@ func (s *Service) raise(ctx context.Context, st Store, rec *v1alpha1.SovraNode, 
 		}
 		if err != nil {
 			return err
+		}
+		metrics.KMSUnexpectedReleases.WithLabelValues(j.reason).Inc()
+		if quarantine {
+			metrics.KMSQuarantines.WithLabelValues(ReasonUnexpectedUnseal).Inc()
 		}
 		s.logger.Warn("unexpected key release", zap.String("node", n.Name), zap.String("node_uuid", n.Spec.UUID),
 			zap.String("blob", e.Blob), zap.String("source", e.Source), zap.Time("at", e.At.Time),

@@ -9,8 +9,11 @@ import (
 	kmsapi "github.com/siderolabs/kms-client/api/kms"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	k8smetrics "k8s.io/component-base/metrics"
+	"k8s.io/component-base/metrics/testutil"
 
 	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
+	"github.com/sovra-dev/sovra/daemon/metrics"
 )
 
 func TestJudge(t *testing.T) {
@@ -18,6 +21,10 @@ func TestJudge(t *testing.T) {
 	const deadline = 10 * time.Minute
 	rec := func(boots ...v1alpha1.Boot) *v1alpha1.SovraNode {
 		n := &v1alpha1.SovraNode{Status: v1alpha1.SovraNodeStatus{Boots: boots}}
+		return n
+	}
+	withAddr := func(n *v1alpha1.SovraNode) *v1alpha1.SovraNode {
+		n.Spec.Addresses = []string{"10.0.0.1"}
 		return n
 	}
 	boot := func(id string, started time.Time) v1alpha1.Boot {
@@ -52,6 +59,8 @@ func TestJudge(t *testing.T) {
 			[]v1alpha1.LedgerEntry{entry("a", "10.0.0.1", t0.Add(20*time.Second))}, t0.Add(5*time.Minute + deadline), "Unexpected " + reasonUnexpectedConflict},
 		{"the same caller again, not a retry", rec(boot("B1", t0)), entry("e", "10.0.0.1", t0.Add(20*time.Minute)),
 			[]v1alpha1.LedgerEntry{entry("a", "10.0.0.1", t0.Add(20*time.Second))}, t0.Add(20*time.Minute + deadline), "Unexpected " + reasonUnexpectedTwice},
+		{"a boot that ended before it attested, from the node's address", withAddr(rec(boot("B2", t0.Add(5*time.Minute)))), entry("e", "10.0.0.1", t0), nil, t0.Add(time.Hour), "Explained a boot before B2"},
+		{"the same, from an address that is not the node's", withAddr(rec(boot("B2", t0.Add(5*time.Minute)))), entry("e", "192.0.2.9", t0), nil, t0.Add(time.Hour), "Unexpected " + reasonUnexpectedNoBoot},
 		{"the first release is the legitimate one", rec(boot("B1", t0)), entry("a", "10.0.0.1", t0.Add(20*time.Second)),
 			[]v1alpha1.LedgerEntry{entry("e", "192.0.2.9", t0.Add(5*time.Minute))}, t0.Add(time.Hour), "Explained B1"},
 	} {
@@ -70,6 +79,8 @@ func TestJudge(t *testing.T) {
 func TestUnexpectedUnseal(t *testing.T) {
 	for _, strict := range []bool{false, true} {
 		s, st, clk := fixture(t, Config{AttestDeadline: time.Minute, QuarantineUnexpected: strict})
+		unexpected, quarantines := counted(t, metrics.KMSUnexpectedReleases, reasonUnexpectedConflict), counted(t, metrics.KMSQuarantines, ReasonUnexpectedUnseal)
+		released := counted(t, metrics.KMSDecisions, opUnseal, decisionAllowed, reasonReleased)
 		st.put(attested("ek-a", uuidA, clk.Now(), "10.0.0.1"))
 		ctx := context.Background()
 		sealed, err := s.Seal(from("10.0.0.1"), &kmsapi.Request{NodeUuid: uuidA, Data: make([]byte, 32)})
@@ -105,6 +116,13 @@ func TestUnexpectedUnseal(t *testing.T) {
 		if quarantined(rec) != strict {
 			t.Fatalf("strict=%v: quarantined %v", strict, quarantined(rec))
 		}
+		wantQuarantines := 0.0
+		if strict {
+			wantQuarantines = 1
+		}
+		if unexpected() != 1 || quarantines() != wantQuarantines || released() != 2 {
+			t.Fatalf("strict=%v: counted %v unexpected releases, %v quarantines, %v releases", strict, unexpected(), quarantines(), released())
+		}
 		// Judged once: no second alarm.
 		s.AccountOnce(ctx, st)
 		if len(st.eventsOf(ReasonUnexpectedUnseal)) != 1 {
@@ -130,6 +148,7 @@ func TestFailedBootQuarantines(t *testing.T) {
 	s, st, clk := fixture(t, Config{})
 	st.put(attested("ek-a", uuidA, clk.Now(), "10.0.0.1"))
 	ctx := context.Background()
+	quarantines := counted(t, metrics.KMSQuarantines, ReasonFailedAfterUnseal)
 	sealed, err := s.Seal(from("10.0.0.1"), &kmsapi.Request{NodeUuid: uuidA, Data: make([]byte, 32)})
 	if err != nil {
 		t.Fatal(err)
@@ -150,6 +169,23 @@ func TestFailedBootQuarantines(t *testing.T) {
 	if c := meta.FindStatusCondition(st.Node("ek-a").Status.Conditions, ConditionQuarantined); c == nil || c.Reason != ReasonFailedAfterUnseal {
 		t.Fatalf("quarantine: %+v", c)
 	}
+	if n := quarantines(); n != 1 {
+		t.Fatalf("counted %v quarantines", n)
+	}
+}
+
+// counted returns the growth of a counter's series since it was called.
+func counted(t *testing.T, vec *k8smetrics.CounterVec, labels ...string) func() float64 {
+	t.Helper()
+	read := func() float64 {
+		v, err := testutil.GetCounterMetricValue(vec.WithLabelValues(labels...))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	start := read()
+	return func() float64 { return read() - start }
 }
 
 // TestLedgerSurvivesRestart: releases are written in batches and a

@@ -44,6 +44,11 @@ const (
 	// FreshSealWindow is how long after a Seal the first release of the
 	// blob is explained by the Seal itself (Talos opens what it formatted).
 	FreshSealWindow = 10 * time.Minute
+	// UnattestedBootWindow is how long before a reported boot's start a
+	// release from one of the node's own addresses is taken for a boot that
+	// ended before its agent attested (a staged upgrade's install boot, a
+	// crash early in a boot).
+	UnattestedBootWindow = 15 * time.Minute
 	// MaxSealingWindow bounds a window an operator opens.
 	MaxSealingWindow = 24 * time.Hour
 )

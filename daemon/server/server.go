@@ -20,6 +20,7 @@ import (
 	"k8s.io/client-go/rest"
 
 	"github.com/sovra-dev/sovra/daemon/apiserver"
+	"github.com/sovra-dev/sovra/daemon/bootconfig"
 	"github.com/sovra-dev/sovra/daemon/capi"
 	"github.com/sovra-dev/sovra/daemon/capi/controllers"
 	"github.com/sovra-dev/sovra/daemon/config"
@@ -27,6 +28,7 @@ import (
 	"github.com/sovra-dev/sovra/daemon/datastore"
 	"github.com/sovra-dev/sovra/daemon/kms"
 	"github.com/sovra-dev/sovra/daemon/nodeapi"
+	"github.com/sovra-dev/sovra/daemon/shred"
 	"github.com/sovra-dev/sovra/internal/version"
 )
 
@@ -94,9 +96,32 @@ func Run(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 	}
 
 	var nodes *nodeapi.Server
+	var boot *bootconfig.Server
+	var bootLis net.Listener
 	if cfg.NodeAPI.Listen != "" {
 		if nodes, err = newNodeAPI(cfg, files, api.Loopback, auth, log); err != nil {
 			return err
+		}
+		machines, err := machineDaemon(cfg, files)
+		if err != nil {
+			return err
+		}
+		pool, err := newHostService(cfg, machines, api.Loopback, log)
+		if err != nil {
+			return err
+		}
+		nodes.Register(pool.Register)
+		if cfg.Hosts.BootListen != "" {
+			if boot, err = newBootServer(cfg, machines, files, keys, log); err != nil {
+				return err
+			}
+			if bootLis, err = net.Listen("tcp", cfg.Hosts.BootListen); err != nil {
+				return fmt.Errorf("listening for the boot server on %s: %w", cfg.Hosts.BootListen, err)
+			}
+			if host, _, _ := net.SplitHostPort(machines.Endpoint); net.ParseIP(host).IsLoopback() {
+				log.Warn("the enrollment configuration points machines at a loopback address: set --node-endpoint or --advertise-address", zap.String("endpoint", machines.Endpoint))
+			}
+			log.Info("boot server: machines boot with talos.config="+bootconfig.URL(cfg.Hosts.BootListen), zap.String("node_endpoint", machines.Endpoint))
 		}
 	}
 
@@ -112,6 +137,14 @@ func Run(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 			return runNodeAPI(gctx, nodes, api.Loopback, cfg.NodeAPI.Listen, limiter, rd.nodeAPI)
 		})
 	}
+	if boot != nil {
+		g.Go(func() error {
+			if !readyOrDone(gctx, ready) {
+				return nil // shutting down before ready
+			}
+			return boot.Serve(gctx, limiter.Wrap(bootLis, "boot server"))
+		})
+	}
 	switch {
 	case keys != nil && cfg.KMS.Listen == "":
 		// The KMS and the volume key service share the node API's listener:
@@ -122,6 +155,12 @@ func Run(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 	case keys != nil:
 		g.Go(func() error { return keys.Serve(gctx, limiter.Wrap(keysLis, "KMS"), keysTLS, auth) })
 	}
+	g.Go(func() error {
+		if !readyOrDone(gctx, ready) {
+			return nil // shutting down before ready
+		}
+		return shred.Run(gctx, shred.Config{Loopback: api.Loopback, Datastore: ds}, log.Named("shred"))
+	})
 	// The API server outlives the Cluster API manager, so that at shutdown the
 	// leader can still release its Lease and another replica takes over at once.
 	capiDone := make(chan struct{})

@@ -1,7 +1,6 @@
 package attest
 
 import (
-	"context"
 	"testing"
 	"time"
 
@@ -18,11 +17,11 @@ import (
 )
 
 // TestControllerAgainstDaemon runs the agent's attestation controller in the
-// COSI runtime with swtpm against the node API: the node enrolls, attests,
-// and both sides record it.
+// COSI runtime with swtpm against the built sovrad's node API: the node
+// enrolls, attests, and both sides record it.
 func TestControllerAgainstDaemon(t *testing.T) {
 	l := newSwtpmLab(t)
-	d := startDaemon(t, l.ekPolicy(t))
+	d := startDaemon(t, l.ekFlags(t)...)
 	tpm, log := l.use(t, 0)
 	a := &agentattest.Agent{TPM: tpm, Client: d.api, Claims: swtpmlab.NodeRoot(t), EventLogPath: log,
 		Node: agentattest.Node{UUID: newUUID(), Hostname: "cp-2"}, Logger: zaptest.NewLogger(t)}
@@ -32,10 +31,7 @@ func TestControllerAgainstDaemon(t *testing.T) {
 	s := ctest.WaitFor(t, st, attestation.NewStatus().Metadata(), func(s *attestation.Status) bool {
 		return s.TypedSpec().Phase == attestation.PhaseAttested
 	})
-	n, err := d.store.GetNode(context.Background(), s.TypedSpec().Node)
-	if err != nil {
-		t.Fatal(err)
-	}
+	n := d.node(t, s.TypedSpec().Node)
 	if !meta.IsStatusConditionTrue(n.Status.Conditions, v1alpha1.ConditionAttested) {
 		t.Fatalf("daemon record not attested: %+v", n.Status)
 	}

@@ -1,13 +1,10 @@
 package attest
 
 import (
-	"crypto/x509"
-	"os"
 	"testing"
 
 	agentattest "github.com/sovra-dev/sovra/agent/attest"
 	"github.com/sovra-dev/sovra/agent/tpm/swtpm"
-	"github.com/sovra-dev/sovra/internal/attest"
 	"github.com/sovra-dev/sovra/tests/swtpmlab"
 )
 
@@ -17,8 +14,9 @@ type lab interface {
 	// use makes TPM i current, booting it when it was off, and returns it
 	// with the path of its event log. Only the current TPM may be used.
 	use(t *testing.T, i int) (agentattest.TPM, string)
-	// ekPolicy is the daemon's EK policy: it admits TPM 0 and not TPM 1.
-	ekPolicy(t *testing.T) attest.EKPolicy
+	// ekFlags are sovrad's flags of the lab's EK policy: it admits TPM 0
+	// and not TPM 1 when TPM 1 presents no certificate.
+	ekFlags(t *testing.T) []string
 	// ekCertificates reports whether the lab's TPMs hold EK certificates.
 	ekCertificates() bool
 	// restore makes TPM 0 current again and reports whether that rebooted
@@ -42,20 +40,7 @@ func (l *swtpmLab) use(_ *testing.T, i int) (agentattest.TPM, string) {
 func (l *swtpmLab) ekCertificates() bool    { return true }
 func (l *swtpmLab) restore(*testing.T) bool { return false }
 
-// ekPolicy trusts the local CA: its root, with its issuing CA as intermediate.
-func (l *swtpmLab) ekPolicy(t *testing.T) attest.EKPolicy {
-	return attest.EKPolicy{Roots: poolFromFile(t, l.Roots()), Intermediates: poolFromFile(t, l.Intermediates())}
-}
-
-func poolFromFile(t testing.TB, p string) *x509.CertPool {
-	t.Helper()
-	b, err := os.ReadFile(p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(b) {
-		t.Fatalf("no certificate in %s", p)
-	}
-	return pool
+// ekFlags trust the local CA: its root, with its issuing CA as intermediate.
+func (l *swtpmLab) ekFlags(*testing.T) []string {
+	return []string{"--ek-roots", l.Roots(), "--ek-intermediates", l.Intermediates()}
 }

@@ -4,14 +4,14 @@ package attest
 
 import (
 	"crypto/sha256"
-	"crypto/x509"
 	"encoding/hex"
 	"io"
+	"os"
+	"path/filepath"
 	"testing"
 
 	agentattest "github.com/sovra-dev/sovra/agent/attest"
 	"github.com/sovra-dev/sovra/agent/tpm/simulator"
-	"github.com/sovra-dev/sovra/internal/attest"
 	"github.com/sovra-dev/sovra/tests/swtpmlab"
 )
 
@@ -79,19 +79,21 @@ func (l *simLab) restore(*testing.T) bool {
 	return true
 }
 
-// ekPolicy allow-lists TPM 0's EK (the simulator has no EK certificate) and
-// trusts a manufacturer root that signed nothing, so certificates are checked.
-func (l *simLab) ekPolicy(t *testing.T) attest.EKPolicy {
+// ekFlags allow-list TPM 0's EK (the simulator has no EK certificate) and
+// trust a manufacturer root that signed nothing, so certificates are checked.
+func (l *simLab) ekFlags(t *testing.T) []string {
 	tpm, _ := l.use(t, 0)
 	k, err := agentattest.NewKey(tpm)
 	if err != nil {
 		t.Fatal(err)
 	}
 	sum := sha256.Sum256(k.EKPublic)
+	allow := filepath.Join(t.TempDir(), "ek-allow-list")
+	if err := os.WriteFile(allow, []byte(hex.EncodeToString(sum[:])+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	root, _ := newCA(t, "TPM manufacturer root")
-	roots := x509.NewCertPool()
-	roots.AddCert(root)
-	return attest.EKPolicy{Roots: roots, Allowed: map[string]bool{hex.EncodeToString(sum[:]): true}}
+	return []string{"--ek-allow-list", allow, "--ek-roots", writePEM(t, root)}
 }
 
 func TestSimulatorStory(t *testing.T) {

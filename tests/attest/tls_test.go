@@ -10,14 +10,13 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
-	"github.com/sovra-dev/sovra/internal/attest"
 	pb "github.com/sovra-dev/sovra/internal/nodeapi"
 )
 
-// TestNodeAPIIsTLSOnly: a plaintext client gets nowhere.
+// TestNodeAPIIsTLSOnly: a plaintext client of the built sovrad gets nowhere.
 func TestNodeAPIIsTLSOnly(t *testing.T) {
-	d := startDaemon(t, attest.EKPolicy{TrustOnFirstUse: true})
-	conn, err := grpc.NewClient(d.addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	d := startDaemon(t, "--ek-trust-on-first-use")
+	conn, err := grpc.NewClient(d.Addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
 	}

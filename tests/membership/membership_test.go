@@ -24,7 +24,9 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
+	"k8s.io/apimachinery/pkg/types"
 
+	"github.com/sovra-dev/sovra/daemon/nodeauth"
 	pb "github.com/sovra-dev/sovra/internal/nodeapi"
 	"github.com/sovra-dev/sovra/internal/testutil"
 	"github.com/sovra-dev/sovra/tests/sovradtest"
@@ -32,10 +34,8 @@ import (
 
 const (
 	// racers is how many nodes of one cluster race for its lease.
-	racers = 16
-	// nodeOrganization is the O of node credentials (daemon/attestation).
-	nodeOrganization = "sovra:nodes"
-	callTimeout      = 30 * time.Second
+	racers      = 16
+	callTimeout = 30 * time.Second
 )
 
 // lab is a running sovrad with SovraNode records and a way to mint node
@@ -109,21 +109,36 @@ spec:
 	}
 	l.d.Kubectl("apply", "-f", p)
 	if result != "" {
+		attested := "False"
+		if result == "Passed" {
+			attested = "True"
+		}
+		now := time.Now().UTC().Format(time.RFC3339)
 		l.d.Kubectl("patch", "sovranode", name, "--subresource=status", "--type=merge",
-			"-p", fmt.Sprintf(`{"status":{"lastAttestationResult":%q}}`, result))
+			"-p", fmt.Sprintf(`{"status":{"lastAttestationResult":%q,"conditions":[`+
+				`{"type":"Enrolled","status":"True","reason":"CredentialActivated","message":"","lastTransitionTime":%q},`+
+				`{"type":"Attested","status":%q,"reason":"Test","message":"","lastTransitionTime":%q}]}}`, result, now, attested, now))
 	}
 }
 
-// credential mints a node credential for name with key signer ca.
-func credential(t *testing.T, name string, ca *x509.Certificate, caKey crypto.Signer) tls.Certificate {
+// uid is the UID of record name ("" when there is none).
+func (l *lab) uid(name string) types.UID {
+	out, _ := l.d.TryKubectl("get", "sovranode", name, "-o", "jsonpath={.metadata.uid}")
+	return types.UID(out)
+}
+
+// credential mints a node credential for record name (its current
+// instance, when it exists) with key signer ca.
+func (l *lab) credential(name string, ca *x509.Certificate, caKey crypto.Signer) tls.Certificate {
+	t := l.t
 	t.Helper()
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	serial, _ := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 64))
-	tmpl := &x509.Certificate{
-		SerialNumber: serial, Subject: pkix.Name{CommonName: name, Organization: []string{nodeOrganization}},
-		NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour),
-		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	uid := l.uid(name)
+	if uid == "" {
+		uid = "uid-of-a-deleted-record"
 	}
+	tmpl := nodeauth.Template(nodeauth.Credential{Node: name, UID: uid, Boot: "boot-1"}, serial, time.Now(), time.Hour)
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
 	if err != nil {
 		t.Fatal(err)
@@ -166,7 +181,7 @@ func TestLeaseRaceOnRealAPI(t *testing.T) {
 
 	clients := make([]pb.ClusterServiceClient, racers)
 	for i := range clients {
-		cert := credential(t, name(i), l.ca, l.caKey)
+		cert := l.credential(name(i), l.ca, l.caKey)
 		clients[i] = l.client(&cert)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
@@ -253,15 +268,15 @@ func TestLeaseRaceOnRealAPI(t *testing.T) {
 	}
 
 	// Refusals.
-	other := credential(t, "ek-other", l.ca, l.caKey)
+	other := l.credential("ek-other", l.ca, l.caKey)
 	if resp, err := l.client(&other).ListMembers(ctx, &pb.ListMembersRequest{}); err != nil || len(resp.GetMembers()) != 1 || resp.GetCluster() != "other" {
 		t.Fatalf("node of another cluster sees %v, %v; want itself alone", resp, err)
 	}
 	forgedCA, forgedKey := selfSignedCA(t)
-	forged := credential(t, name(0), forgedCA, forgedKey)
-	failed := credential(t, "ek-failed", l.ca, l.caKey)
-	nocluster := credential(t, "ek-nocluster", l.ca, l.caKey)
-	gone := credential(t, "ek-deleted", l.ca, l.caKey)
+	forged := l.credential(name(0), forgedCA, forgedKey)
+	failed := l.credential("ek-failed", l.ca, l.caKey)
+	nocluster := l.credential("ek-nocluster", l.ca, l.caKey)
+	gone := l.credential("ek-deleted", l.ca, l.caKey)
 	for what, c := range map[string]struct {
 		cert *tls.Certificate
 		code codes.Code

@@ -129,6 +129,22 @@ func (s *Server) Dump(db string) []byte {
 	return out
 }
 
+// DataDir is the cluster's data directory.
+func (s *Server) DataDir() string { return filepath.Join(s.dir, "data") }
+
+// SQL runs statements with psql on database db, as the test's role, and
+// returns the rows (unaligned, without headers).
+func (s *Server) SQL(db, sql string) string {
+	s.t.Helper()
+	cmd := s.command("psql", "-h", s.dir, "-p", strconv.Itoa(s.Port), "-U", Role, "-d", db,
+		"-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		s.t.Fatalf("psql: %v: %s", err, out)
+	}
+	return string(out)
+}
+
 func (s *Server) run(name string, args ...string) {
 	s.t.Helper()
 	if out, err := s.command(name, args...).CombinedOutput(); err != nil {
