@@ -34,9 +34,14 @@ func TestLabMode(t *testing.T) {
 	if rec.Labels[kms.LabelLabPending] != "true" || len(rec.Status.KeySalt) != 32 {
 		t.Fatalf("lab record: labels %v, salt %d bytes", rec.Labels, len(rec.Status.KeySalt))
 	}
-	// Not enrolled: no Unseal.
-	data, err := d.Unseal(ctx, n.UUID, blob)
+	// Not enrolled: it opens only what it just sealed, from where it sealed
+	// it (Talos opens the volume it formatted at once); from elsewhere,
+	// nothing.
+	data, err := d.from(elsewhere).Unseal(ctx, n.UUID, blob)
 	requireDenied(t, data, err)
+	if data, err := d.Unseal(ctx, n.UUID, blob); err != nil || !bytes.Equal(data, secret) {
+		t.Fatalf("the lab node's Unseal of the volume it just sealed: %v", err)
+	}
 
 	// The node enrolls and attests: the enrolled record adopts the salt.
 	if err := d.createNode(ctx, n, attestedNode); err != nil {
