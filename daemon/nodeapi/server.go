@@ -44,12 +44,6 @@ const (
 	ShutdownGrace = 10 * time.Second
 	// maxConcurrentStreams bounds the calls per connection.
 	maxConcurrentStreams = 64
-	// readBufferSize is each connection's read buffer. Most calls are a
-	// few hundred bytes on a fresh connection (Talos dials for every KMS
-	// call), and frames larger than the buffer are read past it, so a small
-	// one costs large messages nothing and saves most of gRPC's default
-	// 32 KiB a connection.
-	readBufferSize = 4 << 10
 )
 
 // Config configures the node API server.
@@ -159,8 +153,8 @@ func NewServerWithStore(cfg Config, store attestation.Store, clock attestation.C
 // TransportOptions are the node API's gRPC server settings without its
 // interceptors: TLS with tlsCfg (at least TLS 1.2; a client certificate is
 // requested, never required, unless tlsCfg says otherwise), bounded
-// messages and streams, and the connlimit package's handshake and
-// keepalive settings. The node API serves with them; so does the bare
+// messages and streams, and the connlimit package's handshake, keepalive
+// and read buffer settings. The node API serves with them; so does the bare
 // server the KMS benchmark measures sovrad against (tests/cmd/kms-bare).
 func TransportOptions(tlsCfg *tls.Config) []grpc.ServerOption {
 	tlsCfg = tlsCfg.Clone()
@@ -176,7 +170,7 @@ func TransportOptions(tlsCfg *tls.Config) []grpc.ServerOption {
 		grpc.Creds(credentials.NewTLS(tlsCfg)),
 		grpc.MaxRecvMsgSize(MaxMessageSize),
 		grpc.MaxConcurrentStreams(maxConcurrentStreams),
-		grpc.ReadBufferSize(readBufferSize),
+		grpc.ReadBufferSize(connlimit.ReadBufferSize),
 		grpc.ConnectionTimeout(connlimit.HandshakeTimeout),
 		grpc.KeepaliveParams(connlimit.Keepalive),
 		grpc.KeepaliveEnforcementPolicy(connlimit.KeepalivePolicy),
