@@ -11,6 +11,10 @@ import (
 	"github.com/sovra-dev/sovra/daemon/kms"
 )
 
+// labAdoption bounds the time the sweeper takes to move a lab record's salt
+// to the record the node enrolled (it sweeps every second).
+const labAdoption = 15 * time.Second
+
 // TestLabMode: a node nobody registered seals on its first boot (before any
 // extension runs); its record is created then, its salt moves to its
 // enrolled record when it enrolls, and it unseals once attested. A node
@@ -43,18 +47,26 @@ func TestLabMode(t *testing.T) {
 		t.Fatalf("the lab node's Unseal of the volume it just sealed: %v", err)
 	}
 
-	// The node enrolls and attests: the enrolled record adopts the salt.
+	// The node enrolls and attests: the enrolled record adopts the salt
+	// (and the UUID's claim), and the lab record goes. Until then the lab
+	// record answers for the UUID: wait for it to go, so that the Unseals
+	// below are the enrolled record's.
 	if err := d.createNode(ctx, n, attestedNode); err != nil {
 		t.Fatal(err)
 	}
+	for deadline := time.Now().Add(labAdoption); ; time.Sleep(100 * time.Millisecond) {
+		if out, _ := d.TryKubectl("get", "sovranode", lab.Name); !strings.Contains(out, lab.Name) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the lab record outlived the adoption by %s\n%s", labAdoption, d.Tail(20))
+		}
+	}
+	waitEvent(t, d, n.Name, "LabRecordAdopted")
 	if got := d.unsealEventually(ctx, n, blob); !bytes.Equal(got, secret) {
 		t.Fatal("unsealed other data")
 	}
 	d.unsealEventually(ctx, n, blob2)
-	if out, _ := d.TryKubectl("get", "sovranode", lab.Name); strings.Contains(out, lab.Name) {
-		t.Fatal("the lab record outlived the adoption")
-	}
-	waitEvent(t, d, n.Name, "LabRecordAdopted")
 	d.setNodeState(ctx, n, nodeState{Enrolled: true, Attested: true, Result: v1alpha1.ResultPassed,
 		Addresses: attestedNode.Addresses, AttestedAt: time.Now().Add(time.Second)})
 
