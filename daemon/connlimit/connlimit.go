@@ -12,7 +12,7 @@
 //
 // The package also holds the gRPC server settings both listeners share:
 // how long a connection may take to finish its TLS and HTTP/2 handshakes,
-// and how long it may idle.
+// how long it may idle, and its read buffer.
 package connlimit
 
 import (
@@ -46,6 +46,12 @@ const (
 	// minClientPing is the shortest keepalive interval a client may use;
 	// a client that pings more often is disconnected.
 	minClientPing = 10 * time.Second
+	// ReadBufferSize is each connection's read buffer (gRPC's
+	// grpc.ReadBufferSize). Most calls are a few hundred bytes on a fresh
+	// connection (Talos dials for every KMS call), and frames larger than
+	// the buffer are read past it, so a small one costs large messages
+	// nothing and saves most of gRPC's default 32 KiB a connection.
+	ReadBufferSize = 4 << 10
 
 	// DefaultLogEvery is the shortest time between two log lines about one
 	// source's refused connections.

@@ -25,8 +25,12 @@ import (
 // another's verdict, then it and, once empty, its segment go.
 const (
 	// segmentEntries and segmentSpan bound a segment: a new one starts when
-	// the current holds this many entries or is this old.
-	segmentEntries = 256
+	// the current holds this many entries or is this old. Every write of a
+	// segment sends (and the API server decodes, validates, stores and
+	// audits) all of its entries, and the segment being filled is written
+	// each second: small segments keep a storm's entries written about
+	// once.
+	segmentEntries = 64
 	segmentSpan    = time.Minute
 )
 

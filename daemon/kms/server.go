@@ -47,6 +47,7 @@ func NewGRPCServer(tlsCfg *tls.Config, auth *nodeauth.Authenticator) (*grpc.Serv
 		grpc.ChainStreamInterceptor(stream),
 		grpc.MaxRecvMsgSize(MaxRequestSize),
 		grpc.MaxConcurrentStreams(maxConcurrentStreams),
+		grpc.ReadBufferSize(connlimit.ReadBufferSize),
 		grpc.ConnectionTimeout(connlimit.HandshakeTimeout),
 		grpc.KeepaliveParams(connlimit.Keepalive),
 		grpc.KeepaliveEnforcementPolicy(connlimit.KeepalivePolicy),

@@ -184,7 +184,7 @@ func (s *Service) Run(ctx context.Context) error {
 		var ks *kubeStore
 		for {
 			var err error
-			if ks, err = newKubeStore(ctx, s.loopback, s.cfg.InstallCRDs, s.logger); err == nil {
+			if ks, err = newKubeStore(ctx, s.loopback, s.cfg.InstallCRDs, s.cfg.Replica, s.logger); err == nil {
 				break
 			}
 			s.logger.Debug("waiting for the API to start the KMS", zap.Error(err))

@@ -12,7 +12,9 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/selection"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
 	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
@@ -61,7 +63,8 @@ type Store interface {
 	Node(name string) *v1alpha1.SovraNode
 	// Claim returns the cached claim of uuid, nil when there is none.
 	Claim(uuid string) *v1alpha1.UUIDClaim
-	// Ledgers returns every cached ledger segment.
+	// Ledgers returns the cached ledger segments of the other replicas
+	// (this replica's own entries are in memory, and newer).
 	Ledgers() []*v1alpha1.UnsealLedger
 
 	// Get reads a record from the API, not the cache.
@@ -109,7 +112,7 @@ type kubeStore struct {
 	logger   *zap.Logger
 }
 
-func newKubeStore(ctx context.Context, cfg *rest.Config, installCRDs bool, logger *zap.Logger) (*kubeStore, error) {
+func newKubeStore(ctx context.Context, cfg *rest.Config, installCRDs bool, replica string, logger *zap.Logger) (*kubeStore, error) {
 	scheme, err := attestation.Scheme()
 	if err != nil {
 		return nil, err
@@ -130,8 +133,16 @@ func newKubeStore(ctx context.Context, cfg *rest.Config, installCRDs bool, logge
 	if err := attestation.WaitForCRDs(ctx, c); err != nil {
 		return nil, err
 	}
+	// This replica's own segments stay out of the cache: it writes them
+	// from memory, and decoding every one of its writes again would cost a
+	// boot storm as much as writing it.
+	others, err := labels.NewRequirement(v1alpha1.LabelReplica, selection.NotEquals, []string{replica})
+	if err != nil {
+		return nil, fmt.Errorf("selecting the other replicas' ledgers: %w", err)
+	}
 	ca, err := cache.New(jsonCfg, cache.Options{Scheme: scheme, ByObject: map[client.Object]cache.ByObject{
-		&v1alpha1.SovraNode{}: {Transform: slim},
+		&v1alpha1.SovraNode{}:    {Transform: slim},
+		&v1alpha1.UnsealLedger{}: {Label: labels.NewSelector().Add(*others)},
 	}})
 	if err != nil {
 		return nil, fmt.Errorf("creating node cache: %w", err)

@@ -134,7 +134,30 @@ func NewServerWithStore(cfg Config, store attestation.Store, clock attestation.C
 	if err != nil {
 		return nil, fmt.Errorf("creating node API: %w", err)
 	}
-	tlsCfg := cfg.TLS.Clone()
+	if cfg.Auth == nil {
+		cfg.Auth = nodeauth.New(cfg.Attestation.NodeCA, storeRecords{store}, nil, logger.Named("nodeauth"))
+	}
+	limit := newPeerLimit(cfg.PeerRate, logger)
+	authUnary, authStream := cfg.Auth.Interceptors(AnonymousServices...)
+	g := grpc.NewServer(append(TransportOptions(cfg.TLS),
+		grpc.ChainUnaryInterceptor(limit.unary, authUnary),
+		grpc.ChainStreamInterceptor(limit.stream, authStream),
+	)...)
+	pb.RegisterNodeServiceServer(g, &handler{svc: svc, logger: logger})
+	if cfg.Cluster != nil {
+		pb.RegisterClusterServiceServer(g, newClusterHandler(cfg.Cluster, logger))
+	}
+	return &Server{cfg: cfg, service: svc, grpc: g, logger: logger}, nil
+}
+
+// TransportOptions are the node API's gRPC server settings without its
+// interceptors: TLS with tlsCfg (at least TLS 1.2; a client certificate is
+// requested, never required, unless tlsCfg says otherwise), bounded
+// messages and streams, and the connlimit package's handshake, keepalive
+// and read buffer settings. The node API serves with them; so does the bare
+// server the KMS benchmark measures sovrad against (tests/cmd/kms-bare).
+func TransportOptions(tlsCfg *tls.Config) []grpc.ServerOption {
+	tlsCfg = tlsCfg.Clone()
 	if tlsCfg.MinVersion < tls.VersionTLS12 {
 		tlsCfg.MinVersion = tls.VersionTLS12
 	}
@@ -143,26 +166,15 @@ func NewServerWithStore(cfg Config, store attestation.Store, clock attestation.C
 		// attestation have none); the ClusterService verifies it.
 		tlsCfg.ClientAuth = tls.RequestClientCert
 	}
-	if cfg.Auth == nil {
-		cfg.Auth = nodeauth.New(cfg.Attestation.NodeCA, storeRecords{store}, nil, logger.Named("nodeauth"))
-	}
-	limit := newPeerLimit(cfg.PeerRate, logger)
-	authUnary, authStream := cfg.Auth.Interceptors(AnonymousServices...)
-	g := grpc.NewServer(
+	return []grpc.ServerOption{
 		grpc.Creds(credentials.NewTLS(tlsCfg)),
-		grpc.ChainUnaryInterceptor(limit.unary, authUnary),
-		grpc.ChainStreamInterceptor(limit.stream, authStream),
 		grpc.MaxRecvMsgSize(MaxMessageSize),
 		grpc.MaxConcurrentStreams(maxConcurrentStreams),
+		grpc.ReadBufferSize(connlimit.ReadBufferSize),
 		grpc.ConnectionTimeout(connlimit.HandshakeTimeout),
 		grpc.KeepaliveParams(connlimit.Keepalive),
 		grpc.KeepaliveEnforcementPolicy(connlimit.KeepalivePolicy),
-	)
-	pb.RegisterNodeServiceServer(g, &handler{svc: svc, logger: logger})
-	if cfg.Cluster != nil {
-		pb.RegisterClusterServiceServer(g, newClusterHandler(cfg.Cluster, logger))
 	}
-	return &Server{cfg: cfg, service: svc, grpc: g, logger: logger}, nil
 }
 
 // Register adds a further service to the node API's gRPC server, on the

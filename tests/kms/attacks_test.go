@@ -27,6 +27,7 @@ import (
 	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
 	"github.com/sovra-dev/sovra/daemon/kms"
 	pb "github.com/sovra-dev/sovra/internal/nodeapi"
+	"github.com/sovra-dev/sovra/tests/pgtest"
 	"github.com/sovra-dev/sovra/tests/swtpmlab"
 )
 
@@ -407,6 +408,44 @@ func TestUnexpectedUnseal(t *testing.T) {
 			d.waitCondition(ctx, n, v1alpha1.ConditionUnexpectedUnseal, false)
 			waitEvent(t, d, n.Name, "UnexpectedUnsealCleared")
 		})
+	}
+}
+
+// TestUnexpectedUnsealAcrossReplicas: the copy of a node's disk is opened
+// through the other replica than the node's own boot used. Each replica
+// writes its releases to its own ledger and reads the other's, so the
+// release to the copy is judged against the node's, and raises
+// UnexpectedUnseal.
+func TestUnexpectedUnsealAcrossReplicas(t *testing.T) {
+	pg := pgtest.Start(t)
+	a, b := startReplicas(t, pg.DSN("sovra"), "--attest-deadline", "3s")
+	ctx := context.Background()
+	n := newNode(t)
+	if err := a.createNode(ctx, n, attestedNode); err != nil {
+		t.Fatal(err)
+	}
+	blob := a.sealEventually(ctx, n, key(t))
+	a.unsealEventually(ctx, n, blob) // install: explained by the Seal
+	time.Sleep(time.Second)
+	st := attestedNode
+	st.Boot, st.BootStarted = "boot-2", time.Now().Add(-30*time.Second)
+	a.setNodeState(ctx, n, st)
+	// The node's boot unseals through A; its release is in A's ledger.
+	a.unsealEventually(ctx, n, blob)
+	a.waitLedger(ctx, n, "127.0.0.1", v1alpha1.VerdictExplained)
+	time.Sleep(time.Second) // B's cache follows A's ledger within milliseconds
+	// The copy opens the blob through B, from elsewhere, in the same boot.
+	offset := b.LogSize()
+	if _, err := b.from(elsewhere).Unseal(ctx, n.UUID, blob); err != nil {
+		t.Fatalf("the copy's Unseal: %v", err)
+	}
+	rec := b.waitCondition(ctx, n, v1alpha1.ConditionUnexpectedUnseal, true)
+	if len(rec.Status.UnexpectedUnseals) != 1 || rec.Status.UnexpectedUnseals[0].Source != elsewhere {
+		t.Fatalf("unexpected releases %+v", rec.Status.UnexpectedUnseals)
+	}
+	waitLogSince(t, b, offset, "unexpected key release")
+	if e := b.waitLedger(ctx, n, elsewhere, v1alpha1.VerdictUnexpected); e.Boot != "ReleasedToAnotherSource" {
+		t.Fatalf("the copy's release was judged %q, want ReleasedToAnotherSource", e.Boot)
 	}
 }
 

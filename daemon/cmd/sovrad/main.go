@@ -17,6 +17,8 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"runtime/debug"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -38,6 +40,15 @@ const (
 	exitFailed = 1
 	exitUsage  = 2
 )
+
+// gcPercent is the daemon's GOGC unless the environment sets one: the heap
+// may grow to three times what is live between collections instead of
+// twice. Every KMS call of a boot storm is a fresh TLS connection whose
+// garbage the collector must chase through the API server's large heap;
+// collecting half as often takes about a sixth off the daemon's CPU per
+// Unseal (tests/kms BenchmarkBootStorm), for half the live heap more
+// memory at its peak.
+const gcPercent = 200
 
 func main() {
 	os.Exit(run(os.Args[1:], os.Stderr))
@@ -88,6 +99,13 @@ func run(args []string, stderr io.Writer) int {
 		log.Error("graceful shutdown did not finish in time: exiting")
 		os.Exit(exitFailed)
 	}()
+
+	gogc := os.Getenv("GOGC")
+	if gogc == "" {
+		debug.SetGCPercent(gcPercent)
+		gogc = strconv.Itoa(gcPercent)
+	}
+	log.Info("garbage collection", zap.String("GOGC", gogc))
 
 	if err := server.Run(ctx, cfg, log); err != nil {
 		log.Error("sovrad failed", zap.Error(err))
