@@ -127,6 +127,10 @@ type OIDC struct {
 type NodeAPI struct {
 	// Listen is the node API's TLS address; empty turns it off.
 	Listen string
+	// TLSSANs are extra DNS names and IPs for the node API's serving
+	// certificate (node-api.crt, which the KMS serves too), besides the
+	// advertise address and the --tls-san names.
+	TLSSANs []string
 	// EKRoots and EKIntermediates are PEM bundles of TPM manufacturer CAs
 	// that an EK certificate must chain to.
 	EKRoots, EKIntermediates string
@@ -207,6 +211,7 @@ func (c *Config) FlagSet() *pflag.FlagSet {
 	fs.StringVar(&c.OIDC.GroupsClaim, "oidc-groups-claim", c.OIDC.GroupsClaim, "token claim holding the user's groups")
 	fs.StringVar(&c.OIDC.CAFile, "oidc-ca-file", c.OIDC.CAFile, "CA bundle that verifies the issuer (default: system roots)")
 	fs.StringVar(&c.NodeAPI.Listen, "node-listen", c.NodeAPI.Listen, "TLS address of the node API (enrollment, attestation); empty turns it off")
+	fs.StringSliceVar(&c.NodeAPI.TLSSANs, "node-tls-san", c.NodeAPI.TLSSANs, "extra DNS names or IPs for the node API's serving certificate (node-api.crt), the names nodes and Talos's KMS reach the daemon by (repeat or comma-separate)")
 	fs.StringVar(&c.NodeAPI.EKRoots, "ek-roots", c.NodeAPI.EKRoots, "PEM bundle of TPM manufacturer root CAs an EK certificate must chain to")
 	fs.StringVar(&c.NodeAPI.EKIntermediates, "ek-intermediates", c.NodeAPI.EKIntermediates, "PEM bundle of TPM manufacturer intermediate CAs")
 	fs.StringVar(&c.NodeAPI.EKAllowList, "ek-allow-list", c.NodeAPI.EKAllowList, "file of allowed EK public-key SHA-256 hashes (hex), one a line")
@@ -280,11 +285,8 @@ func (c *Config) Validate() error {
 	if c.AdvertiseAddress != "" && net.ParseIP(c.AdvertiseAddress) == nil {
 		add("--advertise-address %q: not an IP address", c.AdvertiseAddress)
 	}
-	for _, san := range c.TLSSANs {
-		if net.ParseIP(san) == nil && len(validation.IsDNS1123Subdomain(strings.TrimPrefix(san, "*."))) > 0 {
-			add("--tls-san %q: neither an IP address nor a DNS name", san)
-		}
-	}
+	errs = append(errs, validateSANs("--tls-san", c.TLSSANs)...)
+	errs = append(errs, validateSANs("--node-tls-san", c.NodeAPI.TLSSANs)...)
 	if _, err := c.DatastoreKind(); err != nil {
 		errs = append(errs, err)
 	}
@@ -320,6 +322,18 @@ func (c *Config) Validate() error {
 		add("--bootstrap-grace %s: must be positive", c.BootstrapGrace)
 	}
 	return errors.Join(errs...)
+}
+
+// validateSANs checks that every name of a certificate flag is an IP address
+// or a DNS name (a wildcard allowed).
+func validateSANs(flag string, sans []string) []error {
+	var errs []error
+	for _, san := range sans {
+		if net.ParseIP(san) == nil && len(validation.IsDNS1123Subdomain(strings.TrimPrefix(san, "*."))) > 0 {
+			errs = append(errs, fmt.Errorf("%s %q: neither an IP address nor a DNS name", flag, san))
+		}
+	}
+	return errs
 }
 
 func (c *Config) validateNodeAPI() []error {
