@@ -11,6 +11,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"time"
@@ -111,6 +112,10 @@ type Config struct {
 	// the agents of a cluster with labelled SovraNodes to win its bootstrap
 	// lease before it takes the lease itself (package daemon/capi/fence).
 	BootstrapGrace time.Duration
+
+	// fromEnv holds the flags (without "--") whose values Parse took from
+	// their environment variables; nil before Parse.
+	fromEnv map[string]bool
 }
 
 // OIDC configures OpenID Connect authentication of the Kubernetes API.
@@ -245,6 +250,8 @@ func (c *Config) FlagSet() *pflag.FlagSet {
 // production. It returns every bad value at once.
 func (c *Config) Parse(args []string, getenv func(string) string) error {
 	fs := c.FlagSet()
+	// --help returns pflag.ErrHelp; the caller prints the usage (Usage).
+	fs.Usage = func() {}
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -252,6 +259,7 @@ func (c *Config) Parse(args []string, getenv func(string) string) error {
 		return fmt.Errorf("unexpected arguments %q: sovrad takes flags only", fs.Args())
 	}
 	var errs []error
+	c.fromEnv = map[string]bool{}
 	fs.VisitAll(func(f *pflag.Flag) {
 		if f.Changed {
 			return
@@ -261,12 +269,63 @@ func (c *Config) Parse(args []string, getenv func(string) string) error {
 		if v == "" {
 			return
 		}
+		c.fromEnv[f.Name] = true
 		if err := fs.Set(f.Name, v); err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", name, err))
 		}
 	})
 	return errors.Join(errs...)
 }
+
+// Source names where the value of flag (without "--") came from, as an
+// error about it should: its environment variable when Parse took it from
+// there, else the flag.
+func (c *Config) Source(flag string) string {
+	if c.fromEnv[flag] {
+		return EnvName(flag)
+	}
+	return "--" + flag
+}
+
+// Usage lists the flags with their environment variables and defaults.
+func (c *Config) Usage() string {
+	fs := c.FlagSet()
+	fs.VisitAll(func(f *pflag.Flag) { f.Usage += " [" + EnvName(f.Name) + "]" })
+	return fs.FlagUsages()
+}
+
+// envError is an error of Validate about a value that came from an
+// environment variable: its message names the variable, not the flag.
+type envError struct {
+	msg string
+	err error
+}
+
+func (e *envError) Error() string { return e.msg }
+func (e *envError) Unwrap() error { return e.err }
+
+// blame makes every error about a value that came from the environment name
+// its variable: an operator who set SOVRA_LISTEN looks for SOVRA_LISTEN, not
+// for --listen. Every message of Validate names the flags it is about.
+func (c *Config) blame(errs []error) []error {
+	for i, err := range errs {
+		msg := flagMention.ReplaceAllStringFunc(err.Error(), func(m string) string {
+			lead, flag, _ := strings.Cut(m, "--")
+			if c.fromEnv[flag] {
+				return lead + EnvName(flag)
+			}
+			return m
+		})
+		if msg != err.Error() {
+			errs[i] = &envError{msg: msg, err: err}
+		}
+	}
+	return errs
+}
+
+// flagMention finds "--flag" in a message: at its start or after a space,
+// comma or parenthesis.
+var flagMention = regexp.MustCompile(`(^|[ ,(])--[a-z][a-z0-9-]*`)
 
 // EnvName is the environment variable that sets a flag.
 func EnvName(flag string) string {
@@ -321,7 +380,7 @@ func (c *Config) Validate() error {
 	if c.BootstrapGrace <= 0 {
 		add("--bootstrap-grace %s: must be positive", c.BootstrapGrace)
 	}
-	return errors.Join(errs...)
+	return errors.Join(c.blame(errs)...)
 }
 
 // validateSANs checks that every name of a certificate flag is an IP address
@@ -502,6 +561,9 @@ func (c *Config) validateDataDir() []error {
 		if err := writableDir(parent); err != nil {
 			return []error{fmt.Errorf("--data-dir %s: cannot be created: %v", c.DataDir, err)}
 		}
+		if err := canCreateDir(parent); err != nil {
+			return []error{fmt.Errorf("--data-dir %s: cannot be created in %s: %v", c.DataDir, parent, err)}
+		}
 		return nil
 	case err != nil:
 		return []error{fmt.Errorf("--data-dir %s: %v", c.DataDir, err)}
@@ -561,6 +623,20 @@ func (c *Config) validateOIDC() []error {
 		}
 	}
 	return errs
+}
+
+// canCreateDir creates and removes a directory in parent: access(2) says
+// yes to root for a directory no one can create anything in (procfs,
+// sysfs), and only trying tells.
+func canCreateDir(parent string) error {
+	probe, err := os.MkdirTemp(parent, ".sovrad-probe-")
+	if err != nil {
+		if pe := (*os.PathError)(nil); errors.As(err, &pe) {
+			return pe.Err
+		}
+		return err
+	}
+	return os.Remove(probe)
 }
 
 func readable(path string) error {
