@@ -13,6 +13,7 @@ import (
 	"encoding/hex"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"math/big"
 	"os"
 	"os/exec"
@@ -22,6 +23,7 @@ import (
 	"time"
 
 	"github.com/sovra-dev/sovra/internal/testutil"
+	"github.com/sovra-dev/sovra/tests/sovradtest"
 )
 
 // sovrad runs the built sovrad with args, extra environment and stdin, and
@@ -192,4 +194,59 @@ func ekCertificate(t *testing.T, pub any) []byte {
 		t.Fatal(err)
 	}
 	return der
+}
+
+// TestSovraNodeNameMatchesEKHash: a record whose name is not "ek-" and the
+// first 32 hex digits of its ekHash (enrollment would never find it) is
+// refused at admission, saying why; the record `sovrad ek-hash` describes is
+// admitted.
+func TestSovraNodeNameMatchesEKHash(t *testing.T) {
+	d := sovradtest.Start(t, filepath.Join(t.TempDir(), "data"), "--controllers", "none")
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	der, err := x509.MarshalPKIXPublicKey(&key.PublicKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pubFile := filepath.Join(t.TempDir(), "ek.pem")
+	os.WriteFile(pubFile, pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der}), 0o600)
+	code, out, errOut := sovrad(t, nil, nil, "ek-hash", "--pub", pubFile)
+	if code != 0 {
+		t.Fatalf("ek-hash: exit %d: %s", code, errOut)
+	}
+	var name, hash string
+	if _, err := fmt.Sscanf(out, "name: %s\nekHash: %s\n", &name, &hash); err != nil {
+		t.Fatalf("ek-hash printed %q: %v", out, err)
+	}
+	apply := func(name, hash string) error {
+		manifest := fmt.Sprintf("apiVersion: sovra.dev/v1alpha1\nkind: SovraNode\nmetadata:\n  name: %s\n  labels: {sovra.dev/cluster: prod}\nspec:\n  ekHash: %s\n", name, hash)
+		p := filepath.Join(t.TempDir(), "node.yaml")
+		os.WriteFile(p, []byte(manifest), 0o600)
+		_, err := d.TryKubectl("apply", "-f", p)
+		return err
+	}
+	const why = "metadata.name must be ek- and the first 32 hex digits of spec.ekHash"
+	otherHash := strings.Repeat("0", 64-len(hash[:32])) + hash[:32]
+	for what, c := range map[string][2]string{
+		"a name of its own":        {"worker-1", hash},
+		"the name of another hash": {name, otherHash},
+		"ek- and too few digits":   {name[:20], hash},
+		"a lab-record-like name":   {"kms-lab", hash},
+	} {
+		err := apply(c[0], c[1])
+		if err == nil || !strings.Contains(err.Error(), why) {
+			t.Errorf("%s (%s, %s): %v; want refused with %q", what, c[0], c[1], err, why)
+		}
+	}
+	if got := d.Kubectl("get", "sovranodes", "-o", "name"); got != "" {
+		t.Fatalf("refused records exist: %q", got)
+	}
+	if err := apply(name, hash); err != nil {
+		t.Fatalf("the record sovrad ek-hash describes was refused: %v", err)
+	}
+	if got := d.Kubectl("get", "sovranode", name, "-o", "jsonpath={.spec.ekHash}"); got != hash {
+		t.Fatalf("record %s holds ekHash %q", name, got)
+	}
 }

@@ -172,17 +172,9 @@ func fill(tb testing.TB, d *kmsDaemon, have, total int) {
 		nd := newNode(tb)
 		return d.kube.Create(ctx, &v1alpha1.SovraNode{
 			ObjectMeta: metav1.ObjectMeta{Name: nd.Name},
-			Spec:       v1alpha1.SovraNodeSpec{EKHash: fmt.Sprintf("%064x", i64(nd.Name)), EKPublic: []byte("ek"), AKPublic: []byte("ak"), UUID: nd.UUID},
+			Spec:       v1alpha1.SovraNodeSpec{EKHash: nd.EKHash, EKPublic: []byte("ek"), AKPublic: []byte("ak"), UUID: nd.UUID},
 		})
 	})
-}
-
-func i64(s string) uint64 {
-	var h uint64 = 14695981039346656037
-	for i := range len(s) {
-		h = (h ^ uint64(s[i])) * 1099511628211
-	}
-	return h
 }
 
 // refServer runs the upstream reference KMS server (kms-client's
