@@ -28,6 +28,11 @@ import (
 const (
 	// EnvPrefix prefixes the environment variable of every flag: --data-dir is SOVRA_DATA_DIR.
 	EnvPrefix = "SOVRA_"
+	// MasterKeyCredential is the systemd credential (LoadCredential=) that
+	// holds the KMS master keyring when --master-key-file is not set.
+	MasterKeyCredential = "master.keys"
+	// credentialsDirEnv is where systemd says the service's credentials are.
+	credentialsDirEnv = "CREDENTIALS_DIRECTORY"
 
 	defaultDataDir         = "/var/lib/sovra"
 	defaultListen          = "127.0.0.1:6443"
@@ -113,9 +118,10 @@ type Config struct {
 	// lease before it takes the lease itself (package daemon/capi/fence).
 	BootstrapGrace time.Duration
 
-	// fromEnv holds the flags (without "--") whose values Parse took from
-	// their environment variables; nil before Parse.
-	fromEnv map[string]bool
+	// sources names, for each flag (without "--") whose value Parse did not
+	// take from the command line, where the value came from: its
+	// environment variable, or a systemd credential. Nil before Parse.
+	sources map[string]string
 }
 
 // OIDC configures OpenID Connect authentication of the Kubernetes API.
@@ -259,7 +265,7 @@ func (c *Config) Parse(args []string, getenv func(string) string) error {
 		return fmt.Errorf("unexpected arguments %q: sovrad takes flags only", fs.Args())
 	}
 	var errs []error
-	c.fromEnv = map[string]bool{}
+	c.sources = map[string]string{}
 	fs.VisitAll(func(f *pflag.Flag) {
 		if f.Changed {
 			return
@@ -269,20 +275,29 @@ func (c *Config) Parse(args []string, getenv func(string) string) error {
 		if v == "" {
 			return
 		}
-		c.fromEnv[f.Name] = true
+		c.sources[f.Name] = name
 		if err := fs.Set(f.Name, v); err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", name, err))
 		}
 	})
+	if dir := getenv(credentialsDirEnv); dir != "" && c.KMS.MasterKeyFile == "" {
+		// Under systemd, LoadCredential= hands the service a copy of the
+		// keyring that its dynamic user may read.
+		path := filepath.Join(dir, MasterKeyCredential)
+		if _, err := os.Stat(path); err == nil {
+			c.KMS.MasterKeyFile = path
+			c.sources["master-key-file"] = "credential " + MasterKeyCredential
+		}
+	}
 	return errors.Join(errs...)
 }
 
 // Source names where the value of flag (without "--") came from, as an
-// error about it should: its environment variable when Parse took it from
-// there, else the flag.
+// error about it should: its environment variable or systemd credential
+// when Parse took it from there, else the flag.
 func (c *Config) Source(flag string) string {
-	if c.fromEnv[flag] {
-		return EnvName(flag)
+	if src, ok := c.sources[flag]; ok {
+		return src
 	}
 	return "--" + flag
 }
@@ -305,14 +320,15 @@ func (e *envError) Error() string { return e.msg }
 func (e *envError) Unwrap() error { return e.err }
 
 // blame makes every error about a value that came from the environment name
-// its variable: an operator who set SOVRA_LISTEN looks for SOVRA_LISTEN, not
-// for --listen. Every message of Validate names the flags it is about.
+// its variable (or credential): an operator who set SOVRA_LISTEN looks for
+// SOVRA_LISTEN, not for --listen. Every message of Validate names the flags
+// it is about.
 func (c *Config) blame(errs []error) []error {
 	for i, err := range errs {
 		msg := flagMention.ReplaceAllStringFunc(err.Error(), func(m string) string {
 			lead, flag, _ := strings.Cut(m, "--")
-			if c.fromEnv[flag] {
-				return lead + EnvName(flag)
+			if src, ok := c.sources[flag]; ok {
+				return lead + src
 			}
 			return m
 		})
@@ -469,8 +485,8 @@ func (c *Config) validateKMS() []error {
 		errs = append(errs, fmt.Errorf("--master-key-file %s: %v", k.MasterKeyFile, err))
 	case !fi.Mode().IsRegular():
 		errs = append(errs, fmt.Errorf("--master-key-file %s: not a regular file", k.MasterKeyFile))
-	case fi.Mode().Perm() != 0o600:
-		errs = append(errs, fmt.Errorf("--master-key-file %s: mode %#o, must be 0600: run chmod 0600 on it", k.MasterKeyFile, fi.Mode().Perm()))
+	case fi.Mode().Perm()&0o077 != 0:
+		errs = append(errs, fmt.Errorf("--master-key-file %s: mode %#o lets other users read it, must be 0600 (or 0400): run chmod 0600 on it", k.MasterKeyFile, fi.Mode().Perm()))
 	}
 	if k.Listen == "" && c.NodeAPI.Listen == "" {
 		errs = append(errs, errors.New("--master-key-file: the KMS is served on the node API or on --kms-listen: set one of them"))

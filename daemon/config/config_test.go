@@ -146,3 +146,35 @@ func TestValidateDataDirInProc(t *testing.T) {
 		t.Fatalf("data dir in /proc: %v", err)
 	}
 }
+
+// TestMasterKeyCredential: under systemd, the keyring handed over by
+// LoadCredential= is the master key file unless one is given; a missing
+// credential leaves the KMS off.
+func TestMasterKeyCredential(t *testing.T) {
+	dir := t.TempDir()
+	cred := filepath.Join(dir, MasterKeyCredential)
+	if err := os.WriteFile(cred, []byte("x"), 0o400); err != nil {
+		t.Fatal(err)
+	}
+	c := New()
+	if err := c.Parse(nil, env(map[string]string{"CREDENTIALS_DIRECTORY": dir})); err != nil {
+		t.Fatal(err)
+	}
+	if c.KMS.MasterKeyFile != cred || c.Source("master-key-file") != "credential master.keys" {
+		t.Fatalf("credential: %q from %s", c.KMS.MasterKeyFile, c.Source("master-key-file"))
+	}
+	c = New()
+	if err := c.Parse([]string{"--master-key-file", "/etc/other.keys"}, env(map[string]string{"CREDENTIALS_DIRECTORY": dir})); err != nil {
+		t.Fatal(err)
+	}
+	if c.KMS.MasterKeyFile != "/etc/other.keys" || c.Source("master-key-file") != "--master-key-file" {
+		t.Fatalf("flag: %q from %s", c.KMS.MasterKeyFile, c.Source("master-key-file"))
+	}
+	c = New()
+	if err := c.Parse(nil, env(map[string]string{"CREDENTIALS_DIRECTORY": t.TempDir()})); err != nil {
+		t.Fatal(err)
+	}
+	if c.KMS.MasterKeyFile != "" {
+		t.Fatalf("no credential, yet %q", c.KMS.MasterKeyFile)
+	}
+}
