@@ -5,7 +5,11 @@
 // init|list|rotate FILE` manages the KMS master keyring; `sovrad healthcheck`
 // exits 0 when the daemon configured by the same flags and variables is ready
 // (a container health check); `sovrad ek-hash` prints the EK hash and record
-// name of a TPM, to pre-register its node.
+// name of a TPM, to pre-register its node; `sovrad policy capture --from-node
+// NAME` writes an AttestationPolicy from a known-good node's last verified
+// PCRs and claims; `sovrad hosts boot-config` prints how machines boot into
+// the pool and writes the enrollment configuration for boot media and
+// user-data.
 package main
 
 import (
@@ -45,6 +49,8 @@ Usage:
   sovrad healthcheck [flags]              exit 0 when the daemon these flags configure is ready, 1 when not
   sovrad keyring init|list|rotate FILE    create, list or rotate the KMS master keyring (--master-key-file)
   sovrad ek-hash --cert|--pub FILE        print a TPM's EK hash and SovraNode name, to pre-register its node
+  sovrad policy capture --from-node NAME  write an AttestationPolicy from a known-good node's last verified PCRs and claims
+  sovrad hosts boot-config --server URL   print how machines boot into the pool; --out writes their enrollment configuration
   sovrad version                          print the version
   sovrad help, sovrad COMMAND --help      this text, or a command's
 
@@ -74,6 +80,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 			return healthcheckCommand(args[1:], stdout, stderr)
 		case "ek-hash":
 			return ekHashCommand(args[1:], stdout, stderr)
+		case "policy":
+			return policyCommand(args[1:], stdout, stderr)
+		case "hosts":
+			return hostsCommand(args[1:], stdout, stderr)
 		}
 	}
 	cfg := config.New()
