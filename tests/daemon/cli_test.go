@@ -59,7 +59,9 @@ func TestHelp(t *testing.T) {
 		}
 		for _, want := range []string{
 			"sovrad healthcheck", "sovrad keyring init|list|rotate FILE", "sovrad ek-hash", "sovrad version",
+			"sovrad policy capture --from-node NAME", "sovrad hosts boot-config",
 			"--data-dir string", "[SOVRA_DATA_DIR]", "[SOVRA_LISTEN]", "[SOVRA_NODE_TLS_SAN]", "[SOVRA_MASTER_KEY_FILE]",
+			"[SOVRA_BOOT_LISTEN]", "[SOVRA_NODE_ENDPOINT]", "[SOVRA_HOSTS_AUTO_ACCEPT]", "[SOVRA_CONFIG_ATTESTATION_MAX_AGE]", "[SOVRA_BOOT_MAX_PENDING]",
 			"A flag on the command line wins over its",
 		} {
 			if !strings.Contains(out, want) {
@@ -67,7 +69,10 @@ func TestHelp(t *testing.T) {
 			}
 		}
 	}
-	for _, args := range [][]string{{"keyring", "--help"}, {"keyring", "help"}, {"healthcheck", "--help"}, {"ek-hash", "--help"}} {
+	for _, args := range [][]string{
+		{"keyring", "--help"}, {"keyring", "help"}, {"healthcheck", "--help"}, {"ek-hash", "--help"},
+		{"policy", "--help"}, {"policy", "capture", "--help"}, {"hosts", "--help"}, {"hosts", "boot-config", "--help"},
+	} {
 		if code, out, errOut := sovrad(t, nil, nil, args...); code != 0 || !strings.Contains(out, "usage: sovrad "+args[0]) {
 			t.Errorf("sovrad %v: exit %d, stdout %q, stderr %q; want 0 and the usage", args, code, out, errOut)
 		}
@@ -199,7 +204,8 @@ func ekCertificate(t *testing.T, pub any) []byte {
 // TestSovraNodeNameMatchesEKHash: a record whose name is not "ek-" and the
 // first 32 hex digits of its ekHash (enrollment would never find it) is
 // refused at admission, saying why; the record `sovrad ek-hash` describes is
-// admitted.
+// admitted, and so are sovrad's pending records (kms-lab-UUID, boot-UUID,
+// with the all-zero placeholder hash).
 func TestSovraNodeNameMatchesEKHash(t *testing.T) {
 	d := sovradtest.Start(t, filepath.Join(t.TempDir(), "data"), "--controllers", "none")
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
@@ -221,19 +227,26 @@ func TestSovraNodeNameMatchesEKHash(t *testing.T) {
 		t.Fatalf("ek-hash printed %q: %v", out, err)
 	}
 	apply := func(name, hash string) error {
-		manifest := fmt.Sprintf("apiVersion: sovra.dev/v1alpha1\nkind: SovraNode\nmetadata:\n  name: %s\n  labels: {sovra.dev/cluster: prod}\nspec:\n  ekHash: %s\n", name, hash)
+		manifest := fmt.Sprintf("apiVersion: sovra.dev/v1alpha1\nkind: SovraNode\nmetadata:\n  name: %s\n  labels: {sovra.dev/cluster: prod}\nspec:\n  ekHash: \"%s\"\n", name, hash)
 		p := filepath.Join(t.TempDir(), "node.yaml")
 		os.WriteFile(p, []byte(manifest), 0o600)
 		_, err := d.TryKubectl("apply", "-f", p)
 		return err
 	}
 	const why = "metadata.name must be ek- and the first 32 hex digits of spec.ekHash"
+	const uuid = "5d9a7a0c-2b1e-4f7d-9c3a-0e6f1b2c3d4e"
+	placeholder := strings.Repeat("0", 64)
 	otherHash := strings.Repeat("0", 64-len(hash[:32])) + hash[:32]
 	for what, c := range map[string][2]string{
 		"a name of its own":        {"worker-1", hash},
 		"the name of another hash": {name, otherHash},
 		"ek- and too few digits":   {name[:20], hash},
 		"a lab-record-like name":   {"kms-lab", hash},
+		// Only sovrad's pending records hold a name of their own, and
+		// only with the all-zero placeholder hash.
+		"a lab name, a real hash":       {"kms-lab-" + uuid, hash},
+		"a boot name, a real hash":      {"boot-" + uuid, hash},
+		"another name, the placeholder": {"worker-1", placeholder},
 	} {
 		err := apply(c[0], c[1])
 		if err == nil || !strings.Contains(err.Error(), why) {
@@ -248,5 +261,12 @@ func TestSovraNodeNameMatchesEKHash(t *testing.T) {
 	}
 	if got := d.Kubectl("get", "sovranode", name, "-o", "jsonpath={.spec.ekHash}"); got != hash {
 		t.Fatalf("record %s holds ekHash %q", name, got)
+	}
+	// The pending records sovrad makes (lab mode's first Seal, a
+	// boot-config fetch) keep their names, with the placeholder hash.
+	for _, pending := range []string{"kms-lab-" + uuid, "boot-" + uuid} {
+		if err := apply(pending, placeholder); err != nil {
+			t.Errorf("pending record %s refused: %v", pending, err)
+		}
 	}
 }

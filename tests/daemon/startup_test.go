@@ -77,9 +77,10 @@ func TestStartupErrors(t *testing.T) {
 			`--listen "localhost:6443": "localhost" is not an IP address`,
 			`--datastore: unsupported scheme "ftp"`,
 			`--tls-san "bad name!": neither an IP address nor a DNS name`,
-			`--log-level "loud": use debug, info, warn or error`,
-			`--oidc-issuer-url "http://idp.example": must be an https URL`,
-			`--oidc-client-id: required with --oidc-issuer-url`)
+			// Values from the environment are named by their variables.
+			`SOVRA_LOG_LEVEL "loud": use debug, info, warn or error`,
+			`SOVRA_OIDC_ISSUER_URL "http://idp.example": must be an https URL`,
+			`--oidc-client-id: required with SOVRA_OIDC_ISSUER_URL`)
 		assertAbsent(t, dir)
 		out = mustFail(t, []string{"SOVRA_SHUTDOWN_TIMEOUT=soon"}, "--data-dir", dir)
 		wantAll(t, out, `SOVRA_SHUTDOWN_TIMEOUT: invalid argument "soon"`)
