@@ -75,6 +75,13 @@ func labName(uuid string) string { return labNamePrefix + strings.ToLower(uuid) 
 
 func isLab(n *v1alpha1.SovraNode) bool { return n.Labels[LabelLabPending] == "true" }
 
+// expected reports whether n is the pending record of a machine that fetched
+// its enrollment configuration (Expect), as opposed to a lab record: only
+// such a machine opens, before it enrolls, what it has just sealed.
+func expected(n *v1alpha1.SovraNode) bool {
+	return isLab(n) && strings.HasPrefix(n.Name, pendingNamePrefix)
+}
+
 func conditionTrue(n *v1alpha1.SovraNode, typ string) bool {
 	return meta.IsStatusConditionTrue(n.Status.Conditions, typ)
 }

@@ -344,6 +344,8 @@ func (s *Service) Unseal(ctx context.Context, req *kmsapi.Request) (*kmsapi.Resp
 	switch {
 	case quarantined(rec):
 		return nil, s.deny(c, reasonQuarantined, "record is quarantined; an operator must clear it")
+	case isLab(rec) && !expected(rec):
+		return nil, s.deny(c, reasonNotEnrolled, "node is not enrolled")
 	case isLab(rec) && !freshSealFrom(rec, fingerprint(req.GetData()), c.src.Addr, s.clock.Now()):
 		return nil, s.deny(c, reasonNotEnrolled, "node is not enrolled; before it enrolls it may open only what it sealed in the last "+FreshSealWindow.String()+", from the address it sealed from")
 	case isLab(rec):

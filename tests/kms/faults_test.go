@@ -25,6 +25,11 @@ const (
 	retryPause   = 100 * time.Millisecond
 )
 
+// stormRate is the per-source KMS rate of the fault stories: their nodes
+// all call from 127.0.0.1, where a real storm comes from faultNodes
+// addresses, each far under the default.
+var stormRate = []string{"--kms-rate-per-ip", "2000"}
+
 // sharedKeys are the files every replica of one deployment holds.
 var sharedKeys = []string{"ca.crt", "ca.key", "sa.key", "sa.pub", "encryption-config.yaml"}
 
@@ -128,7 +133,7 @@ func prepareBoots(t *testing.T, d *kmsDaemon) []*boot {
 // boot storm and started again; every node unseals in the end, and every
 // blob a Seal returned still opens: no key is lost.
 func TestKillDuringBootStorm(t *testing.T) {
-	d := startKMS(t)
+	d := startKMS(t, stormRate...)
 	boots := prepareBoots(t, d)
 	lost := storm(t, []*kmsDaemon{d}, boots, func() {
 		d.Kill()
@@ -160,7 +165,7 @@ func TestPostgresRestartUnderTwoReplicas(t *testing.T) {
 	dsn := pg.DSN("sovra")
 	keyFile := filepath.Join(t.TempDir(), "master.key")
 	dirA := filepath.Join(t.TempDir(), "a")
-	a := startKMSWith(t, dirA, keyFile, testutil.FreePort(t), "--datastore", dsn)
+	a := startKMSWith(t, dirA, keyFile, testutil.FreePort(t), append([]string{"--datastore", dsn}, stormRate...)...)
 	dirB := filepath.Join(t.TempDir(), "b")
 	if err := os.Mkdir(dirB, 0o700); err != nil {
 		t.Fatal(err)
@@ -174,7 +179,7 @@ func TestPostgresRestartUnderTwoReplicas(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	b := startKMSWith(t, dirB, keyFile, testutil.FreePort(t), "--datastore", dsn)
+	b := startKMSWith(t, dirB, keyFile, testutil.FreePort(t), append([]string{"--datastore", dsn}, stormRate...)...)
 
 	boots := prepareBoots(t, a)
 	lost := storm(t, []*kmsDaemon{a, b}, boots, func() {
