@@ -37,11 +37,14 @@ const (
 	defaultDataDir         = "/var/lib/sovra"
 	defaultListen          = "127.0.0.1:6443"
 	defaultShutdownTimeout = 30 * time.Second
-	defaultUsernameClaim   = "sub"
-	defaultNodeListen      = ":7443"
-	defaultNodeCertTTL     = time.Hour
-	defaultNonceTTL        = time.Minute
-	defaultNodeRatePerIP   = 10
+	// defaultDatastoreTimeout bounds the wait for a PostgreSQL datastore at
+	// start.
+	defaultDatastoreTimeout = time.Minute
+	defaultUsernameClaim    = "sub"
+	defaultNodeListen       = ":7443"
+	defaultNodeCertTTL      = time.Hour
+	defaultNonceTTL         = time.Minute
+	defaultNodeRatePerIP    = 10
 	// defaultNodeMaxConnsPerIP bounds the connections one source holds on
 	// the node API and KMS listeners: Talos opens one per KMS call, an agent
 	// one or two; a NAT in front of many nodes needs more.
@@ -84,6 +87,9 @@ type Config struct {
 	// postgres://user:pass@host/db for several replicas on one database.
 	// It may hold a password: never log it or put it in an error.
 	Datastore string
+	// DatastoreTimeout bounds how long start-up waits for the datastore
+	// (PostgreSQL) to answer before anything is written.
+	DatastoreTimeout time.Duration
 	// Listen is the address of the Kubernetes API (HTTPS).
 	Listen string
 	// AdvertiseAddress is the address clients reach the API on; empty means the
@@ -230,12 +236,13 @@ func New() *Config {
 		OIDC:    OIDC{UsernameClaim: defaultUsernameClaim},
 		NodeAPI: NodeAPI{Listen: defaultNodeListen, NodeCertTTL: defaultNodeCertTTL, NonceTTL: defaultNonceTTL, RatePerIP: defaultNodeRatePerIP,
 			MaxConnsPerIP: defaultNodeMaxConnsPerIP, MaxConns: defaultNodeMaxConns},
-		Hosts:           Hosts{MaxAttestationAge: defaultConfigAttestationAge, MaxPending: defaultMaxPending},
-		KMS:             KMS{AttestDeadline: defaultAttestDeadline, SealWindow: defaultSealWindow, RatePerIP: defaultKMSRatePerIP},
-		LogLevel:        "info",
-		ShutdownTimeout: defaultShutdownTimeout,
-		Controllers:     controllers.All,
-		BootstrapGrace:  fence.DefaultGrace,
+		Hosts:            Hosts{MaxAttestationAge: defaultConfigAttestationAge, MaxPending: defaultMaxPending},
+		KMS:              KMS{AttestDeadline: defaultAttestDeadline, SealWindow: defaultSealWindow, RatePerIP: defaultKMSRatePerIP},
+		LogLevel:         "info",
+		ShutdownTimeout:  defaultShutdownTimeout,
+		DatastoreTimeout: defaultDatastoreTimeout,
+		Controllers:      controllers.All,
+		BootstrapGrace:   fence.DefaultGrace,
 	}
 }
 
@@ -281,6 +288,7 @@ func (c *Config) FlagSet() *pflag.FlagSet {
 	fs.StringVar(&c.AuditLog, "audit-log", c.AuditLog, "audit log file, or - for stdout (default: audit.log in the data directory)")
 	fs.StringVar(&c.AuditPolicy, "audit-policy", c.AuditPolicy, "audit policy file replacing the default policy")
 	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "log level: debug, info, warn or error")
+	fs.DurationVar(&c.DatastoreTimeout, "datastore-timeout", c.DatastoreTimeout, "how long start-up waits for a PostgreSQL datastore to answer before it gives up (exit 1); nothing is written before it answers")
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", c.ShutdownTimeout, "longest graceful shutdown before the process exits")
 	fs.StringVar(&c.Controllers, "controllers", c.Controllers, "controllers to run: all, none (serve the API only), or a comma-separated list of "+strings.Join(controllers.Names, ", ")+"; -name excludes one")
 	fs.DurationVar(&c.BootstrapGrace, "bootstrap-grace", c.BootstrapGrace, "how long the Talos control-plane provider waits for the agents of a cluster with labelled SovraNodes to win its bootstrap lease before it bootstraps the cluster itself")
@@ -426,6 +434,9 @@ func (c *Config) Validate() error {
 	}
 	if c.ShutdownTimeout <= 0 {
 		add("--shutdown-timeout %s: must be positive", c.ShutdownTimeout)
+	}
+	if c.DatastoreTimeout <= 0 {
+		add("--datastore-timeout %s: must be positive", c.DatastoreTimeout)
 	}
 	if _, err := controllers.Parse(c.Controllers); err != nil {
 		add("--controllers: %v", err)

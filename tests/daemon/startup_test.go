@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -131,4 +132,31 @@ func snapshot(t *testing.T, dir string) string {
 	})
 	sort.Strings(lines)
 	return strings.Join(lines, "\n")
+}
+
+// TestDatastoreTimeout: a PostgreSQL datastore that does not answer is
+// waited for, saying so, for --datastore-timeout and no longer; then sovrad
+// exits 1 naming the server and the setting, and has written nothing: the
+// data directory does not exist. The password is never repeated.
+func TestDatastoreTimeout(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "data")
+	dsn := "postgres://sovra:hunter2pw@127.0.0.1:" + strconv.Itoa(testutil.FreePort(t)) + "/sovra"
+	start := time.Now()
+	code, _, errOut := sovrad(t, []string{"SOVRA_DATASTORE_TIMEOUT=3s"}, nil,
+		"--data-dir", dir, "--datastore", dsn, "--listen", "127.0.0.1:"+strconv.Itoa(testutil.FreePort(t)), "--node-listen=")
+	took := time.Since(start)
+	if code != 1 {
+		t.Fatalf("exit %d, want 1:\n%s", code, errOut)
+	}
+	wantAll(t, errOut,
+		`"msg":"waiting for the datastore: nothing is written until it answers","server":"127.0.0.1:`,
+		`did not answer within 3s (SOVRA_DATASTORE_TIMEOUT; last error: `,
+		"nothing was written; check that it runs and is reachable, or raise SOVRA_DATASTORE_TIMEOUT")
+	if strings.Contains(errOut, "hunter2pw") {
+		t.Fatalf("the log repeats the datastore password:\n%s", errOut)
+	}
+	if took < 3*time.Second || took > 15*time.Second {
+		t.Fatalf("sovrad gave up after %s, want about 3s", took)
+	}
+	assertAbsent(t, dir)
 }
