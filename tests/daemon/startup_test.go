@@ -2,6 +2,7 @@ package daemon_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -160,3 +161,43 @@ func TestDatastoreTimeout(t *testing.T) {
 	}
 	assertAbsent(t, dir)
 }
+
+// TestQuietStart: at the default log level a start with every controller
+// writes sovrad's own lines and the libraries' warnings, not the hundreds of
+// info lines the API server and Cluster API write while they start, so the
+// one warning that matters here (no EK policy) stands out.
+func TestQuietStart(t *testing.T) {
+	d := sovradtest.Start(t, filepath.Join(t.TempDir(), "data"))
+	// The controllers start after the API is ready: wait for them.
+	for deadline := time.Now().Add(90 * time.Second); !strings.Contains(d.LogSince(0), `"msg":"elected: running controllers"`); {
+		if time.Now().After(deadline) {
+			t.Fatalf("the controllers did not start:\n%s", d.Tail(20))
+		}
+		time.Sleep(time.Second)
+	}
+	time.Sleep(5 * time.Second)
+	levels := map[string]int{}
+	var libraryInfo []string
+	for _, line := range strings.Split(strings.TrimSpace(d.LogSince(0)), "\n") {
+		var entry struct{ Level, Logger, Msg string }
+		if err := json.Unmarshal([]byte(line), &entry); err != nil {
+			t.Fatalf("a log line is not JSON: %q", line)
+		}
+		levels[entry.Level]++
+		if entry.Level == "info" && (entry.Logger == "k8s" || strings.HasPrefix(entry.Logger, "capi.controller-runtime")) {
+			libraryInfo = append(libraryInfo, entry.Logger+": "+entry.Msg)
+		}
+	}
+	t.Logf("log lines by level: %v", levels)
+	if len(libraryInfo) > 0 {
+		t.Errorf("%d info lines of libraries, e.g. %q", len(libraryInfo), libraryInfo[0])
+	}
+	if levels["info"] > maxStartInfoLines {
+		t.Errorf("%d info lines at start, want at most %d:\n%s", levels["info"], maxStartInfoLines, d.Tail(60))
+	}
+	wantAll(t, d.LogSince(0), `"level":"warn"`, "no EK policy configured (--ek-roots, --ek-allow-list): every enrollment will be refused")
+}
+
+// maxStartInfoLines bounds the info lines of a start (about 15 today; 217
+// before the libraries' info lines were dropped).
+const maxStartInfoLines = 50

@@ -30,6 +30,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/sovra-dev/sovra/daemon/config"
+	"github.com/sovra-dev/sovra/daemon/logging"
 	"github.com/sovra-dev/sovra/daemon/server"
 	"github.com/sovra-dev/sovra/internal/version"
 )
@@ -152,9 +153,12 @@ func newLogger(level string) (*zap.Logger, error) {
 	if err != nil {
 		return nil, err
 	}
-	klog.SetLogger(zapr.NewLogger(log.Named("k8s")))
+	// Quiet start: at info, the libraries say only their warnings and
+	// errors (the API server's ~120 start-up lines would bury the few that
+	// matter); --log-level debug brings their info lines back.
+	klog.SetLogger(zapr.NewLogger(logging.Library(log.Named("k8s"))))
 	logrus.SetFormatter(&logrus.JSONFormatter{})
-	if lvl > zapcore.InfoLevel {
+	if lvl >= zapcore.InfoLevel {
 		logrus.SetLevel(logrus.WarnLevel)
 	}
 	return log, nil
