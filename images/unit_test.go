@@ -86,6 +86,8 @@ func TestUnitSettings(t *testing.T) {
 		"ExecStart=" + DaemonBinary + " --data-dir=%S/sovra\n",
 		"Type=notify\n",
 		"NotifyAccess=main\n",
+		// The dynamic user reads the master keyring as a credential.
+		"LoadCredential=master.keys:/etc/sovra/master.keys\n",
 	} {
 		if !strings.Contains(unit, want) {
 			t.Errorf("%s lacks %q", unitFile, strings.TrimSpace(want))

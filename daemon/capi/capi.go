@@ -37,6 +37,7 @@ import (
 	"github.com/sovra-dev/sovra/daemon/capi/gc"
 	"github.com/sovra-dev/sovra/daemon/capi/namespace"
 	"github.com/sovra-dev/sovra/daemon/capi/webhooks"
+	"github.com/sovra-dev/sovra/daemon/logging"
 	"github.com/sovra-dev/sovra/daemon/pki"
 )
 
@@ -109,7 +110,9 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger) error {
 		return err
 	}
 	providers = append(providers, own)
-	ctrl.SetLogger(zapr.NewLogger(log))
+	// Cluster API's and controller-runtime's own lines: warnings and errors
+	// only, unless --log-level debug.
+	ctrl.SetLogger(zapr.NewLogger(logging.Library(log)))
 
 	restCfg := rest.CopyConfig(cfg.Loopback)
 	// The Talos providers' types have no protobuf marshalling.

@@ -11,6 +11,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"time"
@@ -27,15 +28,23 @@ import (
 const (
 	// EnvPrefix prefixes the environment variable of every flag: --data-dir is SOVRA_DATA_DIR.
 	EnvPrefix = "SOVRA_"
+	// MasterKeyCredential is the systemd credential (LoadCredential=) that
+	// holds the KMS master keyring when --master-key-file is not set.
+	MasterKeyCredential = "master.keys"
+	// credentialsDirEnv is where systemd says the service's credentials are.
+	credentialsDirEnv = "CREDENTIALS_DIRECTORY"
 
 	defaultDataDir         = "/var/lib/sovra"
 	defaultListen          = "127.0.0.1:6443"
 	defaultShutdownTimeout = 30 * time.Second
-	defaultUsernameClaim   = "sub"
-	defaultNodeListen      = ":7443"
-	defaultNodeCertTTL     = time.Hour
-	defaultNonceTTL        = time.Minute
-	defaultNodeRatePerIP   = 10
+	// defaultDatastoreTimeout bounds the wait for a PostgreSQL datastore at
+	// start.
+	defaultDatastoreTimeout = time.Minute
+	defaultUsernameClaim    = "sub"
+	defaultNodeListen       = ":7443"
+	defaultNodeCertTTL      = time.Hour
+	defaultNonceTTL         = time.Minute
+	defaultNodeRatePerIP    = 10
 	// defaultNodeMaxConnsPerIP bounds the connections one source holds on
 	// the node API and KMS listeners: Talos opens one per KMS call, an agent
 	// one or two; a NAT in front of many nodes needs more.
@@ -78,6 +87,9 @@ type Config struct {
 	// postgres://user:pass@host/db for several replicas on one database.
 	// It may hold a password: never log it or put it in an error.
 	Datastore string
+	// DatastoreTimeout bounds how long start-up waits for the datastore
+	// (PostgreSQL) to answer before anything is written.
+	DatastoreTimeout time.Duration
 	// Listen is the address of the Kubernetes API (HTTPS).
 	Listen string
 	// AdvertiseAddress is the address clients reach the API on; empty means the
@@ -121,6 +133,11 @@ type Config struct {
 	// the agents of a cluster with labelled SovraNodes to win its bootstrap
 	// lease before it takes the lease itself (package daemon/capi/fence).
 	BootstrapGrace time.Duration
+
+	// sources names, for each flag (without "--") whose value Parse did not
+	// take from the command line, where the value came from: its
+	// environment variable, or a systemd credential. Nil before Parse.
+	sources map[string]string
 }
 
 // OIDC configures OpenID Connect authentication of the Kubernetes API.
@@ -137,6 +154,10 @@ type OIDC struct {
 type NodeAPI struct {
 	// Listen is the node API's TLS address; empty turns it off.
 	Listen string
+	// TLSSANs are extra DNS names and IPs for the node API's serving
+	// certificate (node-api.crt, which the KMS serves too), besides the
+	// advertise address and the --tls-san names.
+	TLSSANs []string
 	// EKRoots and EKIntermediates are PEM bundles of TPM manufacturer CAs
 	// that an EK certificate must chain to.
 	EKRoots, EKIntermediates string
@@ -215,12 +236,13 @@ func New() *Config {
 		OIDC:    OIDC{UsernameClaim: defaultUsernameClaim},
 		NodeAPI: NodeAPI{Listen: defaultNodeListen, NodeCertTTL: defaultNodeCertTTL, NonceTTL: defaultNonceTTL, RatePerIP: defaultNodeRatePerIP,
 			MaxConnsPerIP: defaultNodeMaxConnsPerIP, MaxConns: defaultNodeMaxConns},
-		Hosts:           Hosts{MaxAttestationAge: defaultConfigAttestationAge, MaxPending: defaultMaxPending},
-		KMS:             KMS{AttestDeadline: defaultAttestDeadline, SealWindow: defaultSealWindow, RatePerIP: defaultKMSRatePerIP},
-		LogLevel:        "info",
-		ShutdownTimeout: defaultShutdownTimeout,
-		Controllers:     controllers.All,
-		BootstrapGrace:  fence.DefaultGrace,
+		Hosts:            Hosts{MaxAttestationAge: defaultConfigAttestationAge, MaxPending: defaultMaxPending},
+		KMS:              KMS{AttestDeadline: defaultAttestDeadline, SealWindow: defaultSealWindow, RatePerIP: defaultKMSRatePerIP},
+		LogLevel:         "info",
+		ShutdownTimeout:  defaultShutdownTimeout,
+		DatastoreTimeout: defaultDatastoreTimeout,
+		Controllers:      controllers.All,
+		BootstrapGrace:   fence.DefaultGrace,
 	}
 }
 
@@ -238,6 +260,7 @@ func (c *Config) FlagSet() *pflag.FlagSet {
 	fs.StringVar(&c.OIDC.GroupsClaim, "oidc-groups-claim", c.OIDC.GroupsClaim, "token claim holding the user's groups")
 	fs.StringVar(&c.OIDC.CAFile, "oidc-ca-file", c.OIDC.CAFile, "CA bundle that verifies the issuer (default: system roots)")
 	fs.StringVar(&c.NodeAPI.Listen, "node-listen", c.NodeAPI.Listen, "TLS address of the node API (enrollment, attestation); empty turns it off")
+	fs.StringSliceVar(&c.NodeAPI.TLSSANs, "node-tls-san", c.NodeAPI.TLSSANs, "extra DNS names or IPs for the node API's serving certificate (node-api.crt), the names nodes and Talos's KMS reach the daemon by (repeat or comma-separate)")
 	fs.StringVar(&c.NodeAPI.EKRoots, "ek-roots", c.NodeAPI.EKRoots, "PEM bundle of TPM manufacturer root CAs an EK certificate must chain to")
 	fs.StringVar(&c.NodeAPI.EKIntermediates, "ek-intermediates", c.NodeAPI.EKIntermediates, "PEM bundle of TPM manufacturer intermediate CAs")
 	fs.StringVar(&c.NodeAPI.EKAllowList, "ek-allow-list", c.NodeAPI.EKAllowList, "file of allowed EK public-key SHA-256 hashes (hex), one a line")
@@ -265,6 +288,7 @@ func (c *Config) FlagSet() *pflag.FlagSet {
 	fs.StringVar(&c.AuditLog, "audit-log", c.AuditLog, "audit log file, or - for stdout (default: audit.log in the data directory)")
 	fs.StringVar(&c.AuditPolicy, "audit-policy", c.AuditPolicy, "audit policy file replacing the default policy")
 	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "log level: debug, info, warn or error")
+	fs.DurationVar(&c.DatastoreTimeout, "datastore-timeout", c.DatastoreTimeout, "how long start-up waits for a PostgreSQL datastore to answer before it gives up (exit 1); nothing is written before it answers")
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", c.ShutdownTimeout, "longest graceful shutdown before the process exits")
 	fs.StringVar(&c.Controllers, "controllers", c.Controllers, "controllers to run: all, none (serve the API only), or a comma-separated list of "+strings.Join(controllers.Names, ", ")+"; -name excludes one")
 	fs.DurationVar(&c.BootstrapGrace, "bootstrap-grace", c.BootstrapGrace, "how long the Talos control-plane provider waits for the agents of a cluster with labelled SovraNodes to win its bootstrap lease before it bootstraps the cluster itself")
@@ -276,6 +300,8 @@ func (c *Config) FlagSet() *pflag.FlagSet {
 // production. It returns every bad value at once.
 func (c *Config) Parse(args []string, getenv func(string) string) error {
 	fs := c.FlagSet()
+	// --help returns pflag.ErrHelp; the caller prints the usage (Usage).
+	fs.Usage = func() {}
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -283,6 +309,7 @@ func (c *Config) Parse(args []string, getenv func(string) string) error {
 		return fmt.Errorf("unexpected arguments %q: sovrad takes flags only", fs.Args())
 	}
 	var errs []error
+	c.sources = map[string]string{}
 	fs.VisitAll(func(f *pflag.Flag) {
 		if f.Changed {
 			return
@@ -292,12 +319,73 @@ func (c *Config) Parse(args []string, getenv func(string) string) error {
 		if v == "" {
 			return
 		}
+		c.sources[f.Name] = name
 		if err := fs.Set(f.Name, v); err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", name, err))
 		}
 	})
+	if dir := getenv(credentialsDirEnv); dir != "" && c.KMS.MasterKeyFile == "" {
+		// Under systemd, LoadCredential= hands the service a copy of the
+		// keyring that its dynamic user may read.
+		path := filepath.Join(dir, MasterKeyCredential)
+		if _, err := os.Stat(path); err == nil {
+			c.KMS.MasterKeyFile = path
+			c.sources["master-key-file"] = "credential " + MasterKeyCredential
+		}
+	}
 	return errors.Join(errs...)
 }
+
+// Source names where the value of flag (without "--") came from, as an
+// error about it should: its environment variable or systemd credential
+// when Parse took it from there, else the flag.
+func (c *Config) Source(flag string) string {
+	if src, ok := c.sources[flag]; ok {
+		return src
+	}
+	return "--" + flag
+}
+
+// Usage lists the flags with their environment variables and defaults.
+func (c *Config) Usage() string {
+	fs := c.FlagSet()
+	fs.VisitAll(func(f *pflag.Flag) { f.Usage += " [" + EnvName(f.Name) + "]" })
+	return fs.FlagUsages()
+}
+
+// envError is an error of Validate about a value that came from an
+// environment variable: its message names the variable, not the flag.
+type envError struct {
+	msg string
+	err error
+}
+
+func (e *envError) Error() string { return e.msg }
+func (e *envError) Unwrap() error { return e.err }
+
+// blame makes every error about a value that came from the environment name
+// its variable (or credential): an operator who set SOVRA_LISTEN looks for
+// SOVRA_LISTEN, not for --listen. Every message of Validate names the flags
+// it is about.
+func (c *Config) blame(errs []error) []error {
+	for i, err := range errs {
+		msg := flagMention.ReplaceAllStringFunc(err.Error(), func(m string) string {
+			lead, flag, _ := strings.Cut(m, "--")
+			if src, ok := c.sources[flag]; ok {
+				return lead + src
+			}
+			return m
+		})
+		if msg != err.Error() {
+			errs[i] = &envError{msg: msg, err: err}
+		}
+	}
+	return errs
+}
+
+// flagMention finds "--flag" in a message: at its start or after a space,
+// comma or parenthesis.
+var flagMention = regexp.MustCompile(`(^|[ ,(])--[a-z][a-z0-9-]*`)
 
 // EnvName is the environment variable that sets a flag.
 func EnvName(flag string) string {
@@ -316,11 +404,8 @@ func (c *Config) Validate() error {
 	if c.AdvertiseAddress != "" && net.ParseIP(c.AdvertiseAddress) == nil {
 		add("--advertise-address %q: not an IP address", c.AdvertiseAddress)
 	}
-	for _, san := range c.TLSSANs {
-		if net.ParseIP(san) == nil && len(validation.IsDNS1123Subdomain(strings.TrimPrefix(san, "*."))) > 0 {
-			add("--tls-san %q: neither an IP address nor a DNS name", san)
-		}
-	}
+	errs = append(errs, validateSANs("--tls-san", c.TLSSANs)...)
+	errs = append(errs, validateSANs("--node-tls-san", c.NodeAPI.TLSSANs)...)
 	if _, err := c.DatastoreKind(); err != nil {
 		errs = append(errs, err)
 	}
@@ -350,13 +435,28 @@ func (c *Config) Validate() error {
 	if c.ShutdownTimeout <= 0 {
 		add("--shutdown-timeout %s: must be positive", c.ShutdownTimeout)
 	}
+	if c.DatastoreTimeout <= 0 {
+		add("--datastore-timeout %s: must be positive", c.DatastoreTimeout)
+	}
 	if _, err := controllers.Parse(c.Controllers); err != nil {
 		add("--controllers: %v", err)
 	}
 	if c.BootstrapGrace <= 0 {
 		add("--bootstrap-grace %s: must be positive", c.BootstrapGrace)
 	}
-	return errors.Join(errs...)
+	return errors.Join(c.blame(errs)...)
+}
+
+// validateSANs checks that every name of a certificate flag is an IP address
+// or a DNS name (a wildcard allowed).
+func validateSANs(flag string, sans []string) []error {
+	var errs []error
+	for _, san := range sans {
+		if net.ParseIP(san) == nil && len(validation.IsDNS1123Subdomain(strings.TrimPrefix(san, "*."))) > 0 {
+			errs = append(errs, fmt.Errorf("%s %q: neither an IP address nor a DNS name", flag, san))
+		}
+	}
+	return errs
 }
 
 func (c *Config) validateNodeAPI() []error {
@@ -458,8 +558,8 @@ func (c *Config) validateKMS() []error {
 		errs = append(errs, fmt.Errorf("--master-key-file %s: %v", k.MasterKeyFile, err))
 	case !fi.Mode().IsRegular():
 		errs = append(errs, fmt.Errorf("--master-key-file %s: not a regular file", k.MasterKeyFile))
-	case fi.Mode().Perm() != 0o600:
-		errs = append(errs, fmt.Errorf("--master-key-file %s: mode %#o, must be 0600: run chmod 0600 on it", k.MasterKeyFile, fi.Mode().Perm()))
+	case fi.Mode().Perm()&0o077 != 0:
+		errs = append(errs, fmt.Errorf("--master-key-file %s: mode %#o lets other users read it, must be 0600 (or 0400): run chmod 0600 on it", k.MasterKeyFile, fi.Mode().Perm()))
 	}
 	if k.Listen == "" && c.NodeAPI.Listen == "" {
 		errs = append(errs, errors.New("--master-key-file: the KMS is served on the node API or on --kms-listen: set one of them"))
@@ -550,6 +650,9 @@ func (c *Config) validateDataDir() []error {
 		if err := writableDir(parent); err != nil {
 			return []error{fmt.Errorf("--data-dir %s: cannot be created: %v", c.DataDir, err)}
 		}
+		if err := canCreateDir(parent); err != nil {
+			return []error{fmt.Errorf("--data-dir %s: cannot be created in %s: %v", c.DataDir, parent, err)}
+		}
 		return nil
 	case err != nil:
 		return []error{fmt.Errorf("--data-dir %s: %v", c.DataDir, err)}
@@ -609,6 +712,20 @@ func (c *Config) validateOIDC() []error {
 		}
 	}
 	return errs
+}
+
+// canCreateDir creates and removes a directory in parent: access(2) says
+// yes to root for a directory no one can create anything in (procfs,
+// sysfs), and only trying tells.
+func canCreateDir(parent string) error {
+	probe, err := os.MkdirTemp(parent, ".sovrad-probe-")
+	if err != nil {
+		if pe := (*os.PathError)(nil); errors.As(err, &pe) {
+			return pe.Err
+		}
+		return err
+	}
+	return os.Remove(probe)
 }
 
 func readable(path string) error {

@@ -88,15 +88,93 @@ func TestValidateConnLimits(t *testing.T) {
 	}
 	c.NodeAPI.Listen = "" // the caps bound --kms-listen too
 	c.NodeAPI.MaxConnsPerIP, c.NodeAPI.MaxConns = 200, 100
-	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "--node-max-conns-per-ip 200: must not exceed --node-max-conns 100") {
+	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "SOVRA_NODE_MAX_CONNS_PER_IP 200: must not exceed SOVRA_NODE_MAX_CONNS 100") {
 		t.Fatalf("per-source cap above the total: %v", err)
 	}
 	c.NodeAPI.MaxConnsPerIP, c.NodeAPI.MaxConns = -1, 0
-	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "--node-max-conns-per-ip -1") {
+	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "SOVRA_NODE_MAX_CONNS_PER_IP -1") {
 		t.Fatalf("negative per-source cap: %v", err)
 	}
 	c.NodeAPI.MaxConnsPerIP, c.NodeAPI.MaxConns = 0, 0
 	if err := c.Validate(); err != nil {
 		t.Fatalf("no caps: %v", err)
+	}
+}
+
+// TestErrorsNameTheirSource: a bad value that came from the environment is
+// reported under its variable, one from the command line under its flag.
+func TestErrorsNameTheirSource(t *testing.T) {
+	c := New()
+	err := c.Parse([]string{"--data-dir", filepath.Join(t.TempDir(), "data"), "--tls-san", "bad name!"}, env(map[string]string{
+		"SOVRA_LISTEN":      "localhost:6443",
+		"SOVRA_EK_ROOTS":    "",
+		"SOVRA_NODE_LISTEN": "nowhere",
+	}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = c.Validate()
+	if err == nil {
+		t.Fatal("bad values passed")
+	}
+	for _, want := range []string{
+		`SOVRA_LISTEN "localhost:6443": "localhost" is not an IP address`,
+		`SOVRA_NODE_LISTEN "nowhere": want host:port`,
+		`--tls-san "bad name!": neither an IP address nor a DNS name`,
+	} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("errors lack %q:\n%v", want, err)
+		}
+	}
+	for _, flag := range []string{"--listen", "--node-listen"} {
+		if strings.Contains(err.Error(), flag+" ") {
+			t.Errorf("errors name %s, which was not given:\n%v", flag, err)
+		}
+	}
+	if c.Source("listen") != "SOVRA_LISTEN" || c.Source("tls-san") != "--tls-san" {
+		t.Fatalf("sources: %s, %s", c.Source("listen"), c.Source("tls-san"))
+	}
+}
+
+// TestValidateDataDirInProc: a data directory no one can create (in procfs,
+// which access(2) calls writable for root) is a configuration error.
+func TestValidateDataDirInProc(t *testing.T) {
+	c := New()
+	c.DataDir = "/proc/sovra-data"
+	err := c.Validate()
+	if err == nil || !strings.Contains(err.Error(), "--data-dir /proc/sovra-data: cannot be created") {
+		t.Fatalf("data dir in /proc: %v", err)
+	}
+}
+
+// TestMasterKeyCredential: under systemd, the keyring handed over by
+// LoadCredential= is the master key file unless one is given; a missing
+// credential leaves the KMS off.
+func TestMasterKeyCredential(t *testing.T) {
+	dir := t.TempDir()
+	cred := filepath.Join(dir, MasterKeyCredential)
+	if err := os.WriteFile(cred, []byte("x"), 0o400); err != nil {
+		t.Fatal(err)
+	}
+	c := New()
+	if err := c.Parse(nil, env(map[string]string{"CREDENTIALS_DIRECTORY": dir})); err != nil {
+		t.Fatal(err)
+	}
+	if c.KMS.MasterKeyFile != cred || c.Source("master-key-file") != "credential master.keys" {
+		t.Fatalf("credential: %q from %s", c.KMS.MasterKeyFile, c.Source("master-key-file"))
+	}
+	c = New()
+	if err := c.Parse([]string{"--master-key-file", "/etc/other.keys"}, env(map[string]string{"CREDENTIALS_DIRECTORY": dir})); err != nil {
+		t.Fatal(err)
+	}
+	if c.KMS.MasterKeyFile != "/etc/other.keys" || c.Source("master-key-file") != "--master-key-file" {
+		t.Fatalf("flag: %q from %s", c.KMS.MasterKeyFile, c.Source("master-key-file"))
+	}
+	c = New()
+	if err := c.Parse(nil, env(map[string]string{"CREDENTIALS_DIRECTORY": t.TempDir()})); err != nil {
+		t.Fatal(err)
+	}
+	if c.KMS.MasterKeyFile != "" {
+		t.Fatalf("no credential, yet %q", c.KMS.MasterKeyFile)
 	}
 }

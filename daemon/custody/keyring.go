@@ -34,7 +34,9 @@ import (
 const (
 	// MasterKeySize is the size of a master key version in bytes.
 	MasterKeySize = 32
-	// KeyringFileMode is the only mode a keyring file may have.
+	// KeyringFileMode is the mode keyring files are written with. A
+	// keyring may also be read-only (0400, as a systemd credential is);
+	// no other user may have any access to it.
 	KeyringFileMode fs.FileMode = 0o600
 	// maxKeyringSize bounds the file read.
 	maxKeyringSize = 1 << 20
@@ -44,7 +46,7 @@ const (
 // Sentinel errors of the keyring.
 var (
 	// ErrKeyringPermissions: the file is readable or writable by others.
-	ErrKeyringPermissions = errors.New("master keyring file must have mode 0600")
+	ErrKeyringPermissions = errors.New("master keyring file must not be readable by other users (mode 0600 or 0400)")
 	// ErrKeyringMalformed: the file does not parse.
 	ErrKeyringMalformed = errors.New("master keyring file is malformed")
 )
@@ -110,7 +112,7 @@ func LoadKeyring(path string) (*Keyring, error) {
 	if !st.Mode().IsRegular() {
 		return nil, fmt.Errorf("master keyring %s is not a regular file", path)
 	}
-	if st.Mode().Perm() != KeyringFileMode {
+	if st.Mode().Perm()&0o077 != 0 {
 		return nil, fmt.Errorf("%w: %s has mode %#o: run chmod 0600 on it", ErrKeyringPermissions, path, st.Mode().Perm())
 	}
 	if st.Size() > maxKeyringSize {

@@ -14,6 +14,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 
 	"go.uber.org/zap"
@@ -68,6 +69,10 @@ type Files struct {
 	ServerURL string
 	// AdvertiseIP is the address the API is advertised on.
 	AdvertiseIP net.IP
+
+	// NodeAdvertiseIP is the address the node API is advertised on: it is
+	// in the node API's serving certificate.
+	NodeAdvertiseIP net.IP
 
 	// NodeCA signs the node API's serving certificate and node credentials.
 	NodeCA                          *pki.CA
@@ -130,10 +135,12 @@ func Prepare(cfg *config.Config, log *zap.Logger) (*Files, error) {
 	if f.NodeCA, err = pki.EnsureCAFiles(f.NodeCACert, filepath.Join(dir, NodeCAKey), nodeCACommonName); err != nil {
 		return nil, err
 	}
-	nodeServing := serving
-	nodeServing.CommonName = nodeServingCommonName
-	if _, err := f.NodeCA.EnsureLeaf(f.NodeServingCert, f.NodeServingKey, nodeServing); err != nil {
+	f.NodeAdvertiseIP = advertiseIP(cfg.AdvertiseAddress, nodeListenIP(cfg))
+	nodeServing := nodeServingLeaf(cfg, serving, f.NodeAdvertiseIP)
+	if issued, err := f.NodeCA.EnsureLeaf(f.NodeServingCert, f.NodeServingKey, nodeServing); err != nil {
 		return nil, err
+	} else if issued {
+		log.Info("issued node API serving certificate", zap.Strings("dns", nodeServing.DNSNames), zap.Stringers("ips", nodeServing.IPs))
 	}
 	if err := pki.EnsureKey(f.SAKey, f.SAPub); err != nil {
 		return nil, err
@@ -175,26 +182,54 @@ func servingLeaf(sans []string, listen, advertise net.IP) pki.Leaf {
 		IPs:        []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback},
 		Usage:      []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 	}
-	addIP := func(ip net.IP) {
-		for _, have := range leaf.IPs {
-			if have.Equal(ip) {
-				return
-			}
-		}
-		leaf.IPs = append(leaf.IPs, ip)
-	}
 	if !listen.IsUnspecified() {
-		addIP(listen)
+		leaf.Add(listen.String())
 	}
-	addIP(advertise)
+	leaf.Add(advertise.String())
 	for _, san := range sans {
-		if ip := net.ParseIP(san); ip != nil {
-			addIP(ip)
-		} else {
-			leaf.DNSNames = append(leaf.DNSNames, san)
-		}
+		leaf.Add(san)
 	}
 	return leaf
+}
+
+// nodeServingLeaf is the node API's certificate, which the KMS serves too:
+// the names of the API's certificate (loopback and --tls-san), the address
+// nodes are told to reach the daemon on, the hosts of the node API and KMS
+// listeners where they are specific, and --node-tls-san.
+func nodeServingLeaf(cfg *config.Config, api pki.Leaf, advertise net.IP) pki.Leaf {
+	leaf := pki.Leaf{
+		CommonName: nodeServingCommonName,
+		DNSNames:   slices.Clone(api.DNSNames),
+		IPs:        slices.Clone(api.IPs),
+		Usage:      api.Usage,
+	}
+	leaf.Add(advertise.String())
+	for _, addr := range []string{cfg.NodeAPI.Listen, cfg.KMS.Listen} {
+		if host, _, err := net.SplitHostPort(addr); err == nil && host != "" {
+			if ip := net.ParseIP(host); ip == nil || !ip.IsUnspecified() {
+				leaf.Add(host)
+			}
+		}
+	}
+	for _, san := range cfg.NodeAPI.TLSSANs {
+		leaf.Add(san)
+	}
+	return leaf
+}
+
+// nodeListenIP is the address the node API listens on (the KMS's when it
+// has a listener of its own and the node API is off); unspecified when it
+// listens on every interface or on a name.
+func nodeListenIP(cfg *config.Config) net.IP {
+	addr := cfg.NodeAPI.Listen
+	if addr == "" {
+		addr = cfg.KMS.Listen
+	}
+	host, _, err := net.SplitHostPort(addr)
+	if ip := net.ParseIP(host); err == nil && ip != nil {
+		return ip
+	}
+	return net.IPv4zero
 }
 
 // advertiseIP is the configured address, else the listen address when it is

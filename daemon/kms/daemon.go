@@ -44,6 +44,8 @@ func NewFromConfig(cfg *config.Config, files *datadir.Files, loopback *rest.Conf
 	if err != nil {
 		return nil, nil, err
 	}
+	logger.Info("master keyring loaded", zap.String("file", c.MasterKeyFile), zap.String("from", cfg.Source("master-key-file")),
+		zap.Uint32s("versions", keyring.Versions()), zap.Uint32("sealsWith", keyring.Current()))
 	proxies, err := ParseTrustedProxies(c.TrustedProxies)
 	if err != nil {
 		return nil, nil, fmt.Errorf("--kms-trusted-proxies: %w", err)

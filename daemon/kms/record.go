@@ -38,7 +38,10 @@ const (
 	// labNamePrefix prefixes the names of lab records.
 	labNamePrefix = "kms-lab-"
 	// placeholderEKHash fills the required EK hash of a lab record: no TPM
-	// has it, so no enrollment can match the record by name.
+	// has it, so no enrollment can match the record by name. The
+	// SovraNode CRD's name rule admits a name other than ek-HASH (a lab
+	// record's kms-lab-UUID, a boot-config fetch's boot-UUID) only with
+	// this hash; keep the two in step.
 	placeholderEKHash = "0000000000000000000000000000000000000000000000000000000000000000"
 )
 

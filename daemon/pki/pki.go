@@ -110,6 +110,20 @@ type Leaf struct {
 	Usage        []x509.ExtKeyUsage
 }
 
+// Add adds name to the leaf's IPs when it is an IP address, else to its
+// DNS names, unless the leaf names it already.
+func (l *Leaf) Add(name string) {
+	if ip := net.ParseIP(name); ip != nil {
+		if !slices.ContainsFunc(l.IPs, ip.Equal) {
+			l.IPs = append(l.IPs, ip)
+		}
+		return
+	}
+	if !slices.Contains(l.DNSNames, name) {
+		l.DNSNames = append(l.DNSNames, name)
+	}
+}
+
 // EnsureLeaf loads the certificate at certPath/keyPath, or issues a new one
 // when it is missing, not signed by ca, expiring within 30 days, or does not
 // cover every name in want. The key is kept when the certificate is reissued.

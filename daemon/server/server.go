@@ -40,11 +40,18 @@ func Run(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 	start := time.Now()
 	notify := takeNotifySocket()
 	log.Info("starting sovrad", zap.String("version", version.Version), zap.String("dataDir", cfg.DataDir))
+	// Nothing is written before the datastore answers, within
+	// --datastore-timeout (which bounds kine's own start too).
+	if err := datastore.WaitReachable(ctx, cfg, log); err != nil {
+		return err
+	}
 	files, err := datadir.Prepare(cfg, log)
 	if err != nil {
 		return err
 	}
-	ds, err := datastore.Start(ctx, cfg, files.Dir, log)
+	dsCtx, dsCancel := context.WithTimeout(ctx, cfg.DatastoreTimeout)
+	ds, err := datastore.Start(dsCtx, cfg, files.Dir, log)
+	dsCancel()
 	if err != nil {
 		return err
 	}

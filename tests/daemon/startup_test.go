@@ -2,12 +2,14 @@ package daemon_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -77,9 +79,10 @@ func TestStartupErrors(t *testing.T) {
 			`--listen "localhost:6443": "localhost" is not an IP address`,
 			`--datastore: unsupported scheme "ftp"`,
 			`--tls-san "bad name!": neither an IP address nor a DNS name`,
-			`--log-level "loud": use debug, info, warn or error`,
-			`--oidc-issuer-url "http://idp.example": must be an https URL`,
-			`--oidc-client-id: required with --oidc-issuer-url`)
+			// Values from the environment are named by their variables.
+			`SOVRA_LOG_LEVEL "loud": use debug, info, warn or error`,
+			`SOVRA_OIDC_ISSUER_URL "http://idp.example": must be an https URL`,
+			`--oidc-client-id: required with SOVRA_OIDC_ISSUER_URL`)
 		assertAbsent(t, dir)
 		out = mustFail(t, []string{"SOVRA_SHUTDOWN_TIMEOUT=soon"}, "--data-dir", dir)
 		wantAll(t, out, `SOVRA_SHUTDOWN_TIMEOUT: invalid argument "soon"`)
@@ -131,3 +134,70 @@ func snapshot(t *testing.T, dir string) string {
 	sort.Strings(lines)
 	return strings.Join(lines, "\n")
 }
+
+// TestDatastoreTimeout: a PostgreSQL datastore that does not answer is
+// waited for, saying so, for --datastore-timeout and no longer; then sovrad
+// exits 1 naming the server and the setting, and has written nothing: the
+// data directory does not exist. The password is never repeated.
+func TestDatastoreTimeout(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "data")
+	dsn := "postgres://sovra:hunter2pw@127.0.0.1:" + strconv.Itoa(testutil.FreePort(t)) + "/sovra"
+	start := time.Now()
+	code, _, errOut := sovrad(t, []string{"SOVRA_DATASTORE_TIMEOUT=3s"}, nil,
+		"--data-dir", dir, "--datastore", dsn, "--listen", "127.0.0.1:"+strconv.Itoa(testutil.FreePort(t)), "--node-listen=")
+	took := time.Since(start)
+	if code != 1 {
+		t.Fatalf("exit %d, want 1:\n%s", code, errOut)
+	}
+	wantAll(t, errOut,
+		`"msg":"waiting for the datastore: nothing is written until it answers","server":"127.0.0.1:`,
+		`did not answer within 3s (SOVRA_DATASTORE_TIMEOUT; last error: `,
+		"nothing was written; check that it runs and is reachable, or raise SOVRA_DATASTORE_TIMEOUT")
+	if strings.Contains(errOut, "hunter2pw") {
+		t.Fatalf("the log repeats the datastore password:\n%s", errOut)
+	}
+	if took < 3*time.Second || took > 15*time.Second {
+		t.Fatalf("sovrad gave up after %s, want about 3s", took)
+	}
+	assertAbsent(t, dir)
+}
+
+// TestQuietStart: at the default log level a start with every controller
+// writes sovrad's own lines and the libraries' warnings, not the hundreds of
+// info lines the API server and Cluster API write while they start, so the
+// one warning that matters here (no EK policy) stands out.
+func TestQuietStart(t *testing.T) {
+	d := sovradtest.Start(t, filepath.Join(t.TempDir(), "data"))
+	// The controllers start after the API is ready: wait for them.
+	for deadline := time.Now().Add(90 * time.Second); !strings.Contains(d.LogSince(0), `"msg":"elected: running controllers"`); {
+		if time.Now().After(deadline) {
+			t.Fatalf("the controllers did not start:\n%s", d.Tail(20))
+		}
+		time.Sleep(time.Second)
+	}
+	time.Sleep(5 * time.Second)
+	levels := map[string]int{}
+	var libraryInfo []string
+	for _, line := range strings.Split(strings.TrimSpace(d.LogSince(0)), "\n") {
+		var entry struct{ Level, Logger, Msg string }
+		if err := json.Unmarshal([]byte(line), &entry); err != nil {
+			t.Fatalf("a log line is not JSON: %q", line)
+		}
+		levels[entry.Level]++
+		if entry.Level == "info" && (entry.Logger == "k8s" || strings.HasPrefix(entry.Logger, "capi.controller-runtime")) {
+			libraryInfo = append(libraryInfo, entry.Logger+": "+entry.Msg)
+		}
+	}
+	t.Logf("log lines by level: %v", levels)
+	if len(libraryInfo) > 0 {
+		t.Errorf("%d info lines of libraries, e.g. %q", len(libraryInfo), libraryInfo[0])
+	}
+	if levels["info"] > maxStartInfoLines {
+		t.Errorf("%d info lines at start, want at most %d:\n%s", levels["info"], maxStartInfoLines, d.Tail(60))
+	}
+	wantAll(t, d.LogSince(0), `"level":"warn"`, "no EK policy configured (--ek-roots, --ek-allow-list): every enrollment will be refused")
+}
+
+// maxStartInfoLines bounds the info lines of a start (about 15 today; 217
+// before the libraries' info lines were dropped).
+const maxStartInfoLines = 50

@@ -176,8 +176,9 @@ func forwarded(ctx context.Context, addr string) context.Context {
 	return metadata.AppendToOutgoingContext(ctx, "x-forwarded-for", addr)
 }
 
-// node is a test node: its record name and SMBIOS UUID.
-type node struct{ Name, UUID string }
+// node is a test node: its record name, SMBIOS UUID and EK hash (empty
+// for a node that enrolls for real).
+type node struct{ Name, UUID, EKHash string }
 
 func newNode(t testing.TB) node {
 	t.Helper()
@@ -188,7 +189,7 @@ func newNode(t testing.TB) node {
 	h := hex.EncodeToString(b)
 	uuid := h[0:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:32]
 	ek := sha256.Sum256(b)
-	return node{Name: attestation.NodeName(hex.EncodeToString(ek[:])), UUID: uuid}
+	return node{Name: attestation.NodeName(hex.EncodeToString(ek[:])), UUID: uuid, EKHash: hex.EncodeToString(ek[:])}
 }
 
 // nodeState is the trust state a test gives a record, as the attestation
@@ -209,11 +210,10 @@ var attestedNode = nodeState{Enrolled: true, Attested: true, Result: v1alpha1.Re
 // createNode creates n's record with state st, as enrollment (and the
 // attestation that followed) would.
 func (k *kmsDaemon) createNode(ctx context.Context, n node, st nodeState) error {
-	ekHash := sha256.Sum256([]byte(n.Name))
 	rec := &v1alpha1.SovraNode{
 		ObjectMeta: metav1.ObjectMeta{Name: n.Name},
 		Spec: v1alpha1.SovraNodeSpec{
-			EKHash: hex.EncodeToString(ekHash[:]), EKPublic: []byte("ek"), AKPublic: []byte("ak"),
+			EKHash: n.EKHash, EKPublic: []byte("ek"), AKPublic: []byte("ak"),
 			UUID: n.UUID, Hostname: "host-" + n.UUID[:8], Addresses: st.Addresses,
 		},
 	}

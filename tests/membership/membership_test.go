@@ -99,10 +99,10 @@ kind: SovraNode
 metadata:
   name: %s%s
 spec:
-  ekHash: %s
+  ekHash: %q
   hostname: %s
   addresses: [%q]
-`, name, labels, strings.Repeat("ab", 32), name, addr)
+`, name, labels, strings.TrimPrefix(name, "ek-")+strings.Repeat("0", 32), name, addr)
 	p := filepath.Join(l.t.TempDir(), name+".yaml")
 	if err := os.WriteFile(p, []byte(manifest), 0o600); err != nil {
 		l.t.Fatal(err)
@@ -161,7 +161,26 @@ func (l *lab) client(cert *tls.Certificate) pb.ClusterServiceClient {
 	return pb.NewClusterServiceClient(conn)
 }
 
-func name(i int) string { return fmt.Sprintf("ek-node-%02d", i) }
+// name is the record name of node i: "ek-" and the first 32 hex digits of
+// its EK hash, which is i and zeros.
+func name(i int) string { return fmt.Sprintf("ek-%032x", i) }
+
+// notRacer reports whether a record name is not one of the racing nodes'.
+func notRacer(record string) bool {
+	var i int
+	_, err := fmt.Sscanf(record, "ek-%x", &i)
+	return err != nil || i >= racers
+}
+
+// Records of nodes that do not race.
+var (
+	failedNode     = name(200)
+	unattestedNode = name(201)
+	otherNode      = name(300)
+	noclusterNode  = name(400)
+	deletedNode    = name(500)
+)
+
 func addr(i int) string { return fmt.Sprintf("10.70.0.%d", 10+i) }
 
 // TestLeaseRaceOnRealAPI races racers nodes of one cluster, each with its
@@ -174,10 +193,10 @@ func TestLeaseRaceOnRealAPI(t *testing.T) {
 	for i := range racers {
 		l.node(name(i), "prod", addr(i), "Passed")
 	}
-	l.node("ek-failed", "prod", "10.70.0.200", "Failed")
-	l.node("ek-unattested", "prod", "10.70.0.201", "")
-	l.node("ek-other", "other", "10.70.1.10", "Passed")
-	l.node("ek-nocluster", "", "10.70.2.10", "Passed")
+	l.node(failedNode, "prod", "10.70.0.200", "Failed")
+	l.node(unattestedNode, "prod", "10.70.0.201", "")
+	l.node(otherNode, "other", "10.70.1.10", "Passed")
+	l.node(noclusterNode, "", "10.70.2.10", "Passed")
 
 	clients := make([]pb.ClusterServiceClient, racers)
 	for i := range clients {
@@ -229,7 +248,7 @@ func TestLeaseRaceOnRealAPI(t *testing.T) {
 
 	// The winner commits and reports the bootstrap; nobody else can commit.
 	var win int
-	if _, err := fmt.Sscanf(winners[0], "ek-node-%d", &win); err != nil {
+	if _, err := fmt.Sscanf(winners[0], "ek-%x", &win); err != nil {
 		t.Fatal(err)
 	}
 	for _, phase := range []pb.BootstrapPhase{pb.BootstrapPhase_BOOTSTRAP_PHASE_BOOTSTRAPPING, pb.BootstrapPhase_BOOTSTRAP_PHASE_BOOTSTRAPPED} {
@@ -263,20 +282,20 @@ func TestLeaseRaceOnRealAPI(t *testing.T) {
 			t.Errorf("member %s: announced %q, want its enrolled address", m.GetNode(), m.GetAddress())
 		}
 	}
-	if resp.GetCluster() != "prod" || len(names) != racers || slices.ContainsFunc(names, func(n string) bool { return !strings.HasPrefix(n, "ek-node-") }) {
+	if resp.GetCluster() != "prod" || len(names) != racers || slices.ContainsFunc(names, notRacer) {
 		t.Fatalf("members of %s: %v, want the %d attested nodes of prod only", resp.GetCluster(), names, racers)
 	}
 
 	// Refusals.
-	other := l.credential("ek-other", l.ca, l.caKey)
+	other := l.credential(otherNode, l.ca, l.caKey)
 	if resp, err := l.client(&other).ListMembers(ctx, &pb.ListMembersRequest{}); err != nil || len(resp.GetMembers()) != 1 || resp.GetCluster() != "other" {
 		t.Fatalf("node of another cluster sees %v, %v; want itself alone", resp, err)
 	}
 	forgedCA, forgedKey := selfSignedCA(t)
 	forged := l.credential(name(0), forgedCA, forgedKey)
-	failed := l.credential("ek-failed", l.ca, l.caKey)
-	nocluster := l.credential("ek-nocluster", l.ca, l.caKey)
-	gone := l.credential("ek-deleted", l.ca, l.caKey)
+	failed := l.credential(failedNode, l.ca, l.caKey)
+	nocluster := l.credential(noclusterNode, l.ca, l.caKey)
+	gone := l.credential(deletedNode, l.ca, l.caKey)
 	for what, c := range map[string]struct {
 		cert *tls.Certificate
 		code codes.Code

@@ -28,6 +28,17 @@ const (
 	maxReadyzBody = 64 << 10
 )
 
+// healthcheckUsage introduces `sovrad healthcheck --help`.
+const healthcheckUsage = `usage: sovrad healthcheck [flags]
+
+Asks the daemon that the same flags and SOVRA_* variables configure (--listen,
+--data-dir) whether it is ready, on /readyz, verifying it with the data
+directory's ca.crt. Exits 0 when ready, 1 when not (printing the checks), 2 on
+bad flags.
+
+Flags:
+`
+
 // healthcheckCommand runs "sovrad healthcheck [flags]": it asks the daemon
 // configured by the same flags and SOVRA_* variables (--listen, --data-dir)
 // whether it is ready, on /readyz, verifying it with the data directory's
@@ -37,6 +48,7 @@ func healthcheckCommand(args []string, stdout, stderr io.Writer) int {
 	cfg := config.New()
 	if err := cfg.Parse(args, os.Getenv); err != nil {
 		if errors.Is(err, pflag.ErrHelp) {
+			fmt.Fprint(stdout, healthcheckUsage+cfg.Usage())
 			return exitOK
 		}
 		printErrors(stderr, "sovrad healthcheck: bad arguments", err)
@@ -56,7 +68,7 @@ func healthcheckCommand(args []string, stdout, stderr io.Writer) int {
 func readyz(cfg *config.Config) (string, error) {
 	ip, port, err := cfg.ListenHostPort()
 	if err != nil {
-		return "", fmt.Errorf("--listen %q: %w", cfg.Listen, err)
+		return "", fmt.Errorf("%s %q: %w", cfg.Source("listen"), cfg.Listen, err)
 	}
 	switch {
 	// Listening on every interface: ask on loopback, which the serving

@@ -49,23 +49,29 @@ func hostsCommand(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&out, "out", "", "write the enrollment configuration to this file")
 	fs.StringVar(&caFile, "ca", "", "CA that verifies the boot server (default: node-ca.crt in the data directory, else the system roots)")
 	fs.StringVar(&dataDir, "data-dir", defaultDataDir(), "sovrad's data directory, for its node-ca.crt")
-	fs.Usage = func() {
-		fmt.Fprint(stderr, hostsUsage)
+	// usage goes to stdout when asked for (--help), else to stderr.
+	usageTo := func(w io.Writer) {
+		fs.SetOutput(w)
+		fmt.Fprint(w, hostsUsage)
 		fs.PrintDefaults()
+		fs.SetOutput(stderr)
 	}
+	fs.Usage = func() {} // printed below: to stdout when asked for
 	switch {
 	case len(args) > 0 && (args[0] == "--help" || args[0] == "-h" || args[0] == "help"):
-		fs.Usage()
+		usageTo(stdout)
 		return exitOK
 	case len(args) == 0 || args[0] != "boot-config":
 		fmt.Fprintln(stderr, "sovrad hosts: unknown or missing subcommand: use boot-config")
-		fs.Usage()
+		usageTo(stderr)
 		return exitUsage
 	}
 	if err := fs.Parse(args[1:]); err != nil {
 		if errors.Is(err, pflag.ErrHelp) {
+			usageTo(stdout)
 			return exitOK
 		}
+		usageTo(stderr)
 		return exitUsage
 	}
 	base, err := bootServerURL(server)

@@ -6,21 +6,33 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-
-	"github.com/sovra-dev/sovra/daemon/custody"
 )
 
 func TestKeyringCommand(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "master.keys")
-	if err := custody.CreateKeyring(path); err != nil {
-		t.Fatal(err)
+	var out, errOut bytes.Buffer
+	if code := keyringCommand([]string{"rotate", path}, &out, &errOut); code != exitFailed || !strings.Contains(errOut.String(), "sovrad keyring init "+path) {
+		t.Fatalf("rotate of a missing keyring: exit %d, %q; want a refusal that names keyring init", code, errOut.String())
+	}
+	if _, err := os.Stat(path); !os.IsNotExist(err) {
+		t.Fatal("rotate created a keyring")
+	}
+	if code := keyringCommand([]string{"init", path}, &out, &errOut); code != exitOK || !strings.Contains(out.String(), "versions [1]; version 1 seals") {
+		t.Fatalf("init exit %d: %q %q", code, out.String(), errOut.String())
 	}
 	before, err := os.ReadFile(path)
 	if err != nil {
 		t.Fatal(err)
 	}
+	errOut.Reset()
+	if code := keyringCommand([]string{"init", path}, &out, &errOut); code != exitFailed || !strings.Contains(errOut.String(), "exists") {
+		t.Fatalf("init of an existing keyring: exit %d %q", code, errOut.String())
+	}
+	if again, _ := os.ReadFile(path); !bytes.Equal(again, before) {
+		t.Fatal("init replaced an existing keyring")
+	}
 
-	var out, errOut bytes.Buffer
+	out.Reset()
 	if code := keyringCommand([]string{"rotate", path}, &out, &errOut); code != exitOK {
 		t.Fatalf("rotate exit %d: %s", code, errOut.String())
 	}
@@ -49,7 +61,13 @@ func TestKeyringCommand(t *testing.T) {
 		t.Fatalf("list exit %d: %q", code, out.String())
 	}
 
-	for _, args := range [][]string{nil, {"rotate"}, {"shred", path}, {"list", "--help"}} {
+	for _, args := range [][]string{{"--help"}, {"help"}, {"list", "--help"}} {
+		out.Reset()
+		if code := keyringCommand(args, &out, &errOut); code != exitOK || !strings.Contains(out.String(), "usage: sovrad keyring init|list|rotate") {
+			t.Errorf("%q: exit %d, %q; want the usage on stdout", args, code, out.String())
+		}
+	}
+	for _, args := range [][]string{nil, {"rotate"}, {"shred", path}, {"list", "-x"}} {
 		errOut.Reset()
 		if code := keyringCommand(args, &out, &errOut); code != exitUsage || !strings.Contains(errOut.String(), "usage: sovrad keyring") {
 			t.Errorf("%q: exit %d, %q; want usage", args, code, errOut.String())

@@ -1,13 +1,15 @@
 // Command sovrad is sovra's control-plane daemon: it holds the keys, verifies
 // attestations and serves the Kubernetes API that kubectl, Helm and Cluster
-// API talk to. Run `sovrad --help` for its flags; each is also settable as a
-// SOVRA_* environment variable. `sovrad keyring list|rotate FILE` lists or
-// rotates the KMS master keyring; `sovrad healthcheck` exits 0 when the
-// daemon configured by the same flags and variables is ready (a container
-// health check); `sovrad policy capture --from-node NAME` writes an
-// AttestationPolicy from a known-good node's last verified PCRs and claims;
-// `sovrad hosts boot-config` prints how machines boot into the pool and
-// writes the enrollment configuration for boot media and user-data.
+// API talk to. Run `sovrad --help` for its flags and subcommands; each flag
+// is also settable as a SOVRA_* environment variable. `sovrad keyring
+// init|list|rotate FILE` manages the KMS master keyring; `sovrad healthcheck`
+// exits 0 when the daemon configured by the same flags and variables is ready
+// (a container health check); `sovrad ek-hash` prints the EK hash and record
+// name of a TPM, to pre-register its node; `sovrad policy capture --from-node
+// NAME` writes an AttestationPolicy from a known-good node's last verified
+// PCRs and claims; `sovrad hosts boot-config` prints how machines boot into
+// the pool and writes the enrollment configuration for boot media and
+// user-data.
 package main
 
 import (
@@ -30,6 +32,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/sovra-dev/sovra/daemon/config"
+	"github.com/sovra-dev/sovra/daemon/logging"
 	"github.com/sovra-dev/sovra/daemon/server"
 	"github.com/sovra-dev/sovra/internal/version"
 )
@@ -50,33 +53,58 @@ const (
 // memory at its peak.
 const gcPercent = 200
 
+// usageHead introduces `sovrad --help`: the subcommands, then the flags.
+const usageHead = `sovrad: sovra's control-plane daemon (Kubernetes API, node API, Talos KMS, Cluster API).
+
+Usage:
+  sovrad [flags]                          run the daemon
+  sovrad healthcheck [flags]              exit 0 when the daemon these flags configure is ready, 1 when not
+  sovrad keyring init|list|rotate FILE    create, list or rotate the KMS master keyring (--master-key-file)
+  sovrad ek-hash --cert|--pub FILE        print a TPM's EK hash and SovraNode name, to pre-register its node
+  sovrad policy capture --from-node NAME  write an AttestationPolicy from a known-good node's last verified PCRs and claims
+  sovrad hosts boot-config --server URL   print how machines boot into the pool; --out writes their enrollment configuration
+  sovrad version                          print the version
+  sovrad help, sovrad COMMAND --help      this text, or a command's
+
+Every flag is also an environment variable, named in brackets: SOVRA_ and the
+flag's name in capitals with _ for -. A flag on the command line wins over its
+variable. An error about a value names where it came from.
+
+Flags:
+`
+
 func main() {
-	os.Exit(run(os.Args[1:], os.Stderr))
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }
 
-func run(args []string, stderr io.Writer) int {
-	if len(args) == 1 && (args[0] == "version" || args[0] == "--version") {
-		fmt.Println(version.Version)
-		return exitOK
-	}
-	if len(args) > 0 && args[0] == "keyring" {
-		return keyringCommand(args[1:], os.Stdout, stderr)
-	}
-	if len(args) > 0 && args[0] == "healthcheck" {
-		return healthcheckCommand(args[1:], os.Stdout, stderr)
-	}
-	if len(args) > 0 && args[0] == "policy" {
-		return policyCommand(args[1:], os.Stdout, stderr)
-	}
-	if len(args) > 0 && args[0] == "hosts" {
-		return hostsCommand(args[1:], os.Stdout, stderr)
+func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) > 0 {
+		switch args[0] {
+		case "version", "--version":
+			fmt.Fprintln(stdout, version.Version)
+			return exitOK
+		case "help":
+			fmt.Fprint(stdout, usageHead+config.New().Usage())
+			return exitOK
+		case "keyring":
+			return keyringCommand(args[1:], stdout, stderr)
+		case "healthcheck":
+			return healthcheckCommand(args[1:], stdout, stderr)
+		case "ek-hash":
+			return ekHashCommand(args[1:], stdout, stderr)
+		case "policy":
+			return policyCommand(args[1:], stdout, stderr)
+		case "hosts":
+			return hostsCommand(args[1:], stdout, stderr)
+		}
 	}
 	cfg := config.New()
 	if err := cfg.Parse(args, os.Getenv); err != nil {
 		if errors.Is(err, pflag.ErrHelp) {
+			fmt.Fprint(stdout, usageHead+config.New().Usage())
 			return exitOK
 		}
-		printErrors(stderr, "sovrad: bad arguments", err)
+		printErrors(stderr, "sovrad: bad arguments (sovrad --help lists the flags and commands)", err)
 		return exitUsage
 	}
 	if err := cfg.Validate(); err != nil {
@@ -143,9 +171,12 @@ func newLogger(level string) (*zap.Logger, error) {
 	if err != nil {
 		return nil, err
 	}
-	klog.SetLogger(zapr.NewLogger(log.Named("k8s")))
+	// Quiet start: at info, the libraries say only their warnings and
+	// errors (the API server's ~120 start-up lines would bury the few that
+	// matter); --log-level debug brings their info lines back.
+	klog.SetLogger(zapr.NewLogger(logging.Library(log.Named("k8s"))))
 	logrus.SetFormatter(&logrus.JSONFormatter{})
-	if lvl > zapcore.InfoLevel {
+	if lvl >= zapcore.InfoLevel {
 		logrus.SetLevel(logrus.WarnLevel)
 	}
 	return log, nil

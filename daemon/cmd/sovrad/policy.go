@@ -73,22 +73,28 @@ func policyCommand(args []string, stdout, stderr io.Writer) int {
 	fs.IntSliceVar(&pcrs, "pcrs", attestation.PolicyPCRs, "PCRs to require, of those the agent quotes")
 	fs.StringVar(&kubeconfig, "kubeconfig", "", "kubeconfig to read the node with (default: $KUBECONFIG, else the data directory's admin.kubeconfig)")
 	fs.StringVar(&dataDir, "data-dir", defaultDataDir(), "sovrad's data directory, for its admin.kubeconfig")
-	fs.Usage = func() {
-		fmt.Fprint(stderr, policyUsage)
+	// usage goes to stdout when asked for (--help), else to stderr.
+	usageTo := func(w io.Writer) {
+		fs.SetOutput(w)
+		fmt.Fprint(w, policyUsage)
 		fs.PrintDefaults()
+		fs.SetOutput(stderr)
 	}
+	fs.Usage = func() {} // printed below: to stdout when asked for
 	switch {
-	case len(args) == 1 && (args[0] == "-h" || args[0] == "--help"):
-		fs.Usage()
+	case len(args) == 1 && (args[0] == "-h" || args[0] == "--help" || args[0] == "help"):
+		usageTo(stdout)
 		return exitOK
 	case len(args) == 0 || args[0] != "capture":
-		fs.Usage()
+		usageTo(stderr)
 		return exitUsage
 	}
 	if err := fs.Parse(args[1:]); err != nil {
 		if errors.Is(err, pflag.ErrHelp) {
+			usageTo(stdout)
 			return exitOK
 		}
+		usageTo(stderr)
 		return exitUsage
 	}
 	var bad []error

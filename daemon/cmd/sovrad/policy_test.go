@@ -6,8 +6,8 @@ import (
 	"testing"
 )
 
-// TestPolicyCommandArguments: help exits 0, bad arguments exit 2 with a
-// message, before anything is read.
+// TestPolicyCommandArguments: help exits 0 with the usage on stdout, bad
+// arguments exit 2 with a message on stderr, before anything is read.
 func TestPolicyCommandArguments(t *testing.T) {
 	for _, c := range []struct {
 		args []string
@@ -26,7 +26,11 @@ func TestPolicyCommandArguments(t *testing.T) {
 	} {
 		var out, errOut bytes.Buffer
 		code := policyCommand(c.args, &out, &errOut)
-		if code != c.code || !strings.Contains(errOut.String(), c.says) || out.Len() != 0 {
+		said, silent := &errOut, &out
+		if c.code == exitOK {
+			said, silent = &out, &errOut
+		}
+		if code != c.code || !strings.Contains(said.String(), c.says) || silent.Len() != 0 {
 			t.Errorf("%q: exit %d, stderr %q, stdout %q; want exit %d saying %q", c.args, code, errOut.String(), out.String(), c.code, c.says)
 		}
 	}

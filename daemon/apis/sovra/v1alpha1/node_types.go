@@ -261,6 +261,7 @@ type Unseal struct {
 // +kubebuilder:printcolumn:name="Enrolled",type=date,JSONPath=`.status.enrolledAt`
 // +kubebuilder:printcolumn:name="Unexpected Unseal",type=string,JSONPath=`.status.conditions[?(@.type=="UnexpectedUnseal")].status`,priority=1
 // +kubebuilder:printcolumn:name="Sealing Until",type=date,JSONPath=`.status.sealing.window.expires`,priority=1
+// +kubebuilder:validation:XValidation:rule="(has(self.spec) && size(self.spec.ekHash) == 64 && self.metadata.name == 'ek-' + self.spec.ekHash.substring(0, 32)) || ((self.metadata.name.startsWith('kms-lab-') || self.metadata.name.startsWith('boot-')) && has(self.spec) && self.spec.ekHash == '0000000000000000000000000000000000000000000000000000000000000000')",message="metadata.name must be ek- and the first 32 hex digits of spec.ekHash: enrollment finds a node's record by that name, so a record under another name would never be used (sovrad ek-hash prints both); only sovrad's pending records (kms-lab-UUID, boot-UUID) hold the all-zero placeholder hash under another name"
 type SovraNode struct {
 	metav1.TypeMeta   `json:",inline"`
 	metav1.ObjectMeta `json:"metadata,omitempty"`
