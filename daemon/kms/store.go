@@ -109,7 +109,9 @@ type kubeStore struct {
 	logger   *zap.Logger
 }
 
-func newKubeStore(ctx context.Context, cfg *rest.Config, installCRDs bool, logger *zap.Logger) (*kubeStore, error) {
+// newKubeStore connects to the API at cfg and waits for the sovra.dev CRDs,
+// which the daemon installs.
+func newKubeStore(ctx context.Context, cfg *rest.Config, logger *zap.Logger) (*kubeStore, error) {
 	scheme, err := attestation.Scheme()
 	if err != nil {
 		return nil, err
@@ -121,11 +123,6 @@ func newKubeStore(ctx context.Context, cfg *rest.Config, installCRDs bool, logge
 	c, err := client.New(jsonCfg, client.Options{Scheme: scheme})
 	if err != nil {
 		return nil, fmt.Errorf("creating API client: %w", err)
-	}
-	if installCRDs {
-		if err := attestation.InstallCRDs(ctx, c); err != nil {
-			return nil, err
-		}
 	}
 	if err := attestation.WaitForCRDs(ctx, c); err != nil {
 		return nil, err

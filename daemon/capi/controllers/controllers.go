@@ -20,8 +20,16 @@ const (
 	ClusterResourceSet = "clusterresourceset"
 	TalosConfig        = "talosconfig"
 	TalosControlPlane  = "taloscontrolplane"
-	GarbageCollector   = "garbagecollector"
-	Namespace          = "namespace"
+	// The upstream kube-controller-manager controllers (package
+	// kubecontrollers), by kube-controller-manager's own short names.
+	GarbageCollector                = "garbagecollector"
+	Namespace                       = "namespace"
+	ClusterRoleAggregation          = "clusterrole-aggregation"
+	ServiceAccount                  = "serviceaccount"
+	RootCACertPublisher             = "root-ca-cert-publisher"
+	ResourceQuota                   = "resourcequota"
+	CSRCleaner                      = "csrcleaner"
+	ValidatingAdmissionPolicyStatus = "validatingadmissionpolicy-status"
 
 	// All selects every controller; None selects none (the replica serves the
 	// API only); -name removes one from the selection so far.
@@ -32,7 +40,9 @@ const (
 // Names lists every controller, in the order they are set up.
 var Names = []string{
 	Cluster, Machine, MachineSet, MachineDeployment, MachineHealthCheck, ClusterResourceSet,
-	TalosConfig, TalosControlPlane, GarbageCollector, Namespace,
+	TalosConfig, TalosControlPlane,
+	GarbageCollector, Namespace, ClusterRoleAggregation, ServiceAccount, RootCACertPublisher,
+	ResourceQuota, CSRCleaner, ValidatingAdmissionPolicyStatus,
 }
 
 // Set is a selection of controllers. The zero value selects none.
