@@ -79,9 +79,27 @@ rules:
 // system:public-info-viewer lets them through; everywhere else they get 401.
 var anonymousPaths = []string{"/livez", "/readyz", "/healthz"}
 
+// oidcUserRules refuse an OIDC token whose user name or a group, once
+// prefixed, starts with system:, which Kubernetes reserves for itself (the
+// groups system:masters and system:nodes, the users system:apiserver and
+// system:sovra:*): an identity provider that lets users shape a claim must
+// not reach them. Expressions on the user info, as the structured
+// configuration's userValidationRules take them.
+var oidcUserRules = []map[string]string{
+	{
+		"expression": "!user.username.startsWith('" + config.ReservedPrefix + "')",
+		"message":    "OIDC user names must not start with " + config.ReservedPrefix,
+	},
+	{
+		"expression": "user.groups.all(g, !g.startsWith('" + config.ReservedPrefix + "'))",
+		"message":    "OIDC groups must not start with " + config.ReservedPrefix,
+	},
+}
+
 // authenticationConfig renders the API server's structured authentication
 // configuration: anonymous access limited to health checks, and OIDC when an
-// issuer is configured. JSON is valid YAML, so the file is JSON.
+// issuer is configured, with kube-apiserver's prefixes and no reserved
+// names. JSON is valid YAML, so the file is JSON.
 func authenticationConfig(o config.OIDC) ([]byte, error) {
 	type condition struct {
 		Path string `json:"path"`
@@ -106,12 +124,12 @@ func authenticationConfig(o config.OIDC) ([]byte, error) {
 			issuer["certificateAuthority"] = string(ca)
 		}
 		mappings := map[string]any{
-			"username": map[string]any{"claim": o.UsernameClaim, "prefix": ""},
+			"username": map[string]any{"claim": o.UsernameClaim, "prefix": o.EffectiveUsernamePrefix()},
 		}
 		if o.GroupsClaim != "" {
-			mappings["groups"] = map[string]any{"claim": o.GroupsClaim, "prefix": ""}
+			mappings["groups"] = map[string]any{"claim": o.GroupsClaim, "prefix": o.GroupsPrefix}
 		}
-		doc["jwt"] = []any{map[string]any{"issuer": issuer, "claimMappings": mappings}}
+		doc["jwt"] = []any{map[string]any{"issuer": issuer, "claimMappings": mappings, "userValidationRules": oidcUserRules}}
 	}
 	return json.MarshalIndent(doc, "", "  ")
 }
