@@ -24,6 +24,7 @@ import (
 
 	"github.com/sovra-dev/sovra/daemon/apiserver"
 	"github.com/sovra-dev/sovra/daemon/attestation"
+	"github.com/sovra-dev/sovra/daemon/bootconfig"
 	"github.com/sovra-dev/sovra/daemon/capi"
 	"github.com/sovra-dev/sovra/daemon/capi/controllers"
 	"github.com/sovra-dev/sovra/daemon/capi/crds"
@@ -115,9 +116,32 @@ func Run(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 	}
 
 	var nodes *nodeapi.Server
+	var boot *bootconfig.Server
+	var bootLis net.Listener
 	if cfg.NodeAPI.Listen != "" {
 		if nodes, err = newNodeAPI(cfg, files, ids.NodeAPI, auth, log); err != nil {
 			return err
+		}
+		machines, err := machineDaemon(cfg, files)
+		if err != nil {
+			return err
+		}
+		pool, err := newHostService(cfg, machines, api.Loopback, log)
+		if err != nil {
+			return err
+		}
+		nodes.Register(pool.Register)
+		if cfg.Hosts.BootListen != "" {
+			if boot, err = newBootServer(cfg, machines, files, keys, log); err != nil {
+				return err
+			}
+			if bootLis, err = net.Listen("tcp", cfg.Hosts.BootListen); err != nil {
+				return fmt.Errorf("listening for the boot server on %s: %w", cfg.Hosts.BootListen, err)
+			}
+			if host, _, _ := net.SplitHostPort(machines.Endpoint); net.ParseIP(host).IsLoopback() {
+				log.Warn("the enrollment configuration points machines at a loopback address: set --node-endpoint or --advertise-address", zap.String("endpoint", machines.Endpoint))
+			}
+			log.Info("boot server: machines boot with talos.config="+bootconfig.URL(cfg.Hosts.BootListen), zap.String("node_endpoint", machines.Endpoint))
 		}
 	}
 
@@ -131,6 +155,14 @@ func Run(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 				return nil // shutting down before ready
 			}
 			return runNodeAPI(gctx, nodes, ids.NodeAPI, cfg.NodeAPI.Listen, limiter, rd.nodeAPI)
+		})
+	}
+	if boot != nil {
+		g.Go(func() error {
+			if !readyOrDone(gctx, ready) {
+				return nil // shutting down before ready
+			}
+			return boot.Serve(gctx, limiter.Wrap(bootLis, "boot server"))
 		})
 	}
 	switch {

@@ -20,6 +20,9 @@ const (
 	ClusterResourceSet = "clusterresourceset"
 	TalosConfig        = "talosconfig"
 	TalosControlPlane  = "taloscontrolplane"
+	// Infrastructure is sovra's own infrastructure provider (SovraCluster,
+	// SovraMachine) and its pool of hosts.
+	Infrastructure = "infrastructure"
 	// The upstream kube-controller-manager controllers (package
 	// kubecontrollers), by kube-controller-manager's own short names.
 	GarbageCollector                = "garbagecollector"
@@ -40,7 +43,7 @@ const (
 // Names lists every controller, in the order they are set up.
 var Names = []string{
 	Cluster, Machine, MachineSet, MachineDeployment, MachineHealthCheck, ClusterResourceSet,
-	TalosConfig, TalosControlPlane,
+	TalosConfig, TalosControlPlane, Infrastructure,
 	GarbageCollector, Namespace, ClusterRoleAggregation, ServiceAccount, RootCACertPublisher,
 	ResourceQuota, CSRCleaner, ValidatingAdmissionPolicyStatus,
 }

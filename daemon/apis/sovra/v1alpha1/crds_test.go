@@ -22,7 +22,7 @@ func TestCRDsCoverTypes(t *testing.T) {
 		}
 		kinds[c.Spec.Names.Kind] = true
 	}
-	for _, obj := range []runtime.Object{&SovraNode{}, &AttestationPolicy{}, &AttestationNonce{}, &UUIDClaim{}, &UnsealLedger{}} {
+	for _, obj := range []runtime.Object{&SovraNode{}, &AttestationPolicy{}, &AttestationNonce{}, &UUIDClaim{}, &UnsealLedger{}, &Host{}} {
 		kind := reflect.TypeOf(obj).Elem().Name()
 		if !kinds[kind] {
 			t.Errorf("kind %s has no CRD: run go generate ./daemon/apis/...", kind)

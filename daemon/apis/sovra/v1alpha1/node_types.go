@@ -8,8 +8,9 @@ import (
 // the KMS finds a node by the UUID Talos sends.
 const LabelUUID = "sovra.dev/uuid"
 
-// LabelLabPending marks a record the KMS created, in lab mode, for a node
-// that sealed before it enrolled; its salt moves to the node's enrolled
+// LabelLabPending marks a pending record: one sovrad made for a machine that
+// seals before it enrolls (in lab mode, on its first Seal; or when it fetched
+// the enrollment configuration); its salt moves to the machine's enrolled
 // record when one claims the same UUID.
 const LabelLabPending = "kms.sovra.dev/lab-pending"
 
@@ -47,6 +48,9 @@ const (
 	WindowOperator = "Operator"
 	// WindowWipe: sovra wiped the machine and it formats its volumes anew.
 	WindowWipe = "Wipe"
+	// WindowBootConfig: a machine sovra never saw fetched the enrollment
+	// configuration; the window is bound to the address it fetched from.
+	WindowBootConfig = "BootConfig"
 )
 
 // Limits of the status lists.
@@ -134,6 +138,10 @@ type SovraNodeStatus struct {
 	// Claims are the claims of the last verified quote.
 	// +optional
 	Claims map[string]string `json:"claims,omitempty"`
+	// Policies are the AttestationPolicies the last attestation was judged by.
+	// +optional
+	// +listType=atomic
+	Policies []string `json:"policies,omitempty"`
 	// Conditions: Enrolled and Attested.
 	// +optional
 	// +listType=map
@@ -192,6 +200,10 @@ type Sealing struct {
 	// +optional
 	// +listType=atomic
 	Recent []SealedBlob `json:"recent,omitempty"`
+	// SaltReplaced is when the node's salt was last replaced (its machine
+	// was wiped): every blob sealed before is dead.
+	// +optional
+	SaltReplaced *metav1.Time `json:"saltReplaced,omitempty"`
 }
 
 // SealingWindow is a time in which the KMS Seals for a node.
@@ -204,6 +216,9 @@ type SealingWindow struct {
 	// By says who opened it.
 	// +optional
 	By string `json:"by,omitempty"`
+	// Source, when set, is the only address Seals may come from.
+	// +optional
+	Source string `json:"source,omitempty"`
 }
 
 // SealedBlob is a blob the KMS sealed.

@@ -21,7 +21,8 @@ func init() {
 		&AttestationPolicy{}, &AttestationPolicyList{},
 		&AttestationNonce{}, &AttestationNonceList{},
 		&UUIDClaim{}, &UUIDClaimList{},
-		&UnsealLedger{}, &UnsealLedgerList{})
+		&UnsealLedger{}, &UnsealLedgerList{},
+		&Host{}, &HostList{})
 }
 
 // Ensure the types are runtime.Objects.
