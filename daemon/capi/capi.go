@@ -77,6 +77,10 @@ type Config struct {
 	Client *rest.Config
 	// KubeControllers is the identity of the upstream controllers.
 	KubeControllers *rest.Config
+	// Infrastructure is the identity of sovra's infrastructure provider
+	// (SovraCluster, SovraMachine), Hosts that of the host pool's
+	// reconciler: they run in the manager but read and write as themselves.
+	Infrastructure, Hosts *rest.Config
 	// CA is the daemon's CA: it issues the webhook serving certificate and
 	// verifies it for the API server, and the root CA publisher publishes it.
 	CA *pki.CA

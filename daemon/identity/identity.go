@@ -32,6 +32,13 @@ const (
 	// Controllers runs the upstream kube-controller-manager controllers
 	// (package kubecontrollers).
 	Controllers = "system:sovra:controllers"
+	// Hosts is the host pool: the metadata service the agents sync with
+	// (on the node API) and the reconciler of the Hosts' phases.
+	Hosts = "system:sovra:hosts"
+	// Infrastructure is sovra's Cluster API infrastructure provider: the
+	// SovraCluster and SovraMachine reconcilers, which claim and release
+	// hosts.
+	Infrastructure = "system:sovra:infrastructure"
 
 	// Group holds every component's user; the default audit policy does not
 	// record the components' reads.
@@ -39,12 +46,12 @@ const (
 )
 
 // Users lists the components' users.
-var Users = []string{CAPI, KMS, NodeAPI, Shred, Controllers}
+var Users = []string{CAPI, KMS, NodeAPI, Shred, Controllers, Hosts, Infrastructure}
 
 // Clients are the client configurations of every component, for the
 // daemon's API.
 type Clients struct {
-	CAPI, KMS, NodeAPI, Shred, Controllers *rest.Config
+	CAPI, KMS, NodeAPI, Shred, Controllers, Hosts, Infrastructure *rest.Config
 }
 
 // NewClients issues every component's credential with ca and returns
@@ -55,7 +62,8 @@ func NewClients(loopback *rest.Config, ca *pki.CA) (*Clients, error) {
 	for _, out := range []struct {
 		user string
 		to   **rest.Config
-	}{{CAPI, &c.CAPI}, {KMS, &c.KMS}, {NodeAPI, &c.NodeAPI}, {Shred, &c.Shred}, {Controllers, &c.Controllers}} {
+	}{{CAPI, &c.CAPI}, {KMS, &c.KMS}, {NodeAPI, &c.NodeAPI}, {Shred, &c.Shred}, {Controllers, &c.Controllers},
+		{Hosts, &c.Hosts}, {Infrastructure, &c.Infrastructure}} {
 		cfg, err := ClientConfig(loopback, ca, out.user)
 		if err != nil {
 			return nil, err

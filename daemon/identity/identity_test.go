@@ -28,7 +28,8 @@ func TestClientConfig(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for user, cfg := range map[string]*rest.Config{CAPI: c.CAPI, KMS: c.KMS, NodeAPI: c.NodeAPI, Shred: c.Shred, Controllers: c.Controllers} {
+	for user, cfg := range map[string]*rest.Config{CAPI: c.CAPI, KMS: c.KMS, NodeAPI: c.NodeAPI, Shred: c.Shred, Controllers: c.Controllers,
+		Hosts: c.Hosts, Infrastructure: c.Infrastructure} {
 		if cfg.BearerToken != "" || cfg.Host != loopback.Host || cfg.ServerName != loopback.ServerName || string(cfg.CAData) != "loopback CA" {
 			t.Errorf("%s: %+v", user, cfg)
 		}
@@ -112,6 +113,25 @@ func TestLeastPrivilege(t *testing.T) {
 		{CAPI, req("update", "sovra.dev", "sovranodes", "status", "", "ek-1"), false},
 		{CAPI, req("create", "admissionregistration.k8s.io", "validatingwebhookconfigurations", "", "", "evil"), false},
 		{CAPI, req("create", "rbac.authorization.k8s.io", "clusterrolebindings", "", "", ""), false},
+		{Hosts, req("create", "sovra.dev", "hosts", "", "", "ek-1"), true},
+		{Hosts, req("update", "sovra.dev", "hosts", "status", "", "ek-1"), true},
+		{Hosts, req("get", "", "secrets", "", "prod", "prod-cp-bootstrap"), true},
+		{Hosts, req("create", "", "secrets", "", Namespace, "agent-ca-ek-1"), true},
+		{Hosts, req("create", "", "secrets", "", "prod", "s"), false},
+		{Hosts, req("list", "", "secrets", "", "", ""), false},
+		{Hosts, req("delete", "sovra.dev", "hosts", "", "", "ek-1"), false},
+		{Hosts, req("update", "sovra.dev", "sovranodes", "status", "", "ek-1"), false},
+		{Hosts, req("update", "infrastructure.cluster.x-k8s.io", "sovramachines", "", "prod", "m"), false},
+		{Infrastructure, req("patch", "infrastructure.cluster.x-k8s.io", "sovramachines", "status", "prod", "m"), true},
+		{Infrastructure, req("update", "sovra.dev", "hosts", "", "", "ek-1"), true},
+		{Infrastructure, req("update", "sovra.dev", "sovranodes", "status", "", "ek-1"), true},
+		{Infrastructure, req("watch", "cluster.x-k8s.io", "machines", "", "", ""), true},
+		{Infrastructure, req("update", "cluster.x-k8s.io", "machines", "", "prod", "m"), false},
+		{Infrastructure, req("get", "", "secrets", "", "prod", "s"), false},
+		{Infrastructure, req("create", "sovra.dev", "hosts", "", "", ""), false},
+		{Infrastructure, req("delete", "sovra.dev", "sovranodes", "", "", "ek-1"), false},
+		{KMS, req("create", "sovra.dev", "uuidclaims", "", "", "u"), true},
+		{KMS, req("update", "sovra.dev", "hosts", "", "", "ek-1"), false},
 	} {
 		got := rbac.RulesAllow(tc.attrs, rules[tc.user]...) ||
 			tc.attrs.Namespace != "" && rbac.RulesAllow(tc.attrs, rules[tc.user+" in "+tc.attrs.Namespace]...)

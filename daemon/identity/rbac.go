@@ -41,6 +41,10 @@ const (
 	flowSchemaName    = "sovra-components"
 	flowPriorityLevel = "workload-high"
 	flowPrecedence    = 800
+
+	// The API groups of Cluster API and of its infrastructure providers.
+	clusterGroup        = "cluster.x-k8s.io"
+	infrastructureGroup = "infrastructure.cluster.x-k8s.io"
 )
 
 // upstreamControllerRoles are the RBAC bootstrap roles of the upstream
@@ -120,6 +124,32 @@ func Objects(providers []crds.Provider) ([]client.Object, error) {
 	for _, r := range upstreamControllerRoles {
 		objs = append(objs, binding(Controllers+":"+r, upstreamControllerRole+r, Controllers))
 	}
+
+	objs = append(objs, clusterRole(Hosts, []rbacv1.PolicyRule{
+		rule(v1alpha1.GroupVersion.Group, []string{"hosts"}, []string{"get", "list", "watch", "create", "update"}),
+		rule(v1alpha1.GroupVersion.Group, []string{"hosts/status"}, []string{"update"}),
+		rule(v1alpha1.GroupVersion.Group, []string{"sovranodes"}, read),
+		// A claimed host's configuration is its Machine's bootstrap data:
+		// the Secret the Machine names, in the cluster's namespace.
+		rule(infrastructureGroup, []string{"sovramachines"}, []string{"get"}),
+		rule(clusterGroup, []string{"machines"}, []string{"get"}),
+		rule("", []string{"secrets"}, []string{"get"}),
+		events(),
+	})...)
+	// The hosts' agent CAs are Secrets in sovrad's namespace.
+	objs = append(objs, role(Hosts, []rbacv1.PolicyRule{rule("", []string{"secrets"}, []string{"get", "create"})})...)
+	objs = append(objs, clusterRole(Infrastructure, []rbacv1.PolicyRule{
+		rule(infrastructureGroup, []string{"sovramachines", "sovraclusters"}, []string{"get", "list", "watch", "update", "patch"}),
+		rule(infrastructureGroup, []string{"sovramachines/status", "sovraclusters/status"}, modify),
+		rule(clusterGroup, []string{"machines", "clusters"}, read),
+		rule(v1alpha1.GroupVersion.Group, []string{"hosts"}, []string{"get", "list", "watch", "update"}),
+		rule(v1alpha1.GroupVersion.Group, []string{"hosts/status"}, []string{"update"}),
+		// Releasing a host replaces its record's key salt and opens a wipe
+		// sealing window (package hosts, Release).
+		rule(v1alpha1.GroupVersion.Group, []string{"sovranodes"}, []string{"get"}),
+		rule(v1alpha1.GroupVersion.Group, []string{"sovranodes/status"}, []string{"update"}),
+		events(),
+	})...)
 
 	capiRules, err := capiRules(providers)
 	if err != nil {

@@ -126,7 +126,7 @@ func Run(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 		if err != nil {
 			return err
 		}
-		pool, err := newHostService(cfg, machines, api.Loopback, log)
+		pool, err := newHostService(cfg, machines, ids.Hosts, log)
 		if err != nil {
 			return err
 		}
@@ -232,6 +232,8 @@ func Run(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 			Loopback:        api.Loopback,
 			Client:          ids.CAPI,
 			KubeControllers: ids.Controllers,
+			Infrastructure:  ids.Infrastructure,
+			Hosts:           ids.Hosts,
 			CA:              files.CA,
 			DataDir:         files.Dir,
 			WebhookIP:       files.AdvertiseIP,
