@@ -63,7 +63,10 @@ func (w audited) matches(e auditEntry) bool {
 // system:sovra:nodeapi, the KMS's salt write as system:sovra:kms, the
 // shredder's scrub of a revoked record as system:sovra:shred, the default ServiceAccount and
 // kube-root-ca.crt of a new namespace as system:sovra:controllers, Cluster
-// API's finalizer on a Cluster as system:sovra:capi. None of them is refused
+// API's finalizer on a Cluster as system:sovra:capi, the host pool's mirror
+// of the node's attestation on its Host as system:sovra:hosts, the
+// infrastructure provider's finalizer and status on a SovraCluster as
+// system:sovra:infrastructure. None of them is refused
 // anything it needs (no 403 for a component, from the start), none acts as
 // the API server's superuser, and lease renewals are not recorded.
 func TestAuditNamesEachComponent(t *testing.T) {
@@ -100,6 +103,29 @@ spec: {}
 `))
 
 	node := a.NodeName()
+	// A host of the pool for the node: the host pool's reconciler mirrors
+	// the node's attestation on it (before the node goes).
+	d.kubectl(t, "create", "-f", writeManifest(t, `apiVersion: sovra.dev/v1alpha1
+kind: Host
+metadata:
+  name: `+node+`
+spec: {}
+`))
+	for deadline := time.Now().Add(auditWait); !strings.Contains(d.kubectl(t, "get", "host", node, "-o", "jsonpath={.status.conditions[*].type}"), "Attested"); {
+		if time.Now().After(deadline) {
+			t.Fatal("the host pool's reconciler did not mirror the node's attestation on its Host")
+		}
+		time.Sleep(pollPause)
+	}
+	d.WaitEstablished("sovraclusters.infrastructure.cluster.x-k8s.io")
+	d.kubectl(t, "-n", "audited", "create", "-f", writeManifest(t, `apiVersion: infrastructure.cluster.x-k8s.io/v1alpha1
+kind: SovraCluster
+metadata:
+  name: audited
+  namespace: audited
+spec:
+  controlPlaneEndpoint: {host: 10.5.0.100, port: 6443}
+`))
 	d.kubectl(t, "delete", "sovranode", node, "--wait=false") // a revocation: the shredder scrubs the salt
 	want := []audited{
 		{"enrollment", "system:sovra:nodeapi", []string{"create"}, "sovranodes", "", "", node},
@@ -110,6 +136,9 @@ spec: {}
 		{"the default ServiceAccount", "system:sovra:controllers", []string{"create"}, "serviceaccounts", "", "audited", "default"},
 		{"kube-root-ca.crt", "system:sovra:controllers", []string{"create"}, "configmaps", "", "audited", "kube-root-ca.crt"},
 		{"Cluster API's finalizer", "system:sovra:capi", []string{"update", "patch"}, "clusters", "", "audited", "audited"},
+		{"the host pool's reconciler", "system:sovra:hosts", []string{"update"}, "hosts", "status", "", node},
+		{"the infrastructure provider's finalizer", "system:sovra:infrastructure", []string{"update", "patch"}, "sovraclusters", "", "audited", "audited"},
+		{"the infrastructure provider's status", "system:sovra:infrastructure", []string{"update", "patch"}, "sovraclusters", "status", "audited", "audited"},
 	}
 	var seen []auditEntry
 	deadline := time.Now().Add(auditWait)
@@ -149,7 +178,7 @@ spec: {}
 		case e.ObjectRef.Resource == "leases" && e.ObjectRef.Name == "sovrad-controllers" && e.Verb == "update":
 			t.Errorf("the controllers' Lease renewal is recorded: %+v", e)
 		case e.User.Username == "system:apiserver" && e.Verb != "get" && e.Verb != "list" && e.Verb != "watch" &&
-			(e.ObjectRef.APIGroup == "sovra.dev" || e.ObjectRef.APIGroup == "cluster.x-k8s.io" || e.ObjectRef.Namespace == "audited"):
+			(e.ObjectRef.APIGroup == "sovra.dev" || strings.HasSuffix(e.ObjectRef.APIGroup, "cluster.x-k8s.io") || e.ObjectRef.Namespace == "audited"):
 			t.Errorf("a component wrote as the API server's superuser: %+v", e)
 		}
 	}
