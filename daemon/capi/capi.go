@@ -2,9 +2,9 @@
 // core, the Talos bootstrap (CABPT) and control-plane (CACPPT) providers and
 // sovra's own infrastructure provider (package infra),
 // serves and registers their webhooks, and runs their controllers, with the
-// upstream garbage collector, in one controller-runtime manager elected over
-// a Lease in the daemon's own API, so that N replicas on one database run
-// exactly one active manager.
+// upstream kube-controller-manager controllers (package kubecontrollers), in
+// one controller-runtime manager elected over a Lease in the daemon's own
+// API, so that N replicas on one database run exactly one active manager.
 package capi
 
 import (
@@ -34,8 +34,7 @@ import (
 
 	"github.com/sovra-dev/sovra/daemon/capi/controllers"
 	"github.com/sovra-dev/sovra/daemon/capi/crds"
-	"github.com/sovra-dev/sovra/daemon/capi/gc"
-	"github.com/sovra-dev/sovra/daemon/capi/namespace"
+	"github.com/sovra-dev/sovra/daemon/capi/kubecontrollers"
 	"github.com/sovra-dev/sovra/daemon/capi/webhooks"
 	"github.com/sovra-dev/sovra/daemon/logging"
 	"github.com/sovra-dev/sovra/daemon/pki"
@@ -71,10 +70,20 @@ const (
 
 // Config is what Run needs from the daemon.
 type Config struct {
-	// Loopback is a privileged client configuration for the daemon's API.
+	// Loopback is the API server's superuser, for the bootstrap steps only:
+	// installing the CRDs and creating the webhook configurations.
 	Loopback *rest.Config
+	// Client is Cluster API's own identity (package identity): the manager,
+	// its controllers and the webhooks' registration act as it.
+	Client *rest.Config
+	// KubeControllers is the identity of the upstream controllers.
+	KubeControllers *rest.Config
+	// Infrastructure is the identity of sovra's infrastructure provider
+	// (SovraCluster, SovraMachine), Hosts that of the host pool's
+	// reconciler: they run in the manager but read and write as themselves.
+	Infrastructure, Hosts *rest.Config
 	// CA is the daemon's CA: it issues the webhook serving certificate and
-	// verifies it for the API server.
+	// verifies it for the API server, and the root CA publisher publishes it.
 	CA *pki.CA
 	// DataDir holds the webhook serving certificate.
 	DataDir string
@@ -114,15 +123,9 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger) error {
 	// only, unless --log-level debug.
 	ctrl.SetLogger(zapr.NewLogger(logging.Library(log)))
 
-	restCfg := rest.CopyConfig(cfg.Loopback)
-	// The Talos providers' types have no protobuf marshalling.
-	restCfg.ContentType = runtime.ContentTypeJSON
-	restCfg.AcceptContentTypes = runtime.ContentTypeJSON
-	restCfg.QPS, restCfg.Burst = qps, burst
-	restCfg.UserAgent = remote.DefaultClusterAPIUserAgent(userAgentSource)
-
+	restCfg := clientConfig(cfg.Client)
 	scheme := NewScheme()
-	setupClient, err := client.New(restCfg, client.Options{Scheme: scheme})
+	setupClient, err := client.New(clientConfig(cfg.Loopback), client.Options{Scheme: scheme})
 	if err != nil {
 		return fmt.Errorf("creating the Cluster API setup client: %w", err)
 	}
@@ -164,6 +167,17 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger) error {
 	}
 }
 
+// clientConfig is cfg as Cluster API's clients speak.
+func clientConfig(cfg *rest.Config) *rest.Config {
+	cfg = rest.CopyConfig(cfg)
+	// The Talos providers' types have no protobuf marshalling.
+	cfg.ContentType = runtime.ContentTypeJSON
+	cfg.AcceptContentTypes = runtime.ContentTypeJSON
+	cfg.QPS, cfg.Burst = qps, burst
+	cfg.UserAgent = remote.DefaultClusterAPIUserAgent(userAgentSource)
+	return cfg
+}
+
 // errLeadershipLost is the error controller-runtime's manager stops with when
 // it can no longer renew its Lease (it has no sentinel for it).
 const errLeadershipLost = "leader election lost"
@@ -193,14 +207,10 @@ func runManager(ctx context.Context, cfg Config, restCfg *rest.Config, scheme *r
 		hooks.Close()
 		return err
 	}
-	if cfg.Controllers.Has(controllers.GarbageCollector) {
-		if err := mgr.Add(&gc.Collector{Config: cfg.Loopback, Log: log.Named("gc")}); err != nil {
-			hooks.Close()
-			return err
-		}
-	}
-	if cfg.Controllers.Has(controllers.Namespace) {
-		if err := mgr.Add(&namespace.Controller{Config: cfg.Loopback, Log: log.Named("namespace")}); err != nil {
+	if kubecontrollers.Any(cfg.Controllers) {
+		if err := mgr.Add(&kubecontrollers.Manager{
+			Config: cfg.KubeControllers, RootCA: cfg.CA.PEM, Selected: cfg.Controllers, Log: log.Named("kube-controllers"),
+		}); err != nil {
 			hooks.Close()
 			return err
 		}
@@ -221,8 +231,9 @@ func runManager(ctx context.Context, cfg Config, restCfg *rest.Config, scheme *r
 	return nil
 }
 
-// install creates the namespace of the Lease and installs the CRDs, retrying
-// while the API server finishes starting, then waits until they are served.
+// install creates the namespace of the Lease, installs the CRDs and creates
+// the webhook configurations the registrar fills, retrying while the API
+// server finishes starting, then waits until the CRDs are served.
 func install(ctx context.Context, c client.Client, providers []crds.Provider, conv crds.Conversion, started time.Time, log *zap.Logger) error {
 	begin := time.Now()
 	err := wait.PollUntilContextCancel(ctx, setupRetryInterval, true, func(ctx context.Context) (bool, error) {
@@ -232,6 +243,9 @@ func install(ctx context.Context, c client.Client, providers []crds.Provider, co
 		}
 		if err == nil {
 			err = installHostKinds(ctx, c)
+		}
+		if err == nil {
+			err = webhooks.Create(ctx, c, providers)
 		}
 		if err != nil {
 			log.Warn("installing the Cluster API CRDs, will retry", zap.Error(err))

@@ -3,14 +3,20 @@ package capi
 import (
 	"context"
 	"fmt"
+	"net/http"
 
 	"github.com/go-logr/zapr"
 	"go.uber.org/zap"
 	admissionregistrationv1 "k8s.io/api/admissionregistration/v1"
+	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/record"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/cluster"
 
 	infrav1 "github.com/sovra-dev/sovra/daemon/apis/infrastructure/v1alpha1"
 	"github.com/sovra-dev/sovra/daemon/attestation"
@@ -79,18 +85,29 @@ func installHostKinds(ctx context.Context, c client.Client) error {
 }
 
 // setupSovra registers sovra's infrastructure provider (SovraCluster,
-// SovraMachine), the release of deleted Clusters whose infrastructure kind is
-// missing (package infraref) and the host pool's reconciler, each with the
-// manager's event recorder under its own name.
-func setupSovra(mgr ctrl.Manager, log *zap.Logger) error {
+// SovraMachine), the release of deleted Clusters whose infrastructure kind
+// is missing (package infraref) and the host pool's reconciler. They run in mgr, on the
+// leader, but each reads, writes and records events as its own user (package
+// identity): the provider as cfg.Infrastructure, the reconciler as
+// cfg.Hosts, each through a cache of its own; the release acts as Cluster
+// API's manager, whose Clusters it finishes deleting.
+func setupSovra(mgr ctrl.Manager, cfg Config, log *zap.Logger) error {
+	infraMgr, err := asComponent(mgr, cfg.Infrastructure)
+	if err != nil {
+		return fmt.Errorf("setting up the infrastructure provider's client: %w", err)
+	}
+	hostsMgr, err := asComponent(mgr, cfg.Hosts)
+	if err != nil {
+		return fmt.Errorf("setting up the host pool's client: %w", err)
+	}
 	clusterLog := zapr.NewLogger(log.Named("sovracluster"))
-	if err := (&infra.ClusterReconciler{Client: mgr.GetClient()}).SetupWithManager(mgr, clusterLog); err != nil {
+	if err := (&infra.ClusterReconciler{Client: infraMgr.GetClient()}).SetupWithManager(infraMgr, clusterLog); err != nil {
 		return err
 	}
 	if err := (&infra.MachineReconciler{
-		Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(),
-		Events: mgr.GetEventRecorderFor("sovra-infrastructure"), Logger: log.Named("sovramachine"),
-	}).SetupWithManager(mgr, zapr.NewLogger(log.Named("sovramachine"))); err != nil {
+		Client: infraMgr.GetClient(), APIReader: infraMgr.GetAPIReader(),
+		Events: infraMgr.GetEventRecorderFor("sovra-infrastructure"), Logger: log.Named("sovramachine"),
+	}).SetupWithManager(infraMgr, zapr.NewLogger(log.Named("sovramachine"))); err != nil {
 		return err
 	}
 	if err := (&infraref.MissingInfrastructureReconciler{
@@ -99,5 +116,43 @@ func setupSovra(mgr ctrl.Manager, log *zap.Logger) error {
 	}).SetupWithManager(mgr); err != nil {
 		return err
 	}
-	return (&hosts.Reconciler{Client: mgr.GetClient(), Events: mgr.GetEventRecorderFor("sovra-hosts"), Logger: log.Named("hosts")}).SetupWithManager(mgr)
+	return (&hosts.Reconciler{
+		Client: hostsMgr.GetClient(), Events: hostsMgr.GetEventRecorderFor("sovra-hosts"), Logger: log.Named("hosts"),
+	}).SetupWithManager(hostsMgr)
+}
+
+// component is a manager whose client side (client, cache, API reader,
+// event recorder) is that of another user: controllers built on it are
+// added to, and run by, the manager it wraps, but act as that user.
+type component struct {
+	ctrl.Manager
+	cluster cluster.Cluster
+}
+
+// asComponent returns mgr acting as the user of cfg, with a cache of its
+// own that mgr starts and syncs before its controllers.
+func asComponent(mgr ctrl.Manager, cfg *rest.Config) (*component, error) {
+	c, err := cluster.New(clientConfig(cfg), func(o *cluster.Options) {
+		o.Scheme = mgr.GetScheme()
+		o.Cache = cacheOptions()
+		o.Client = clientOptions()
+	})
+	if err != nil {
+		return nil, err
+	}
+	if err := mgr.Add(c); err != nil {
+		return nil, err
+	}
+	return &component{Manager: mgr, cluster: c}, nil
+}
+
+func (m *component) GetHTTPClient() *http.Client          { return m.cluster.GetHTTPClient() }
+func (m *component) GetConfig() *rest.Config              { return m.cluster.GetConfig() }
+func (m *component) GetCache() cache.Cache                { return m.cluster.GetCache() }
+func (m *component) GetClient() client.Client             { return m.cluster.GetClient() }
+func (m *component) GetFieldIndexer() client.FieldIndexer { return m.cluster.GetFieldIndexer() }
+func (m *component) GetRESTMapper() meta.RESTMapper       { return m.cluster.GetRESTMapper() }
+func (m *component) GetAPIReader() client.Reader          { return m.cluster.GetAPIReader() }
+func (m *component) GetEventRecorderFor(name string) record.EventRecorder {
+	return m.cluster.GetEventRecorderFor(name)
 }

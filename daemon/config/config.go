@@ -145,9 +145,35 @@ type OIDC struct {
 	IssuerURL     string
 	ClientID      string
 	UsernameClaim string
-	GroupsClaim   string
+	// UsernamePrefix is prepended to every user name, as kube-apiserver's
+	// --oidc-username-prefix: empty means the issuer URL and "#", or nothing
+	// when UsernameClaim is "email"; NoPrefix means nothing.
+	UsernamePrefix string
+	GroupsClaim    string
+	// GroupsPrefix is prepended to every group; empty means nothing, as in
+	// kube-apiserver.
+	GroupsPrefix string
 	// CAFile verifies the issuer's TLS certificate; empty means the system roots.
 	CAFile string
+}
+
+// NoPrefix is the UsernamePrefix that means no prefix, as in kube-apiserver.
+const NoPrefix = "-"
+
+// ReservedPrefix starts the names Kubernetes reserves for itself: no OIDC
+// user name or group may start with it.
+const ReservedPrefix = "system:"
+
+// EffectiveUsernamePrefix is the prefix user names get, by kube-apiserver's
+// rule for --oidc-username-prefix.
+func (o OIDC) EffectiveUsernamePrefix() string {
+	switch {
+	case o.UsernamePrefix == NoPrefix:
+		return ""
+	case o.UsernamePrefix == "" && o.UsernameClaim != "email":
+		return o.IssuerURL + "#"
+	}
+	return o.UsernamePrefix
 }
 
 // NodeAPI configures the node API (gRPC over TLS) and who may enroll.
@@ -257,7 +283,9 @@ func (c *Config) FlagSet() *pflag.FlagSet {
 	fs.StringVar(&c.OIDC.IssuerURL, "oidc-issuer-url", c.OIDC.IssuerURL, "OpenID Connect issuer (https); enables OIDC authentication")
 	fs.StringVar(&c.OIDC.ClientID, "oidc-client-id", c.OIDC.ClientID, "OpenID Connect client ID: the audience tokens must carry")
 	fs.StringVar(&c.OIDC.UsernameClaim, "oidc-username-claim", c.OIDC.UsernameClaim, "token claim used as the user name")
+	fs.StringVar(&c.OIDC.UsernamePrefix, "oidc-username-prefix", c.OIDC.UsernamePrefix, "prefix of OIDC user names (default: the issuer URL and #, none for the email claim, as in kube-apiserver); - for none")
 	fs.StringVar(&c.OIDC.GroupsClaim, "oidc-groups-claim", c.OIDC.GroupsClaim, "token claim holding the user's groups")
+	fs.StringVar(&c.OIDC.GroupsPrefix, "oidc-groups-prefix", c.OIDC.GroupsPrefix, "prefix of OIDC groups (default none, as in kube-apiserver); a token whose user name or a group starts with system: is refused either way")
 	fs.StringVar(&c.OIDC.CAFile, "oidc-ca-file", c.OIDC.CAFile, "CA bundle that verifies the issuer (default: system roots)")
 	fs.StringVar(&c.NodeAPI.Listen, "node-listen", c.NodeAPI.Listen, "TLS address of the node API (enrollment, attestation); empty turns it off")
 	fs.StringSliceVar(&c.NodeAPI.TLSSANs, "node-tls-san", c.NodeAPI.TLSSANs, "extra DNS names or IPs for the node API's serving certificate (node-api.crt), the names nodes and Talos's KMS reach the daemon by (repeat or comma-separate)")
@@ -690,8 +718,8 @@ var SecretFiles = []string{
 func (c *Config) validateOIDC() []error {
 	o := c.OIDC
 	if o.IssuerURL == "" {
-		if o.ClientID != "" || o.GroupsClaim != "" || o.CAFile != "" {
-			return []error{errors.New("--oidc-client-id, --oidc-groups-claim and --oidc-ca-file need --oidc-issuer-url")}
+		if o.ClientID != "" || o.GroupsClaim != "" || o.CAFile != "" || o.UsernamePrefix != "" || o.GroupsPrefix != "" {
+			return []error{errors.New("--oidc-client-id, --oidc-groups-claim, --oidc-ca-file and the --oidc-*-prefix flags need --oidc-issuer-url")}
 		}
 		return nil
 	}
@@ -705,6 +733,12 @@ func (c *Config) validateOIDC() []error {
 	}
 	if o.UsernameClaim == "" {
 		errs = append(errs, errors.New("--oidc-username-claim: must not be empty"))
+	}
+	// Every token would be refused (see datadir's authentication config).
+	for _, p := range []struct{ flag, value string }{{"--oidc-username-prefix", o.UsernamePrefix}, {"--oidc-groups-prefix", o.GroupsPrefix}} {
+		if strings.HasPrefix(p.value, ReservedPrefix) {
+			errs = append(errs, fmt.Errorf("%s %q: must not start with %s, which Kubernetes reserves", p.flag, p.value, ReservedPrefix))
+		}
 	}
 	if o.CAFile != "" {
 		if err := readable(o.CAFile); err != nil {

@@ -178,3 +178,31 @@ func TestMasterKeyCredential(t *testing.T) {
 		t.Fatalf("no credential, yet %q", c.KMS.MasterKeyFile)
 	}
 }
+
+// TestOIDCPrefixes: kube-apiserver's --oidc-username-prefix rule, and
+// prefixes that would put every OIDC name under system: are refused.
+func TestOIDCPrefixes(t *testing.T) {
+	const issuer = "https://idp.example.org"
+	for _, tc := range []struct{ claim, prefix, want string }{
+		{"sub", "", issuer + "#"},
+		{"email", "", ""},
+		{"sub", "-", ""},
+		{"email", "oidc:", "oidc:"},
+		{"preferred_username", "corp:", "corp:"},
+	} {
+		o := OIDC{IssuerURL: issuer, UsernameClaim: tc.claim, UsernamePrefix: tc.prefix}
+		if got := o.EffectiveUsernamePrefix(); got != tc.want {
+			t.Errorf("claim %q, prefix %q: %q, want %q", tc.claim, tc.prefix, got, tc.want)
+		}
+	}
+
+	c := New()
+	c.DataDir = filepath.Join(t.TempDir(), "data")
+	c.OIDC = OIDC{IssuerURL: issuer, ClientID: "sovra", UsernameClaim: "sub", UsernamePrefix: "system:", GroupsPrefix: "system:x-"}
+	err := c.Validate()
+	for _, want := range []string{`--oidc-username-prefix "system:": must not start with system:`, `--oidc-groups-prefix "system:x-"`} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("want %q in %v", want, err)
+		}
+	}
+}

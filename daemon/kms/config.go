@@ -78,9 +78,6 @@ type Config struct {
 	// TrustedProxies are the networks whose X-Forwarded-For header is
 	// believed; from any other peer the header is ignored.
 	TrustedProxies []netip.Prefix
-	// InstallCRDs makes Run install the sovra.dev CRDs; false waits for
-	// whoever installs them (the node API, when it runs in the daemon).
-	InstallCRDs bool
 	// Replica names this replica in its ledger of key releases; it must
 	// differ between replicas and stay the same across restarts. Empty
 	// means "default" (one replica).

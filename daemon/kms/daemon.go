@@ -26,8 +26,10 @@ const rateBurstSeconds = 4
 // with: the node API's serving certificate (nodes trust the node CA), and
 // client certificates verified against the node CA when given (Talos gives
 // none; agents present their node credential for volume keys). replica
-// names this replica in the ledger of key releases (ReplicaName).
-func NewFromConfig(cfg *config.Config, files *datadir.Files, loopback *rest.Config, replica string, logger *zap.Logger) (*Service, *tls.Config, error) {
+// names this replica in the ledger of key releases (ReplicaName);
+// kubeconfig is the KMS's client configuration for the daemon's API (the
+// daemon installs the sovra.dev CRDs; the KMS waits for them).
+func NewFromConfig(cfg *config.Config, files *datadir.Files, kubeconfig *rest.Config, replica string, logger *zap.Logger) (*Service, *tls.Config, error) {
 	c := cfg.KMS
 	if logger == nil {
 		logger = zap.NewNop()
@@ -69,9 +71,7 @@ func NewFromConfig(cfg *config.Config, files *datadir.Files, loopback *rest.Conf
 		Replica:              replica,
 		SourceRate:           rate.Limit(c.RatePerIP),
 		SourceBurst:          max(DefaultSourceBurst, int(math.Ceil(c.RatePerIP*rateBurstSeconds))),
-		// The node API installs the CRDs when it runs; two installers race.
-		InstallCRDs: cfg.NodeAPI.Listen == "",
-	}, loopback, keyring, logger)
+	}, kubeconfig, keyring, logger)
 	if err != nil {
 		return nil, nil, err
 	}

@@ -98,12 +98,13 @@ func (systemClock) Now() time.Time { return time.Now() }
 type Service struct {
 	kmsapi.UnimplementedKMSServiceServer
 
-	cfg      Config
-	policy   string
-	keyring  *custody.Keyring
-	loopback *rest.Config
-	clock    Clock
-	logger   *zap.Logger
+	cfg     Config
+	policy  string
+	keyring *custody.Keyring
+	// kubeconfig is the KMS's client configuration for the daemon's API.
+	kubeconfig *rest.Config
+	clock      Clock
+	logger     *zap.Logger
 	// limits bounds calls per source address, with a global fair share.
 	limits *ratelimit.Keyed
 	// throttled folds the log lines of rate-limited calls per source.
@@ -118,18 +119,18 @@ type Service struct {
 
 type storeBox struct{ Store }
 
-// New returns the KMS over the Kubernetes API at loopback (the daemon's
-// privileged loopback config), with the master keyring. A nil logger
-// discards. Nothing is contacted until Run.
-func New(cfg Config, loopback *rest.Config, keyring *custody.Keyring, logger *zap.Logger) (*Service, error) {
-	if loopback == nil {
+// New returns the KMS over the Kubernetes API at kubeconfig (in sovrad, the
+// KMS's own identity), with the master keyring. A nil logger discards.
+// Nothing is contacted until Run.
+func New(cfg Config, kubeconfig *rest.Config, keyring *custody.Keyring, logger *zap.Logger) (*Service, error) {
+	if kubeconfig == nil {
 		return nil, errors.New("creating KMS: no API client configuration")
 	}
 	s, err := newService(cfg, keyring, nil, logger)
 	if err != nil {
 		return nil, err
 	}
-	s.loopback = loopback
+	s.kubeconfig = kubeconfig
 	return s, nil
 }
 
@@ -184,7 +185,7 @@ func (s *Service) Run(ctx context.Context) error {
 		var ks *kubeStore
 		for {
 			var err error
-			if ks, err = newKubeStore(ctx, s.loopback, s.cfg.InstallCRDs, s.cfg.Replica, s.logger); err == nil {
+			if ks, err = newKubeStore(ctx, s.kubeconfig, s.cfg.Replica, s.logger); err == nil {
 				break
 			}
 			s.logger.Debug("waiting for the API to start the KMS", zap.Error(err))

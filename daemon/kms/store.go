@@ -112,7 +112,9 @@ type kubeStore struct {
 	logger   *zap.Logger
 }
 
-func newKubeStore(ctx context.Context, cfg *rest.Config, installCRDs bool, replica string, logger *zap.Logger) (*kubeStore, error) {
+// newKubeStore connects to the API at cfg and waits for the sovra.dev CRDs,
+// which the daemon installs. replica names this replica's ledger segments.
+func newKubeStore(ctx context.Context, cfg *rest.Config, replica string, logger *zap.Logger) (*kubeStore, error) {
 	scheme, err := attestation.Scheme()
 	if err != nil {
 		return nil, err
@@ -124,11 +126,6 @@ func newKubeStore(ctx context.Context, cfg *rest.Config, installCRDs bool, repli
 	c, err := client.New(jsonCfg, client.Options{Scheme: scheme})
 	if err != nil {
 		return nil, fmt.Errorf("creating API client: %w", err)
-	}
-	if installCRDs {
-		if err := attestation.InstallCRDs(ctx, c); err != nil {
-			return nil, err
-		}
 	}
 	if err := attestation.WaitForCRDs(ctx, c); err != nil {
 		return nil, err

@@ -307,7 +307,9 @@ func toLease(st LeaseState, l *coordinationv1.Lease) {
 	}
 }
 
-// ensureNamespace creates the lease namespace once (create-if-absent).
+// ensureNamespace creates the lease namespace once (create-if-absent). It
+// looks first: sovrad creates the namespace at start, and its components
+// may read it but not create namespaces.
 func (s *Service) ensureNamespace(ctx context.Context) error {
 	s.mu.Lock()
 	ready := s.nsReady
@@ -316,7 +318,13 @@ func (s *Service) ensureNamespace(ctx context.Context) error {
 		return nil
 	}
 	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: s.cfg.Namespace}}
-	if err := s.client.Create(ctx, ns); err != nil && !apierrors.IsAlreadyExists(err) {
+	err := s.client.Get(ctx, client.ObjectKeyFromObject(ns), ns)
+	if apierrors.IsNotFound(err) {
+		if err = s.client.Create(ctx, ns); apierrors.IsAlreadyExists(err) {
+			err = nil
+		}
+	}
+	if err != nil {
 		return fmt.Errorf("creating namespace %s for bootstrap leases: %w", s.cfg.Namespace, err)
 	}
 	s.mu.Lock()

@@ -142,7 +142,32 @@ func (ca *CA) EnsureLeaf(certPath, keyPath string, want Leaf) (bool, error) {
 	default:
 		return false, err
 	}
-	tmpl := &x509.Certificate{
+	der, err := sign(leafTemplate(want), ca.Cert, key.Public(), ca.Key)
+	if err != nil {
+		return false, fmt.Errorf("issuing certificate %s: %w", certPath, err)
+	}
+	return true, writePair(certPath, keyPath, encodeCert(der), key)
+}
+
+// Issue issues a certificate for want with a fresh key, in memory: for
+// credentials the daemon holds only while it runs. It returns both PEM-encoded.
+func (ca *CA) Issue(want Leaf) (certPEM, keyPEM []byte, err error) {
+	key, err := newKey()
+	if err != nil {
+		return nil, nil, err
+	}
+	der, err := sign(leafTemplate(want), ca.Cert, key.Public(), ca.Key)
+	if err != nil {
+		return nil, nil, fmt.Errorf("issuing certificate for %s: %w", want.CommonName, err)
+	}
+	if keyPEM, err = EncodeKey(key); err != nil {
+		return nil, nil, err
+	}
+	return encodeCert(der), keyPEM, nil
+}
+
+func leafTemplate(want Leaf) *x509.Certificate {
+	return &x509.Certificate{
 		Subject:     pkix.Name{CommonName: want.CommonName, Organization: want.Organization},
 		DNSNames:    want.DNSNames,
 		IPAddresses: want.IPs,
@@ -151,11 +176,6 @@ func (ca *CA) EnsureLeaf(certPath, keyPath string, want Leaf) (bool, error) {
 		KeyUsage:    x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
 		ExtKeyUsage: want.Usage,
 	}
-	der, err := sign(tmpl, ca.Cert, key.Public(), ca.Key)
-	if err != nil {
-		return false, fmt.Errorf("issuing certificate %s: %w", certPath, err)
-	}
-	return true, writePair(certPath, keyPath, encodeCert(der), key)
 }
 
 // covers reports whether cert is signed by ca, valid for a while yet, and

@@ -45,16 +45,17 @@ func machineDaemon(cfg *config.Config, files *datadir.Files) (machineconfig.Daem
 }
 
 // newHostService builds the metadata service the agents of the pool call
-// on the node API.
-func newHostService(cfg *config.Config, d machineconfig.Daemon, loopback *rest.Config, log *zap.Logger) (*hosts.Service, error) {
-	restCfg := rest.CopyConfig(loopback)
+// on the node API; kubeconfig is its client configuration for the daemon's
+// API (in sovrad, the host pool's identity).
+func newHostService(cfg *config.Config, d machineconfig.Daemon, kubeconfig *rest.Config, log *zap.Logger) (*hosts.Service, error) {
+	restCfg := rest.CopyConfig(kubeconfig)
 	restCfg.ContentType = runtime.ContentTypeJSON
 	scheme := capi.NewScheme()
 	c, err := client.New(restCfg, client.Options{Scheme: scheme})
 	if err != nil {
 		return nil, fmt.Errorf("creating a client for the host pool: %w", err)
 	}
-	cs, err := typedcorev1.NewForConfig(loopback)
+	cs, err := typedcorev1.NewForConfig(kubeconfig)
 	if err != nil {
 		return nil, fmt.Errorf("creating the host pool's event client: %w", err)
 	}

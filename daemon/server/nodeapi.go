@@ -22,8 +22,9 @@ import (
 )
 
 // newNodeAPI builds the node API from the configuration: its TLS identity
-// from the node CA in the data directory, and the EK policy from its files.
-func newNodeAPI(all *config.Config, files *datadir.Files, loopback *rest.Config, auth *nodeauth.Authenticator, log *zap.Logger) (*nodeapi.Server, error) {
+// from the node CA in the data directory, and the EK policy from its files;
+// kubeconfig is its client configuration for the daemon's API.
+func newNodeAPI(all *config.Config, files *datadir.Files, kubeconfig *rest.Config, auth *nodeauth.Authenticator, log *zap.Logger) (*nodeapi.Server, error) {
 	cfg := all.NodeAPI
 	ek, err := attestation.EKPolicyFiles{
 		Roots:           cfg.EKRoots,
@@ -67,17 +68,18 @@ func newNodeAPI(all *config.Config, files *datadir.Files, loopback *rest.Config,
 			NodeCAKey:  files.NodeCA.Key,
 			SealWindow: all.KMS.SealWindow,
 		},
-	}, loopback, log.Named("nodeapi"))
+	}, kubeconfig, log.Named("nodeapi"))
 }
 
 // newAuthenticator builds the one check of node credentials that every
-// node-authenticated service shares, reading records from the API.
-func newAuthenticator(files *datadir.Files, loopback *rest.Config, log *zap.Logger) (*nodeauth.Authenticator, error) {
+// node-authenticated service shares, reading records from the API at
+// kubeconfig.
+func newAuthenticator(files *datadir.Files, kubeconfig *rest.Config, log *zap.Logger) (*nodeauth.Authenticator, error) {
 	scheme, err := attestation.Scheme()
 	if err != nil {
 		return nil, err
 	}
-	cfg := rest.CopyConfig(loopback)
+	cfg := rest.CopyConfig(kubeconfig)
 	cfg.ContentType = runtime.ContentTypeJSON
 	c, err := client.New(cfg, client.Options{Scheme: scheme})
 	if err != nil {
@@ -86,15 +88,12 @@ func newAuthenticator(files *datadir.Files, loopback *rest.Config, log *zap.Logg
 	return nodeauth.New(files.NodeCA.Cert, nodeauth.APIRecords{Client: c}, nil, log.Named("nodeauth")), nil
 }
 
-// runNodeAPI installs the attestation CRDs in the API, waits for them, and
-// serves the node API on addr, through limiter, until ctx ends. It opens
+// runNodeAPI waits for the attestation CRDs (the bootstrap installs them)
+// and serves the node API on addr, through limiter, until ctx ends. It opens
 // listening once the node API accepts connections.
-func runNodeAPI(ctx context.Context, srv *nodeapi.Server, loopback *rest.Config, addr string, limiter *connlimit.Limiter, listening *gate) error {
-	c, err := attestationClient(loopback)
+func runNodeAPI(ctx context.Context, srv *nodeapi.Server, kubeconfig *rest.Config, addr string, limiter *connlimit.Limiter, listening *gate) error {
+	c, err := attestationClient(kubeconfig)
 	if err != nil {
-		return err
-	}
-	if err := attestation.InstallCRDs(ctx, c); err != nil {
 		return err
 	}
 	if err := attestation.WaitForCRDs(ctx, c); err != nil {
@@ -109,12 +108,12 @@ func runNodeAPI(ctx context.Context, srv *nodeapi.Server, loopback *rest.Config,
 }
 
 // attestationClient is a client of the sovra.dev API for the CRDs.
-func attestationClient(loopback *rest.Config) (client.Client, error) {
+func attestationClient(kubeconfig *rest.Config) (client.Client, error) {
 	scheme, err := attestation.Scheme()
 	if err != nil {
 		return nil, err
 	}
-	c, err := client.New(loopback, client.Options{Scheme: scheme})
+	c, err := client.New(kubeconfig, client.Options{Scheme: scheme})
 	if err != nil {
 		return nil, fmt.Errorf("creating a client for the attestation CRDs: %w", err)
 	}

@@ -2,7 +2,9 @@
 // datastore, the API server, the node API with attestation and the KMS, and
 // the in-process controllers) and runs them until the context ends, then
 // shuts them down in order: the controllers first, then the API server, the
-// datastore last.
+// datastore last. Each component reaches the API as its own user (package
+// identity); only the bootstrap steps (the components' RBAC, the CRDs) act as
+// the API server's loopback superuser.
 package server
 
 import (
@@ -18,14 +20,18 @@ import (
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
+	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/sovra-dev/sovra/daemon/apiserver"
+	"github.com/sovra-dev/sovra/daemon/attestation"
 	"github.com/sovra-dev/sovra/daemon/bootconfig"
 	"github.com/sovra-dev/sovra/daemon/capi"
 	"github.com/sovra-dev/sovra/daemon/capi/controllers"
+	"github.com/sovra-dev/sovra/daemon/capi/crds"
 	"github.com/sovra-dev/sovra/daemon/config"
 	"github.com/sovra-dev/sovra/daemon/datadir"
 	"github.com/sovra-dev/sovra/daemon/datastore"
+	"github.com/sovra-dev/sovra/daemon/identity"
 	"github.com/sovra-dev/sovra/daemon/kms"
 	"github.com/sovra-dev/sovra/daemon/nodeapi"
 	"github.com/sovra-dev/sovra/daemon/shred"
@@ -78,8 +84,22 @@ func Run(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 	if err != nil {
 		return err
 	}
+	var providers []crds.Provider
+	if !selected.Empty() {
+		if providers, err = crds.Providers(); err != nil {
+			return err
+		}
+	}
+	rbac, err := identity.Objects(providers)
+	if err != nil {
+		return err
+	}
+	ids, err := identity.NewClients(api.Loopback, files.CA)
+	if err != nil {
+		return err
+	}
 
-	auth, err := newAuthenticator(files, api.Loopback, log)
+	auth, err := newAuthenticator(files, ids.NodeAPI, log)
 	if err != nil {
 		return err
 	}
@@ -90,7 +110,7 @@ func Run(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 	var keys *kms.Service
 	var keysTLS *tls.Config
 	if cfg.KMS.MasterKeyFile != "" {
-		if keys, keysTLS, err = kms.NewFromConfig(cfg, files, api.Loopback, kms.ReplicaName(files.ServerURL), log); err != nil {
+		if keys, keysTLS, err = kms.NewFromConfig(cfg, files, ids.KMS, kms.ReplicaName(files.ServerURL), log); err != nil {
 			return err
 		}
 		rd.kms.keys.Store(keys)
@@ -106,14 +126,14 @@ func Run(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 	var boot *bootconfig.Server
 	var bootLis net.Listener
 	if cfg.NodeAPI.Listen != "" {
-		if nodes, err = newNodeAPI(cfg, files, api.Loopback, auth, log); err != nil {
+		if nodes, err = newNodeAPI(cfg, files, ids.NodeAPI, auth, log); err != nil {
 			return err
 		}
 		machines, err := machineDaemon(cfg, files)
 		if err != nil {
 			return err
 		}
-		pool, err := newHostService(cfg, machines, api.Loopback, log)
+		pool, err := newHostService(cfg, machines, ids.Hosts, log)
 		if err != nil {
 			return err
 		}
@@ -133,15 +153,15 @@ func Run(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 	}
 
 	g, gctx := errgroup.WithContext(ctx)
-	// ready is closed once the API server answers /readyz; the components
-	// that need the API wait for it.
+	// ready is closed once the API server answers /readyz and the bootstrap
+	// steps are done; the components that need the API wait for it.
 	ready := make(chan struct{})
 	if nodes != nil {
 		g.Go(func() error {
 			if !readyOrDone(gctx, ready) {
 				return nil // shutting down before ready
 			}
-			return runNodeAPI(gctx, nodes, api.Loopback, cfg.NodeAPI.Listen, limiter, rd.nodeAPI)
+			return runNodeAPI(gctx, nodes, ids.NodeAPI, cfg.NodeAPI.Listen, limiter, rd.nodeAPI)
 		})
 	}
 	if boot != nil {
@@ -166,7 +186,7 @@ func Run(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 		if !readyOrDone(gctx, ready) {
 			return nil // shutting down before ready
 		}
-		return shred.Run(gctx, shred.Config{Loopback: api.Loopback, Datastore: ds}, log.Named("shred"))
+		return shred.Run(gctx, shred.Config{Kubeconfig: ids.Shred, Datastore: ds}, log.Named("shred"))
 	})
 	// The API server outlives the Cluster API manager, so that at shutdown the
 	// leader can still release its Lease and another replica takes over at once.
@@ -187,6 +207,12 @@ func Run(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 	g.Go(func() error {
 		if err := waitReady(gctx, api.Loopback, apiReadyz()); err != nil {
 			return nil // shutting down before ready
+		}
+		if err := bootstrap(gctx, api.Loopback, rbac, nodes != nil || keys != nil, log); err != nil {
+			if gctx.Err() != nil {
+				return nil // shutting down before ready
+			}
+			return err
 		}
 		close(ready)
 		log.Info("Kubernetes API ready: starting the node API and the controllers")
@@ -210,14 +236,18 @@ func Run(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 			return nil // shutting down before ready
 		}
 		return capi.Run(gctx, capi.Config{
-			Loopback:       api.Loopback,
-			CA:             files.CA,
-			DataDir:        files.Dir,
-			WebhookIP:      files.AdvertiseIP,
-			Identity:       files.ServerURL,
-			Controllers:    selected,
-			Started:        start,
-			BootstrapGrace: cfg.BootstrapGrace,
+			Loopback:        api.Loopback,
+			Client:          ids.CAPI,
+			KubeControllers: ids.Controllers,
+			Infrastructure:  ids.Infrastructure,
+			Hosts:           ids.Hosts,
+			CA:              files.CA,
+			DataDir:         files.Dir,
+			WebhookIP:       files.AdvertiseIP,
+			Identity:        files.ServerURL,
+			Controllers:     selected,
+			Started:         start,
+			BootstrapGrace:  cfg.BootstrapGrace,
 		}, log)
 	})
 	err = g.Wait()
@@ -226,6 +256,23 @@ func Run(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 		return nil
 	}
 	return err
+}
+
+// bootstrap is what sovrad does as the API server's superuser before its
+// components start: it ensures their RBAC and, when the node API or the KMS
+// runs, installs the sovra.dev CRDs.
+func bootstrap(ctx context.Context, loopback *rest.Config, rbac []client.Object, sovraCRDs bool, log *zap.Logger) error {
+	if err := identity.Ensure(ctx, loopback, rbac, log); err != nil {
+		return err
+	}
+	if !sovraCRDs {
+		return nil
+	}
+	c, err := attestationClient(loopback)
+	if err != nil {
+		return err
+	}
+	return attestation.InstallCRDs(ctx, c)
 }
 
 // readyOrDone waits for ready and reports whether it came before ctx ended.

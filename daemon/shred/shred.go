@@ -92,8 +92,9 @@ type Datastore interface {
 
 // Config is what the shredder runs with.
 type Config struct {
-	// Loopback is the API server's privileged client configuration.
-	Loopback *rest.Config
+	// Kubeconfig is the shredder's client configuration for the daemon's
+	// API (in sovrad, its own identity).
+	Kubeconfig *rest.Config
 	// Datastore is the datastore under the API.
 	Datastore Datastore
 	// Settle is the wait between a delete reaching this replica and the
@@ -121,7 +122,7 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger) error {
 	if err != nil {
 		return err
 	}
-	kcfg := rest.CopyConfig(cfg.Loopback)
+	kcfg := rest.CopyConfig(cfg.Kubeconfig)
 	kcfg.ContentType = runtime.ContentTypeJSON
 	c, err := client.New(kcfg, client.Options{Scheme: scheme})
 	if err != nil {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -159,6 +160,10 @@ func checkBootstrapData(t testing.TB, d *sovradtest.Daemon, ns string, m machine
 	}
 }
 
+// namespaceCA is the ConfigMap the root CA publisher keeps in every
+// namespace, as in Kubernetes: no Cluster owns it.
+const namespaceCA = "configmap/kube-root-ca.crt"
+
 // leftovers lists every object of capiKinds still in ns, as kind/name.
 func leftovers(t testing.TB, d *sovradtest.Daemon, ns string) []string {
 	t.Helper()
@@ -166,7 +171,7 @@ func leftovers(t testing.TB, d *sovradtest.Daemon, ns string) []string {
 	if err != nil {
 		return []string{fmt.Sprintf("(listing failed: %v)", err)}
 	}
-	return strings.Fields(out)
+	return slices.DeleteFunc(strings.Fields(out), func(o string) bool { return o == namespaceCA })
 }
 
 // jsonpath reads one field with kubectl; empty on error.

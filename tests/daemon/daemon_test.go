@@ -191,7 +191,16 @@ func TestAuthorization(t *testing.T) {
 		}
 	}
 
+	// A scraper in system:monitoring reads them with nothing but the
+	// bootstrap RBAC; a user outside it may not.
+	scraper := userKubeconfig(t, d, "prometheus", "system:monitoring")
+	if out, err := sovradtest.Kubectl(t, "--kubeconfig", scraper, "get", "--raw", "/metrics"); err != nil || !strings.Contains(out, "apiserver_request_total") {
+		t.Errorf("system:monitoring could not read /metrics: %v", err)
+	}
 	kc := userKubeconfig(t, d, "alice", "developers")
+	if _, err := sovradtest.Kubectl(t, "--kubeconfig", kc, "get", "--raw", "/metrics"); err == nil {
+		t.Error("a user outside system:monitoring read /metrics")
+	}
 	_, err := sovradtest.Kubectl(t, "--kubeconfig", kc, "-n", "team", "get", "secrets")
 	if err == nil || !strings.Contains(err.Error(), `User "alice" cannot list resource "secrets"`) {
 		t.Fatalf("alice listed secrets without a grant: %v", err)

@@ -22,8 +22,9 @@ import (
 
 // TestOIDC: people log in with tokens from an OpenID Connect provider; the
 // configured admin group gets cluster-admin, other users get what RBAC grants
-// them (nothing), and a token for another audience, from another key or
-// expired is refused.
+// them (nothing), and a token for another audience, from another key,
+// expired, or with a group Kubernetes reserves (system:) is refused. An
+// email user name is not prefixed, as in kube-apiserver.
 func TestOIDC(t *testing.T) {
 	idp := newIssuer(t)
 	dir := filepath.Join(t.TempDir(), "data")
@@ -49,6 +50,15 @@ func TestOIDC(t *testing.T) {
 		t.Fatalf("a user outside the admin group: %v", err)
 	}
 
+	// A group Kubernetes reserves, from the identity provider, refuses the
+	// token: system:masters would otherwise be cluster-admin.
+	for _, groups := range [][]string{{"system:masters"}, {"platform-team", "system:nodes"}} {
+		tok := idp.token(t, idp.key, map[string]any{"email": "mallory@example.org", "groups": groups})
+		if _, err := tryKubectlAs(t, d, "--token", tok, "get", "secrets", "-A"); err == nil || !strings.Contains(err.Error(), "Unauthorized") {
+			t.Errorf("a token with groups %q: %v", groups, err)
+		}
+	}
+
 	other, _ := rsa.GenerateKey(rand.Reader, 2048)
 	for name, tok := range map[string]string{
 		"another audience": idp.token(t, idp.key, map[string]any{"email": "alice@example.org", "groups": []string{"platform-team"}, "aud": "someone-else"}),
@@ -58,6 +68,38 @@ func TestOIDC(t *testing.T) {
 		if _, err := tryKubectlAs(t, d, "--token", tok, "get", "namespaces"); err == nil || !strings.Contains(err.Error(), "Unauthorized") {
 			t.Errorf("token from %s: %v", name, err)
 		}
+	}
+}
+
+// TestOIDCPrefixes: with kube-apiserver's defaults, a user name from any
+// claim but email is prefixed with the issuer URL and "#"; with a groups
+// prefix, every group is prefixed, so a group named system:masters in the
+// token is only oidc:system:masters, which RBAC grants nothing.
+func TestOIDCPrefixes(t *testing.T) {
+	idp := newIssuer(t)
+	d := sovradtest.Start(t, filepath.Join(t.TempDir(), "data"),
+		"--oidc-issuer-url", idp.URL,
+		"--oidc-client-id", "sovra",
+		"--oidc-groups-claim", "groups",
+		"--oidc-groups-prefix", "oidc:",
+		"--oidc-ca-file", idp.caFile,
+		"--admin-group", "oidc:platform-team")
+
+	admin := idp.token(t, idp.key, map[string]any{"sub": "alice", "groups": []string{"platform-team"}})
+	waitFor(t, func() bool {
+		_, err := tryKubectlAs(t, d, "--token", admin, "get", "secrets", "-A")
+		return err == nil
+	})
+	if out := kubectlAs(t, d, "--token", admin, "auth", "whoami", "-o", "jsonpath={.status.userInfo.username} {.status.userInfo.groups}"); out != idp.URL+`#alice ["oidc:platform-team","system:authenticated"]` {
+		t.Fatalf("whoami: %q", out)
+	}
+
+	mallory := idp.token(t, idp.key, map[string]any{"sub": "mallory", "groups": []string{"system:masters"}})
+	if out := kubectlAs(t, d, "--token", mallory, "auth", "whoami", "-o", "jsonpath={.status.userInfo.username} {.status.userInfo.groups}"); out != idp.URL+`#mallory ["oidc:system:masters","system:authenticated"]` {
+		t.Fatalf("whoami: %q", out)
+	}
+	if _, err := tryKubectlAs(t, d, "--token", mallory, "get", "secrets", "-A"); err == nil || !strings.Contains(err.Error(), `cannot list resource "secrets"`) {
+		t.Fatalf("a token with group system:masters: %v", err)
 	}
 }
 

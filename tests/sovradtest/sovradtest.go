@@ -23,6 +23,10 @@ import (
 )
 
 const (
+	// componentUsers starts the user names of sovrad's components.
+	componentUsers   = "system:sovra:"
+	maxRefusalsShown = 5
+
 	readyTimeout = 90 * time.Second
 	stopTimeout  = 45 * time.Second
 	pollInterval = 50 * time.Millisecond
@@ -77,6 +81,9 @@ func (d *Daemon) launch() {
 	if err != nil {
 		d.t.Fatal(err)
 	}
+	// Registered before the test's Kill: it runs once the daemon is gone.
+	log := d.Log
+	d.t.Cleanup(func() { d.checkRefusals(log) })
 	args := append([]string{"--data-dir", d.DataDir, "--listen", "127.0.0.1:" + strconv.Itoa(d.Port)}, d.Args...)
 	if !hasFlag(d.Args, "--node-listen") {
 		// The node API's default (:7443) would collide between daemons.
@@ -90,6 +97,26 @@ func (d *Daemon) launch() {
 	}
 	d.done = make(chan error, 1)
 	go func() { d.done <- d.cmd.Wait(); logFile.Close() }()
+}
+
+// checkRefusals fails the test when the API refused one of sovrad's own
+// components anything (every story then checks that each component's RBAC,
+// package identity, grants what the story made it do). The API's refusal
+// names the user: ... is forbidden: User "system:sovra:kms" cannot ...
+func (d *Daemon) checkRefusals(log string) {
+	data, err := os.ReadFile(log)
+	if err != nil {
+		return
+	}
+	var refused []string
+	for _, line := range strings.Split(string(data), "\n") {
+		if strings.Contains(line, "forbidden") && strings.Contains(line, componentUsers) {
+			refused = append(refused, line)
+		}
+	}
+	if len(refused) > 0 {
+		d.t.Errorf("the API refused sovrad's components %d times, first:\n%s", len(refused), strings.Join(refused[:min(len(refused), maxRefusalsShown)], "\n"))
+	}
 }
 
 // WaitReady waits until /readyz answers ok, failing the test if sovrad

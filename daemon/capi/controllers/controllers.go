@@ -20,11 +20,19 @@ const (
 	ClusterResourceSet = "clusterresourceset"
 	TalosConfig        = "talosconfig"
 	TalosControlPlane  = "taloscontrolplane"
-	GarbageCollector   = "garbagecollector"
-	Namespace          = "namespace"
 	// Infrastructure is sovra's own infrastructure provider (SovraCluster,
 	// SovraMachine) and its pool of hosts.
 	Infrastructure = "infrastructure"
+	// The upstream kube-controller-manager controllers (package
+	// kubecontrollers), by kube-controller-manager's own short names.
+	GarbageCollector                = "garbagecollector"
+	Namespace                       = "namespace"
+	ClusterRoleAggregation          = "clusterrole-aggregation"
+	ServiceAccount                  = "serviceaccount"
+	RootCACertPublisher             = "root-ca-cert-publisher"
+	ResourceQuota                   = "resourcequota"
+	CSRCleaner                      = "csrcleaner"
+	ValidatingAdmissionPolicyStatus = "validatingadmissionpolicy-status"
 
 	// All selects every controller; None selects none (the replica serves the
 	// API only); -name removes one from the selection so far.
@@ -35,7 +43,9 @@ const (
 // Names lists every controller, in the order they are set up.
 var Names = []string{
 	Cluster, Machine, MachineSet, MachineDeployment, MachineHealthCheck, ClusterResourceSet,
-	TalosConfig, TalosControlPlane, GarbageCollector, Namespace, Infrastructure,
+	TalosConfig, TalosControlPlane, Infrastructure,
+	GarbageCollector, Namespace, ClusterRoleAggregation, ServiceAccount, RootCACertPublisher,
+	ResourceQuota, CSRCleaner, ValidatingAdmissionPolicyStatus,
 }
 
 // Set is a selection of controllers. The zero value selects none.

@@ -20,6 +20,7 @@ import (
 	"strings"
 
 	admissionregistrationv1 "k8s.io/api/admissionregistration/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
@@ -36,7 +37,12 @@ const (
 	generatedDir = "generated"
 	crdsFile     = "crds.yaml"
 	webhooksFile = "webhooks.yaml"
+	rbacFile     = "rbac.yaml"
 	moduleFile   = "module"
+
+	// managerRoleSuffix ends the name of the ClusterRole a provider's
+	// manager is bound to (after kustomize's name prefix: capi-manager-role).
+	managerRoleSuffix = "manager-role"
 
 	// certManagerAnnotation asks cert-manager to inject a CA; sovrad sets the
 	// CA itself, so the annotation is dropped.
@@ -62,6 +68,9 @@ type Provider struct {
 	// pointing at the upstream Service: the webhooks package rewrites them.
 	Mutating   []*admissionregistrationv1.MutatingWebhookConfiguration
 	Validating []*admissionregistrationv1.ValidatingWebhookConfiguration
+	// ManagerRules are the rules of the provider's manager ClusterRole: what
+	// its controllers need in the management cluster.
+	ManagerRules []rbacv1.PolicyRule
 }
 
 // Providers returns the embedded manifests, in a stable order.
@@ -130,6 +139,10 @@ func load(name string) (Provider, error) {
 		p.CRDs = append(p.CRDs, u)
 	}
 
+	if p.ManagerRules, err = loadManagerRules(path.Join(dir, rbacFile)); err != nil {
+		return p, err
+	}
+
 	data, err = generated.ReadFile(path.Join(dir, webhooksFile))
 	if errors.Is(err, fs.ErrNotExist) {
 		return p, nil
@@ -160,6 +173,35 @@ func load(name string) (Provider, error) {
 		}
 	}
 	return p, nil
+}
+
+// loadManagerRules returns the rules of the manager ClusterRole in file: the
+// one whose name ends in manager-role and that aggregates nothing (Cluster
+// API's aggregated-manager-role only collects infrastructure providers'
+// roles, and sovrad runs none).
+func loadManagerRules(file string) ([]rbacv1.PolicyRule, error) {
+	data, err := generated.ReadFile(file)
+	if err != nil {
+		return nil, err
+	}
+	docs, err := split(data)
+	if err != nil {
+		return nil, err
+	}
+	var rules []rbacv1.PolicyRule
+	for _, doc := range docs {
+		var role rbacv1.ClusterRole
+		if err := yaml.UnmarshalStrict(doc, &role); err != nil {
+			return nil, fmt.Errorf("decoding %s: %w", rbacFile, err)
+		}
+		if role.Kind == "ClusterRole" && strings.HasSuffix(role.Name, managerRoleSuffix) && role.AggregationRule == nil {
+			rules = append(rules, role.Rules...)
+		}
+	}
+	if len(rules) == 0 {
+		return nil, fmt.Errorf("%s has no manager ClusterRole", file)
+	}
+	return rules, nil
 }
 
 // split cuts a multi-document YAML stream into its non-empty documents.

@@ -35,8 +35,8 @@ func TestProvidersCarryTheKustomizeLabels(t *testing.T) {
 		if p.Module != wantModules[p.Name] {
 			t.Errorf("%s comes from %s, want the pinned %s", p.Name, p.Module, wantModules[p.Name])
 		}
-		if len(p.CRDs) == 0 || len(p.Validating) == 0 {
-			t.Errorf("%s: %d CRDs, %d validating webhook configurations", p.Name, len(p.CRDs), len(p.Validating))
+		if len(p.CRDs) == 0 || len(p.Validating) == 0 || len(p.ManagerRules) == 0 {
+			t.Errorf("%s: %d CRDs, %d validating webhook configurations, %d manager rules", p.Name, len(p.CRDs), len(p.Validating), len(p.ManagerRules))
 		}
 		for _, crd := range p.CRDs {
 			labels := crd.GetLabels()

@@ -9,6 +9,8 @@ import (
 
 	"go.uber.org/zap"
 	admissionregistrationv1 "k8s.io/api/admissionregistration/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
@@ -63,6 +65,28 @@ func (r *Registrar) register(ctx context.Context) error {
 					return err
 				}
 			}
+		}
+	}
+	return nil
+}
+
+// Create creates, empty, every provider's webhook configuration that does
+// not exist yet. It is a bootstrap step, run as the API server's superuser:
+// the registrar (Cluster API's identity) may only patch these
+// configurations, by name, and can create no other.
+func Create(ctx context.Context, c client.Client, providers []crds.Provider) error {
+	var objs []client.Object
+	for _, p := range providers {
+		for _, m := range p.Mutating {
+			objs = append(objs, &admissionregistrationv1.MutatingWebhookConfiguration{ObjectMeta: metav1.ObjectMeta{Name: m.Name}})
+		}
+		for _, v := range p.Validating {
+			objs = append(objs, &admissionregistrationv1.ValidatingWebhookConfiguration{ObjectMeta: metav1.ObjectMeta{Name: v.Name}})
+		}
+	}
+	for _, obj := range objs {
+		if err := c.Create(ctx, obj); err != nil && !apierrors.IsAlreadyExists(err) {
+			return fmt.Errorf("creating webhook configuration %s: %w", obj.GetName(), err)
 		}
 	}
 	return nil

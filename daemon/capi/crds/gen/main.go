@@ -31,17 +31,21 @@ var providers = []struct{ name, module string }{
 }
 
 // keptKinds are the kinds written out; the rest of a provider's deployment
-// (Deployment, Service, RBAC, cert-manager objects) is replaced by sovrad.
+// (Deployment, Service, namespaced RBAC, cert-manager objects) is replaced by
+// sovrad. The ClusterRoles are the rights each provider's manager needs: sovrad
+// grants them to the identity it runs Cluster API as (package identity).
 var keptKinds = map[string]string{
 	"CustomResourceDefinition":       crdsFile,
 	"MutatingWebhookConfiguration":   webhooksFile,
 	"ValidatingWebhookConfiguration": webhooksFile,
+	"ClusterRole":                    rbacFile,
 }
 
 // Output file names, as package crds reads them.
 const (
 	crdsFile     = "crds.yaml"
 	webhooksFile = "webhooks.yaml"
+	rbacFile     = "rbac.yaml"
 )
 
 func main() {
