@@ -138,6 +138,8 @@ func (b *bootRun) workerAPI(srv *apiServer, cfg talosconfig.Provider) {
 	}
 
 	for b.svcCtx.Err() == nil {
+		m.log.Info(MsgTrustdAsking, zap.Int("boot", b.num), zap.String("endpoint", cfg.Cluster().Endpoint().Host))
+
 		serverCert, ca, err := b.trustdCertificate(cfg, accepted)
 		if err == nil {
 			m.log.Info(MsgTrustdCertified, zap.Int("boot", b.num))

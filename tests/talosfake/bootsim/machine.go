@@ -75,6 +75,7 @@ const (
 	MsgWiped           = "wiped volume"
 	MsgPoweredOff      = "powered off"
 	MsgPhase           = "phase"
+	MsgTrustdAsking    = "worker: asking trustd of the control-plane endpoint for the Talos API certificate"
 	MsgTrustdCertified = "got the Talos API certificate from trustd"
 )
 
