@@ -3,6 +3,8 @@ package bootsim_test
 import (
 	"context"
 	"net/url"
+	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -164,4 +166,75 @@ func TestBootFromConfigURL(t *testing.T) {
 	if !slices.Contains(r.Root, "probe") || slices.Contains(r.Root, "home") {
 		t.Fatalf("container root %v: want the extension's root filesystem", r.Root)
 	}
+}
+
+// TestRealAgentExtension: the real bin/sovra-agent runs as ext-sovra-agent
+// from its real service spec (extension/sovra-agent.yaml): its
+// ExtensionServiceConfig's environment and files, its state directory on
+// EPHEMERAL (/var/lib/sovra-agent), and SIGTERM as PID 1 of its container
+// when the machine reboots.
+func TestRealAgentExtension(t *testing.T) {
+	testutil.RequireRoot(t)
+
+	c := newCluster(t)
+	apiPort := testutil.FreePort(t)
+	agentCfg := `apiVersion: v1alpha1
+kind: ExtensionServiceConfig
+name: sovra-agent
+configFiles:
+  - mountPath: /etc/sovra/talosconfig
+    content: |
+` + indent(talosconfigYAML(t, c), "      ") + `environment:
+  - SOVRA_LOG_LEVEL=debug
+  - SOVRA_TALOS_API_PORT=` + strconv.Itoa(apiPort) + `
+`
+	spec := filepath.Join(testutil.RepoRoot(t), "extension", "sovra-agent.yaml")
+
+	m := bootsimtest.Start(t, bootsimtest.Options{Args: []string{
+		"--api-port", strconv.Itoa(apiPort), "--trustd-port", strconv.Itoa(testutil.FreePort(t)),
+		"--embedded-config", writeFile(t, "cfg.yaml", c.config(t, machine.TypeControlPlane, "https://127.0.0.1:6443", agentCfg)),
+		"--device", "/dev/tpmrm0", "--extension", spec + "=" + testutil.Bin(t, "sovra-agent"), "--stop-timeout", "5s",
+	}})
+
+	m.WaitPhase(1, bootsim.PhaseRunning, bootTimeout)
+
+	status := filepath.Join(bootsim.EphemeralPartition(m.Dir), "data", "lib", "sovra-agent", "status.json")
+	deadline := time.Now().Add(30 * time.Second)
+
+	for {
+		if _, err := os.Stat(status); err == nil && strings.Contains(m.ExtensionLog(1, "sovra-agent"), "sovra-agent starting") {
+			break
+		}
+
+		if time.Now().After(deadline) {
+			t.Fatalf("the agent did not start or write its status on EPHEMERAL:\n%s\n%s", m.ExtensionLog(1, "sovra-agent"), m.Tail(20))
+		}
+
+		time.Sleep(100 * time.Millisecond)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+
+	if err := c.client(t, "127.0.0.1:"+strconv.Itoa(apiPort)).Reboot(ctx); err != nil {
+		t.Fatal(err)
+	}
+
+	m.WaitPhase(2, bootsim.PhaseRunning, bootTimeout)
+
+	if log := m.ExtensionLog(1, "sovra-agent"); !strings.Contains(log, "sovra-agent stopped") {
+		t.Fatalf("the agent did not stop gracefully on the reboot:\n%s", log)
+	}
+}
+
+// talosconfigYAML is the cluster's admin talosconfig.
+func talosconfigYAML(t *testing.T, c *cluster) string {
+	t.Helper()
+
+	b, err := c.pki.Talosconfig.Bytes()
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	return string(b)
 }
