@@ -35,7 +35,7 @@ type apiServer struct {
 // once it has it.
 func (b *bootRun) startAPI() error {
 	m := b.m
-	cfg := b.cfg
+	cfg := b.config()
 	addr := m.cfg.Address.Addr()
 	fw := b.firewall(cfg)
 
@@ -89,7 +89,7 @@ func (b *bootRun) sans(cfg talosconfig.Config) []string {
 // serveAPI serves the Talos API with the given PKI.
 func (b *bootRun) serveAPI(srv *apiServer, ca *x509.PEMEncodedCertificateAndKey, accepted []*x509.PEMEncodedCertificate, serverCert *x509.PEMEncodedCertificateAndKey) error {
 	m := b.m
-	cfg := b.cfg
+	cfg := b.config()
 
 	node, err := talosfake.New(talosfake.Options{
 		Address:     m.cfg.Address.Addr(),
