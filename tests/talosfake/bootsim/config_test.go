@@ -347,3 +347,45 @@ func TestWorkerCertificateFromTrustd(t *testing.T) {
 		t.Fatalf("a client certificate of the worker's own accepted CA: %v, want refused", err)
 	}
 }
+
+// TestInstallFromBootMedia: a machine booting installation media installs
+// Talos in the first boot that has a configuration (STATE created, the
+// configuration stored) and reboots from disk (v1alpha1_sequencer.go
+// Install); a Reset with no partitions named wipes the whole system disk
+// (ResetSystemDisk), so it boots the media and installs again.
+func TestInstallFromBootMedia(t *testing.T) {
+	testutil.RequireRoot(t)
+
+	c := newCluster(t)
+	ca := newTestCA(t)
+	srv := newConfigServer(t, ca)
+	uuid := bootsimtest.NewUUID(t)
+	port := testutil.FreePort(t)
+	srv.set(uuid, c.config(t, machine.TypeControlPlane, "https://127.0.0.1:6443"))
+
+	m := bootsimtest.Start(t, bootsimtest.Options{UUID: uuid, Args: []string{
+		"--boot-media", "--api-port", strconv.Itoa(port), "--trustd-port", strconv.Itoa(testutil.FreePort(t)),
+		"--talos-config", srv.URL + "/config?uuid=${uuid}", "--roots", writeFile(t, "roots.pem", ca.PEM),
+	}})
+
+	if st := m.WaitPhase(2, bootsim.PhaseRunning, bootTimeout); st.ConfigSource != "state" {
+		t.Fatalf("boot from disk: %+v", st)
+	}
+
+	if len(m.Find(0, bootsim.MsgInstalling, "boot=1")) != 1 || len(m.Find(0, bootsim.MsgAPIServing, "boot=1")) != 0 || len(srv.seen()) != 1 {
+		t.Fatalf("the install boot should fetch once, install and not serve:\n%s", m.Tail(40))
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+
+	if err := c.client(t, "127.0.0.1:"+strconv.Itoa(port)).ResetGeneric(ctx, &machineapi.ResetRequest{Reboot: true, Graceful: true}); err != nil {
+		t.Fatal(err)
+	}
+
+	m.WaitPhase(4, bootsim.PhaseRunning, bootTimeout)
+
+	if len(m.Find(0, bootsim.MsgInstalling, "boot=3")) != 1 || len(srv.seen()) != 2 {
+		t.Fatalf("after a system disk reset the machine should install again:\n%s", m.Tail(40))
+	}
+}

@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/cosi-project/runtime/pkg/safe"
 	"github.com/cosi-project/runtime/pkg/state"
 	"github.com/cosi-project/runtime/pkg/state/impl/inmem"
 	"github.com/cosi-project/runtime/pkg/state/impl/namespaced"
@@ -364,13 +365,15 @@ func (b *bootRun) hostname(cfg config.Config) string {
 
 // updateHostname keeps the hostname resource current.
 func (b *bootRun) updateHostname(ctx context.Context, cfg config.Config) {
-	hn := network.NewHostnameStatus(network.NamespaceName, network.HostnameID)
-	hn.TypedSpec().Hostname = b.hostname(cfg)
+	hostname := b.hostname(cfg)
 
-	if cur, err := b.cosi.Get(ctx, hn.Metadata()); err == nil {
-		hn.Metadata().SetVersion(cur.Metadata().Version())
+	err := safe.StateModify(ctx, b.cosi, network.NewHostnameStatus(network.NamespaceName, network.HostnameID), func(r *network.HostnameStatus) error {
+		r.TypedSpec().Hostname = hostname
 
-		_ = b.cosi.Update(ctx, hn) //nolint:errcheck
+		return nil
+	})
+	if err != nil {
+		b.m.log.Warn("updating the hostname resource", zap.Error(err))
 	}
 }
 
