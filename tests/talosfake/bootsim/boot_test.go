@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cosi-project/runtime/pkg/resource/meta"
 	"github.com/cosi-project/runtime/pkg/safe"
 	"github.com/siderolabs/talos/pkg/machinery/config/machine"
 	"github.com/siderolabs/talos/pkg/machinery/resources/block"
@@ -130,6 +131,25 @@ func TestBootFromConfigURL(t *testing.T) {
 	sda, err := safe.StateGetByID[*block.Disk](ctx, cl.COSI, "sda")
 	if err != nil || sda.TypedSpec().Size != 107374182400 || sda.TypedSpec().Model != "QEMU HARDDISK" {
 		t.Fatalf("sda: %v %v", sda, err)
+	}
+
+	// talosctl get cpus|memorymodules|disks resolves the aliases through
+	// the resource definitions.
+	rds, err := safe.StateListAll[*meta.ResourceDefinition](ctx, cl.COSI)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	for alias, typ := range map[string]string{"cpus": hardware.ProcessorType, "memorymodules": hardware.MemoryModuleType, "disks": block.DiskType} {
+		found := false
+
+		for rd := range rds.All() {
+			found = found || (rd.TypedSpec().Type == typ && slices.Contains(rd.TypedSpec().AllAliases, alias))
+		}
+
+		if !found {
+			t.Fatalf("no resource definition resolves %q to %s", alias, typ)
+		}
 	}
 
 	addrs, err := safe.StateGetByID[*network.NodeAddress](ctx, cl.COSI, network.NodeAddressCurrentID)
