@@ -24,6 +24,8 @@
 //     block/internal/volumes/volumeconfig/system_volumes.go
 //     (manageStateNoConfig: STATE opened from META before any config),
 //     block/volume_manager.go (the 30 s retry);
+//   - internal/app/machined/pkg/controllers/secrets/encryption_salt.go
+//     (STATE's encryption-salt.yaml, for keys locked to STATE);
 //   - internal/app/machined/pkg/controllers/secrets/root.go, api.go,
 //     api_cert_sans.go, trustd.go (the API's PKI: a control plane issues
 //     from machine.ca, a worker asks trustd; its SANs);

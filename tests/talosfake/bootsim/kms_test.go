@@ -137,11 +137,13 @@ func (k *kms) decisions(offset int64, op, uuid string) int {
 }
 
 // kmsVolumes are VolumeConfig documents encrypting STATE and EPHEMERAL with
-// the KMS at endpoint, and the KMS's CA as a trusted root.
+// the KMS at endpoint (EPHEMERAL's key locked to STATE), and the KMS's CA
+// as a trusted root.
 func kmsVolumes(endpoint string, nodeCA []byte) []string {
 	var docs []string
 
-	for _, label := range []string{"STATE", "EPHEMERAL"} {
+	// EPHEMERAL is locked to STATE, as in sovrad's configurations.
+	for label, lock := range map[string]string{"STATE": "false", "EPHEMERAL": "true"} {
 		docs = append(docs, `apiVersion: v1alpha1
 kind: VolumeConfig
 name: `+label+`
@@ -151,6 +153,7 @@ encryption:
     - slot: 0
       kms:
         endpoint: https://`+endpoint+`
+      lockToState: `+lock+`
 `)
 	}
 

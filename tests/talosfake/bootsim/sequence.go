@@ -3,6 +3,7 @@ package bootsim
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"crypto/x509"
 	"errors"
 	"fmt"
@@ -20,7 +21,9 @@ import (
 	"github.com/siderolabs/talos/pkg/machinery/constants"
 	"github.com/siderolabs/talos/pkg/machinery/meta"
 	"github.com/siderolabs/talos/pkg/machinery/resources/network"
+	"github.com/siderolabs/talos/pkg/machinery/resources/secrets"
 	"go.uber.org/zap"
+	"go.yaml.in/yaml/v4"
 
 	"github.com/sovra-dev/sovra/tests/talosfake"
 	"github.com/sovra-dev/sovra/tests/talosfake/volume"
@@ -184,7 +187,7 @@ func (b *bootRun) sequence(ctx context.Context) error {
 // VolumeRetry until it is ready or ctx ends; the phase shows the wait.
 func (b *bootRun) prepareVolume(ctx context.Context, vol volume.Volume, spec volume.Spec, phase Phase) error {
 	m := b.m
-	helpers := volume.Helpers{UUID: b.uuid, Roots: b.roots}
+	helpers := volume.Helpers{UUID: b.uuid, Roots: b.roots, Salt: b.encryptionSalt}
 	waiting := false
 
 	for {
@@ -224,6 +227,59 @@ func (b *bootRun) prepareVolume(ctx context.Context, vol volume.Volume, spec vol
 		case <-time.After(m.cfg.VolumeRetry):
 		}
 	}
+}
+
+// encryptionSalt is STATE's encryption salt, which keys locked to STATE
+// take: made once in STATE (encryption-salt.yaml) when STATE is first open
+// (secrets.EncryptionSaltController); unavailable until then.
+func (b *bootRun) encryptionSalt(context.Context) ([]byte, error) {
+	b.mu.Lock()
+	open := b.stateOpen
+	b.mu.Unlock()
+
+	if !open {
+		return nil, errors.New("STATE is not open yet")
+	}
+
+	path := filepath.Join(b.state.Data(), constants.EncryptionSaltFilename)
+
+	var salt secrets.EncryptionSaltSpec
+
+	data, err := os.ReadFile(path)
+	if err == nil {
+		if err := yaml.Unmarshal(data, &salt); err != nil || len(salt.DiskSalt) == 0 {
+			return nil, fmt.Errorf("error unmarshaling %q: %v", constants.EncryptionSaltFilename, err)
+		}
+
+		return salt.DiskSalt, nil
+	}
+
+	if !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("error reading state file %q: %w", constants.EncryptionSaltFilename, err)
+	}
+
+	salt.DiskSalt = make([]byte, constants.DiskEncryptionSaltSize)
+	if _, err := rand.Read(salt.DiskSalt); err != nil {
+		return nil, err
+	}
+
+	if data, err = yaml.Marshal(&salt); err != nil {
+		return nil, err
+	}
+
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_EXCL, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("error creating state file %q: %w", constants.EncryptionSaltFilename, err)
+	}
+	defer f.Close() //nolint:errcheck
+
+	if _, err := f.Write(data); err != nil {
+		return nil, err
+	}
+
+	b.m.log.Info("encryption salt established", zap.Int("boot", b.num))
+
+	return salt.DiskSalt, f.Close()
 }
 
 // encryptionOf is the encryption of the system volume label in cfg: its

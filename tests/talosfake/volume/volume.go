@@ -23,9 +23,12 @@
 //     grpc://, https:// without a port gets :443);
 //   - pkg/httpdefaults (roots), pkg/machinery/client/dialer (the proxy).
 //
-// Not imitated: nodeID and TPM keys and lockToState (their slots fail as a
-// handler that cannot produce a key); ciphers, sizes and performance
-// options are accepted and ignored.
+//   - internal/pkg/encryption/keys/salted.go (lockToState: the key is
+//     suffixed with STATE's encryption salt, after the KMS call).
+//
+// Not imitated: nodeID and TPM keys (their slots fail as a handler that
+// cannot produce a key); ciphers, sizes and performance options are
+// accepted and ignored.
 package volume
 
 import (
@@ -102,6 +105,8 @@ type KeySpec struct {
 	KMSEndpoint string
 	// Static is set for a static passphrase slot.
 	Static []byte
+	// LockToState suffixes the key with STATE's encryption salt.
+	LockToState bool
 	// Unsupported names a key type the simulator does not have.
 	Unsupported string
 }
@@ -119,11 +124,9 @@ func SpecFromConfig(cfg config.EncryptionConfig) Spec {
 	spec := Spec{Provider: cfg.Provider()}
 
 	for _, k := range cfg.Keys() {
-		ks := KeySpec{Slot: k.Slot()}
+		ks := KeySpec{Slot: k.Slot(), LockToState: k.LockToSTATE()}
 
 		switch {
-		case k.LockToSTATE():
-			ks.Unsupported = "lockToState"
 		case !isNil(k.KMS()):
 			ks.KMSEndpoint = k.KMS().Endpoint()
 		case !isNil(k.Static()):
@@ -215,6 +218,9 @@ type Helpers struct {
 	// Roots are the machine's trusted roots for KMS TLS, read at every
 	// call (httpdefaults.RootCAs).
 	Roots func() *x509.CertPool
+	// Salt is STATE's encryption salt (secrets.EncryptionSalt), for keys
+	// locked to STATE; it fails while STATE is not open.
+	Salt func(ctx context.Context) ([]byte, error)
 }
 
 // Volume is one partition.
@@ -667,14 +673,73 @@ type keyHandler interface {
 }
 
 func newKeyHandler(k KeySpec, h Helpers) keyHandler {
+	var kh keyHandler
+
 	switch {
 	case k.KMSEndpoint != "":
-		return &kmsHandler{key: k, helpers: h}
+		kh = &kmsHandler{key: k, helpers: h}
 	case k.Static != nil:
-		return staticHandler(k)
+		kh = staticHandler(k)
 	default:
 		return unsupportedHandler(k)
 	}
+
+	if k.LockToState {
+		return &saltedHandler{wrapped: kh, salt: h.Salt}
+	}
+
+	return kh
+}
+
+// saltedHandler is keys.SaltedHandler: the wrapped handler's key (after
+// its KMS call, if any) suffixed with STATE's salt.
+type saltedHandler struct {
+	wrapped keyHandler
+	salt    func(context.Context) ([]byte, error)
+}
+
+func (s *saltedHandler) slot() int    { return s.wrapped.slot() }
+func (s *saltedHandler) kind() string { return s.wrapped.kind() + "+lockToState" }
+
+func (s *saltedHandler) newKey(ctx context.Context) ([]byte, *token, error) {
+	key, tok, err := s.wrapped.newKey(ctx)
+	if err != nil {
+		return key, tok, err
+	}
+
+	salt, err := s.getSalt(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+
+	return slices.Concat(key, salt), tok, nil
+}
+
+func (s *saltedHandler) getKey(ctx context.Context, tok *token) ([]byte, error) {
+	key, err := s.wrapped.getKey(ctx, tok)
+	if err != nil {
+		return key, err
+	}
+
+	salt, err := s.getSalt(ctx)
+	if err != nil {
+		return nil, err
+	}
+
+	return slices.Concat(key, salt), nil
+}
+
+func (s *saltedHandler) getSalt(ctx context.Context) ([]byte, error) {
+	if s.salt == nil {
+		return nil, errors.New("failed to get disk encryption key salt: no salt")
+	}
+
+	salt, err := s.salt(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("failed to get disk encryption key salt: %w", err)
+	}
+
+	return salt, nil
 }
 
 type staticHandler KeySpec

@@ -261,3 +261,42 @@ encryption:
 		t.Fatalf("null: %+v %v", got, err)
 	}
 }
+
+// TestLockToState: a key locked to STATE is the KMS's key suffixed with
+// STATE's salt (keys/salted.go): another salt does not open the volume;
+// without the salt the Seal has already happened when the key fails.
+func TestLockToState(t *testing.T) {
+	k := startKMS(t)
+	s := spec(t, "grpc://"+k.addr)
+	s.Keys[0].LockToState = true
+
+	salt := newKey(t)
+	h := volume.Helpers{UUID: "u", Salt: func(context.Context) ([]byte, error) { return salt, nil }}
+	v := volume.Volume{Label: "EPHEMERAL", Dir: filepath.Join(t.TempDir(), "EPHEMERAL")}
+
+	if _, err := v.Prepare(context.Background(), s, h, zap.NewNop()); err != nil {
+		t.Fatal(err)
+	}
+
+	if _, err := v.Prepare(context.Background(), s, h, zap.NewNop()); err != nil {
+		t.Fatalf("reopen with the same salt: %v", err)
+	}
+
+	salt = newKey(t)
+
+	if _, err := v.Prepare(context.Background(), s, h, zap.NewNop()); err == nil || !strings.Contains(err.Error(), "no key available") {
+		t.Fatalf("open with another STATE's salt: %v", err)
+	}
+
+	noSalt := volume.Helpers{UUID: "u", Salt: func(context.Context) ([]byte, error) { return nil, errors.New("STATE is not open yet") }}
+	w := volume.Volume{Label: "EPHEMERAL", Dir: filepath.Join(t.TempDir(), "EPHEMERAL")}
+	seals, _ := k.calls()
+
+	if _, err := w.Prepare(context.Background(), s, noSalt, zap.NewNop()); err == nil || !strings.Contains(err.Error(), "failed to get disk encryption key salt") {
+		t.Fatalf("format without a salt: %v", err)
+	}
+
+	if after, _ := k.calls(); after != seals+1 || w.Exists() {
+		t.Fatalf("format without a salt: %d Seals (want the one wasted), exists %v", after-seals, w.Exists())
+	}
+}
