@@ -5,8 +5,9 @@
 // libraries come from the host, so a cross build needs a host (or a sysroot,
 // see DaemonOptions.HostRoot) of the target architecture.
 //
-// The directory also holds the daemon's systemd unit (sovrad.service) and an
-// example ExtensionServiceConfig for the agent (extension-service-config.yaml).
+// The directory also holds the daemon's systemd unit (sovrad.service), an
+// example ExtensionServiceConfig for the agent (extension-service-config.yaml)
+// and a Grafana dashboard of sovrad's metrics (grafana-dashboard.json).
 package images
 
 import (

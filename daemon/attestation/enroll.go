@@ -15,6 +15,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
+	"github.com/sovra-dev/sovra/daemon/metrics"
 	"github.com/sovra-dev/sovra/internal/attest"
 )
 
@@ -49,7 +50,13 @@ type Enrollment struct {
 
 // BeginEnrollment admits the EK by policy and returns a credential
 // activation challenge for the AK. Nothing is stored.
-func (s *Service) BeginEnrollment(ctx context.Context, req EnrollRequest) (*Enrollment, *goattest.EncryptedCredential, error) {
+func (s *Service) BeginEnrollment(ctx context.Context, req EnrollRequest) (_ *Enrollment, _ *goattest.EncryptedCredential, err error) {
+	method := methodNone // until the EK is admitted
+	defer func() {
+		if err != nil {
+			countEnrollment(method, err)
+		}
+	}()
 	if err := checkEnrollClaims(req); err != nil {
 		return nil, nil, err
 	}
@@ -62,6 +69,7 @@ func (s *Service) BeginEnrollment(ctx context.Context, req EnrollRequest) (*Enro
 		s.deny(name, "EnrollmentDenied", err)
 		return nil, nil, fmt.Errorf("%w: %w", ErrRefused, err)
 	}
+	method = ek.Method
 	if ek.Method == attest.EKByTOFU {
 		s.logger.Warn("EK admitted by trust on first use", zap.String("node", name), zap.String("ek_hash", ek.Hash))
 	}
@@ -81,7 +89,8 @@ func (s *Service) BeginEnrollment(ctx context.Context, req EnrollRequest) (*Enro
 // node's record (creating it, or replacing the AK of an existing record,
 // which resets its attestation). A record that never sealed gets a sealing
 // window, so the node may format its volumes now.
-func (s *Service) FinishEnrollment(ctx context.Context, e *Enrollment, answer []byte) (*v1alpha1.SovraNode, error) {
+func (s *Service) FinishEnrollment(ctx context.Context, e *Enrollment, answer []byte) (_ *v1alpha1.SovraNode, err error) {
+	defer func() { countEnrollment(e.ek.Method, err) }()
 	if err := attest.CheckActivation(e.secret, answer); err != nil {
 		s.deny(e.Node, "EnrollmentDenied", err)
 		return nil, fmt.Errorf("%w: %w", ErrRefused, err)
@@ -109,11 +118,12 @@ func (s *Service) FinishEnrollment(ctx context.Context, e *Enrollment, answer []
 		return nil, err
 	}
 	node, err := s.store.GetNode(ctx, e.Node)
+	window := false // the enrollment opened a sealing window
 	switch {
 	case errors.Is(err, ErrNodeNotFound):
 		node = &v1alpha1.SovraNode{ObjectMeta: metav1.ObjectMeta{Name: e.Node}, Spec: spec}
 		setUUIDLabel(node)
-		s.setEnrolled(node, e.ek.Method, now)
+		window = s.setEnrolled(node, e.ek.Method, now)
 		if err := s.store.CreateNode(ctx, node); err != nil {
 			return nil, fmt.Errorf("creating record of node %s: %w", e.Node, err)
 		}
@@ -130,7 +140,7 @@ func (s *Service) FinishEnrollment(ctx context.Context, e *Enrollment, answer []
 		if err := s.store.UpdateNode(ctx, node); err != nil {
 			return nil, fmt.Errorf("pinning new AK of node %s: %w", e.Node, err)
 		}
-		s.setEnrolled(node, e.ek.Method, now)
+		window = s.setEnrolled(node, e.ek.Method, now)
 		if err := s.store.UpdateNodeStatus(ctx, node); err != nil {
 			return nil, fmt.Errorf("recording enrollment of node %s: %w", e.Node, err)
 		}
@@ -142,6 +152,9 @@ func (s *Service) FinishEnrollment(ctx context.Context, e *Enrollment, answer []
 	s.store.Event(ctx, node, false, "Enrolled", msg)
 	s.logger.Info("enrolled", zap.String("node", e.Node), zap.String("ek_hash", e.ek.Hash),
 		zap.String("method", e.ek.Method), zap.String("uuid", e.req.UUID))
+	if window {
+		metrics.SealingWindowsOpened.WithLabelValues(v1alpha1.WindowEnrollment).Inc()
+	}
 	return node, nil
 }
 
@@ -280,9 +293,10 @@ func setUUIDLabel(n *v1alpha1.SovraNode) {
 }
 
 // setEnrolled records an enrollment in n's status; a node that never sealed
-// gets a sealing window for its first install.
-func (s *Service) setEnrolled(n *v1alpha1.SovraNode, method string, now metav1.Time) {
+// gets a sealing window for its first install, and it reports so.
+func (s *Service) setEnrolled(n *v1alpha1.SovraNode, method string, now metav1.Time) (window bool) {
 	if n.Status.Sealing == nil || n.Status.Sealing.FirstSealed == nil {
+		window = true
 		if n.Status.Sealing == nil {
 			n.Status.Sealing = &v1alpha1.Sealing{}
 		}
@@ -304,6 +318,7 @@ func (s *Service) setEnrolled(n *v1alpha1.SovraNode, method string, now metav1.T
 		LastTransitionTime: now,
 	})
 	n.Status.LastAttestationResult, n.Status.Reason, n.Status.Message = "", v1alpha1.ReasonNotAttested, ""
+	return window
 }
 
 func checkEnrollClaims(r EnrollRequest) error {

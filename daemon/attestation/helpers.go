@@ -8,6 +8,7 @@ import (
 	"go.uber.org/zap"
 	"k8s.io/apimachinery/pkg/util/validation"
 
+	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
 	"github.com/sovra-dev/sovra/internal/attest"
 )
 
@@ -20,6 +21,9 @@ const denialLogEvery = 10 * time.Second
 // recorded in the API, so no caller can make state by failing. The log line
 // is throttled per node and reason.
 func (s *Service) deny(node, reason string, err error) {
+	if reason == v1alpha1.ReasonEvidenceRejected {
+		countVerdict(resultRejected, reason)
+	}
 	if s.throttle.Allow(node+"/"+reason, s.clock.Now()) {
 		s.logger.Warn("denied", zap.String("node", node), zap.String("reason", reason), zap.Error(err))
 	}

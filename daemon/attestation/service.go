@@ -119,6 +119,7 @@ func New(cfg Config, store Store, clock Clock, logger *zap.Logger) (*Service, er
 	if logger == nil {
 		logger = zap.NewNop()
 	}
+	zeroMetrics()
 	if cfg.EK.TrustOnFirstUse {
 		logger.Warn("EK trust on first use is ON: any TPM that presents no verifiable certificate can enroll; use it in labs only")
 	}

@@ -121,7 +121,11 @@ func (s *Service) Attest(ctx context.Context, req AttestRequest) (*AttestResult,
 		}
 		return nil, fmt.Errorf("%w: policy violated: %s", ErrRefused, msg)
 	}
-	if err := s.pass(ctx, node, boot, v, out.Of(attest.Warn)); err != nil {
+	names := make([]string, 0, len(policies))
+	for _, p := range policies {
+		names = append(names, p.Name)
+	}
+	if err := s.pass(ctx, node, boot, v, out.Of(attest.Warn), names); err != nil {
 		return nil, err
 	}
 	chain, exp, err := s.issue(node, boot.ID, csr)
@@ -215,7 +219,7 @@ func mode(m v1alpha1.Mode) attest.Mode {
 }
 
 // pass records a passing attestation of boot.
-func (s *Service) pass(ctx context.Context, node *v1alpha1.SovraNode, boot *v1alpha1.Boot, v *attest.Verified, warnings []string) error {
+func (s *Service) pass(ctx context.Context, node *v1alpha1.SovraNode, boot *v1alpha1.Boot, v *attest.Verified, warnings, policies []string) error {
 	now := metav1.NewTime(s.clock.Now())
 	msg := "quote verified with the pinned AK, event log replayed, policy passed"
 	if len(warnings) > 0 {
@@ -225,6 +229,7 @@ func (s *Service) pass(ctx context.Context, node *v1alpha1.SovraNode, boot *v1al
 		n.Status.LastAttestationTime = &now
 		n.Status.LastAttestationResult = v1alpha1.ResultPassed
 		n.Status.Reason, n.Status.Message, n.Status.Warnings = v1alpha1.ReasonAttestationPassed, msg, warnings
+		n.Status.Policies = policies
 		n.Status.PCRs = map[string]string{}
 		for i, d := range v.PCRs {
 			n.Status.PCRs[strconv.Itoa(i)] = hex.EncodeToString(d)
@@ -249,6 +254,11 @@ func (s *Service) pass(ctx context.Context, node *v1alpha1.SovraNode, boot *v1al
 	if err != nil {
 		return err
 	}
+	reason := v1alpha1.ReasonAttestationPassed
+	if len(warnings) > 0 {
+		reason = reasonPolicyWarnings
+	}
+	countVerdict(resultPassed, reason)
 	s.store.Event(ctx, node, false, v1alpha1.ReasonAttestationPassed, msg+"; boot "+boot.ID)
 	s.logger.Info("attested", zap.String("node", node.Name), zap.String("boot", boot.ID), zap.Strings("warnings", warnings))
 	return nil
@@ -273,6 +283,7 @@ func (s *Service) fail(ctx context.Context, node *v1alpha1.SovraNode, boot *v1al
 	if err != nil {
 		return err
 	}
+	countVerdict(resultFailed, reason)
 	s.store.Event(ctx, node, true, reason, msg)
 	s.logger.Warn("attestation failed", zap.String("node", node.Name), zap.String("reason", reason), zap.String("message", msg))
 	return nil

@@ -1,5 +1,6 @@
 // Package capi runs Cluster API inside sovrad: it installs the CRDs of CAPI
-// core and the Talos bootstrap (CABPT) and control-plane (CACPPT) providers,
+// core, the Talos bootstrap (CABPT) and control-plane (CACPPT) providers and
+// sovra's own infrastructure provider (package infra),
 // serves and registers their webhooks, and runs their controllers, with the
 // upstream garbage collector, in one controller-runtime manager elected over
 // a Lease in the daemon's own API, so that N replicas on one database run
@@ -103,6 +104,11 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger) error {
 	if err != nil {
 		return err
 	}
+	own, err := sovraProvider()
+	if err != nil {
+		return err
+	}
+	providers = append(providers, own)
 	ctrl.SetLogger(zapr.NewLogger(log))
 
 	restCfg := rest.CopyConfig(cfg.Loopback)

@@ -12,11 +12,15 @@ import (
 	clusterv1 "sigs.k8s.io/cluster-api/api/v1beta1"
 	expv1 "sigs.k8s.io/cluster-api/exp/api/v1beta1"
 	ipamv1 "sigs.k8s.io/cluster-api/exp/ipam/api/v1beta1"
+
+	infrav1 "github.com/sovra-dev/sovra/daemon/apis/infrastructure/v1alpha1"
+	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
 )
 
 // NewScheme returns the types the manager works with: Kubernetes' own, CRDs,
-// Cluster API core, and the Talos providers (every version they serve, so
-// that the conversion webhook can convert between them).
+// Cluster API core, the Talos providers (every version they serve, so
+// that the conversion webhook can convert between them), sovra's
+// infrastructure provider and sovra's own types (hosts, nodes).
 func NewScheme() *runtime.Scheme {
 	s := runtime.NewScheme()
 	for _, add := range []func(*runtime.Scheme) error{
@@ -29,6 +33,8 @@ func NewScheme() *runtime.Scheme {
 		bootstrapv1alpha2.AddToScheme,
 		bootstrapv1alpha3.AddToScheme,
 		controlplanev1alpha3.AddToScheme,
+		infrav1.AddToScheme,
+		v1alpha1.AddToScheme,
 	} {
 		utilruntime.Must(add(s))
 	}

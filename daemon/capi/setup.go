@@ -198,6 +198,7 @@ func setup(ctx context.Context, mgr ctrl.Manager, server *webhooks.Server, cfg C
 			}, leases, cfg.BootstrapGrace, controller.Options{MaxConcurrentReconciles: cacpptConcurrency}, log.Named("bootstrap-fence"))
 		}},
 	}
+	steps = append(steps, step{controllers.Infrastructure, func() error { return setupSovra(mgr, log) }})
 	for _, s := range steps {
 		if !sel.Has(s.name) {
 			continue

@@ -46,7 +46,13 @@ const (
 	defaultNodeMaxConns   = 4096
 	defaultAttestDeadline = 10 * time.Minute
 	defaultSealWindow     = time.Hour
-	defaultKMSRatePerIP   = 5
+	// defaultConfigAttestationAge and defaultMaxPending are the host pool's
+	// (packages hosts and kms).
+	defaultConfigAttestationAge = 15 * time.Minute
+	defaultMaxPending           = 256
+	// maxConfigAttestationAge bounds --config-attestation-max-age.
+	maxConfigAttestationAge = 24 * time.Hour
+	defaultKMSRatePerIP     = 5
 	// maxSealWindow bounds --seal-window: a window is a time in which
 	// anyone who knows a new node's UUID may Seal.
 	maxSealWindow = 24 * time.Hour
@@ -85,6 +91,10 @@ type Config struct {
 
 	// NodeAPI is the API nodes call: enrollment and attestation.
 	NodeAPI NodeAPI
+
+	// Hosts is sovra's pool of machines: the boot server and the delivery
+	// of machine configurations.
+	Hosts Hosts
 
 	// OIDC authenticates people with an OpenID Connect provider; off when IssuerURL is empty.
 	OIDC OIDC
@@ -149,6 +159,26 @@ type NodeAPI struct {
 	MaxConns int
 }
 
+// Hosts configures sovra's pool of machines (packages hosts, bootconfig).
+type Hosts struct {
+	// BootListen is the HTTPS address of the boot server, which serves the
+	// enrollment configuration; empty turns it off.
+	BootListen string
+	// NodeEndpoint is the host:port machines reach the node API (and the
+	// KMS on it) at; empty means the advertise address and the node API's
+	// port.
+	NodeEndpoint string
+	// AutoAccept accepts a new host whose EK was admitted by a certificate
+	// or the allow-list and whose attestation passed an AttestationPolicy.
+	AutoAccept bool
+	// MaxAttestationAge bounds the age of the attestation a machine's
+	// configuration is released on.
+	MaxAttestationAge time.Duration
+	// MaxPending bounds the machines that fetched the enrollment
+	// configuration and have not enrolled yet.
+	MaxPending int
+}
+
 // KMS configures the Talos KMS: sidero.kms.KMSService over TLS.
 type KMS struct {
 	// MasterKeyFile is the master keyring (mode 0600, outside the
@@ -185,6 +215,7 @@ func New() *Config {
 		OIDC:    OIDC{UsernameClaim: defaultUsernameClaim},
 		NodeAPI: NodeAPI{Listen: defaultNodeListen, NodeCertTTL: defaultNodeCertTTL, NonceTTL: defaultNonceTTL, RatePerIP: defaultNodeRatePerIP,
 			MaxConnsPerIP: defaultNodeMaxConnsPerIP, MaxConns: defaultNodeMaxConns},
+		Hosts:           Hosts{MaxAttestationAge: defaultConfigAttestationAge, MaxPending: defaultMaxPending},
 		KMS:             KMS{AttestDeadline: defaultAttestDeadline, SealWindow: defaultSealWindow, RatePerIP: defaultKMSRatePerIP},
 		LogLevel:        "info",
 		ShutdownTimeout: defaultShutdownTimeout,
@@ -225,6 +256,11 @@ func (c *Config) FlagSet() *pflag.FlagSet {
 	fs.Float64Var(&c.KMS.RatePerIP, "kms-rate-per-ip", c.KMS.RatePerIP, "KMS calls a second each source address may make (burst: 4 s of it); raise it for nodes behind one NAT")
 	fs.BoolVar(&c.KMS.BindAddresses, "kms-bind-addresses", c.KMS.BindAddresses, "refuse KMS calls from addresses the node's record does not list")
 	fs.StringSliceVar(&c.KMS.TrustedProxies, "kms-trusted-proxies", c.KMS.TrustedProxies, "CIDRs or IPs of proxies whose X-Forwarded-For the KMS believes (repeat or comma-separate)")
+	fs.StringVar(&c.Hosts.BootListen, "boot-listen", c.Hosts.BootListen, "HTTPS address of the boot server, which serves the enrollment configuration of new machines (talos.config=); empty turns it off")
+	fs.StringVar(&c.Hosts.NodeEndpoint, "node-endpoint", c.Hosts.NodeEndpoint, "host:port machines reach the node API and its KMS at (default: the advertise address and the --node-listen port)")
+	fs.BoolVar(&c.Hosts.AutoAccept, "hosts-auto-accept", c.Hosts.AutoAccept, "accept a new host whose EK a certificate or the allow-list admitted and whose attestation passed an AttestationPolicy")
+	fs.DurationVar(&c.Hosts.MaxAttestationAge, "config-attestation-max-age", c.Hosts.MaxAttestationAge, "age of the passing attestation a machine's configuration may be released on")
+	fs.IntVar(&c.Hosts.MaxPending, "boot-max-pending", c.Hosts.MaxPending, "machines that fetched the enrollment configuration and did not enroll yet (each may seal its first volumes); more are served the configuration only")
 	fs.StringVar(&c.AdminGroup, "admin-group", c.AdminGroup, "group bound to cluster-admin")
 	fs.StringVar(&c.AuditLog, "audit-log", c.AuditLog, "audit log file, or - for stdout (default: audit.log in the data directory)")
 	fs.StringVar(&c.AuditPolicy, "audit-policy", c.AuditPolicy, "audit policy file replacing the default policy")
@@ -293,6 +329,7 @@ func (c *Config) Validate() error {
 	errs = append(errs, c.validateNodeAPI()...)
 	errs = append(errs, c.validateConnLimits()...)
 	errs = append(errs, c.validateKMS()...)
+	errs = append(errs, c.validateHosts()...)
 	if c.AuditPolicy != "" {
 		if err := readable(c.AuditPolicy); err != nil {
 			add("--audit-policy: %v", err)
@@ -366,6 +403,31 @@ func (c *Config) validateConnLimits() []error {
 	}
 	if n.MaxConns > 0 && n.MaxConnsPerIP > n.MaxConns {
 		errs = append(errs, fmt.Errorf("--node-max-conns-per-ip %d: must not exceed --node-max-conns %d", n.MaxConnsPerIP, n.MaxConns))
+	}
+	return errs
+}
+
+func (c *Config) validateHosts() []error {
+	h := c.Hosts
+	var errs []error
+	if h.BootListen != "" {
+		if _, _, err := net.SplitHostPort(h.BootListen); err != nil {
+			errs = append(errs, fmt.Errorf("--boot-listen %q: want host:port: %v", h.BootListen, err))
+		}
+		if c.NodeAPI.Listen == "" {
+			errs = append(errs, errors.New("--boot-listen: machines enroll on the node API: set --node-listen"))
+		}
+	}
+	if h.NodeEndpoint != "" {
+		if host, port, err := net.SplitHostPort(h.NodeEndpoint); err != nil || host == "" || port == "" {
+			errs = append(errs, fmt.Errorf("--node-endpoint %q: want host:port", h.NodeEndpoint))
+		}
+	}
+	if h.MaxAttestationAge < time.Minute || h.MaxAttestationAge > maxConfigAttestationAge {
+		errs = append(errs, fmt.Errorf("--config-attestation-max-age %s: must be between 1m and %s", h.MaxAttestationAge, maxConfigAttestationAge))
+	}
+	if h.MaxPending < 1 {
+		errs = append(errs, fmt.Errorf("--boot-max-pending %d: must be at least 1", h.MaxPending))
 	}
 	return errs
 }

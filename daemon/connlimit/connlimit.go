@@ -25,6 +25,7 @@ import (
 	"golang.org/x/time/rate"
 	"google.golang.org/grpc/keepalive"
 
+	"github.com/sovra-dev/sovra/daemon/metrics"
 	"github.com/sovra-dev/sovra/daemon/ratelimit"
 )
 
@@ -54,6 +55,9 @@ const (
 	ipv6SourceBits = 64
 	// totalKey is the log limiter's key of refusals over the total cap.
 	totalKey = "total"
+	// The caps, as the limit label of the refusals' metric.
+	limitPerSource = "per_source"
+	limitTotal     = "total"
 )
 
 // Keepalive are the server's keepalive parameters: idle connections are
@@ -118,6 +122,9 @@ func New(cfg Config, logger *zap.Logger) *Limiter {
 // Wrap returns lis with its accepted connections counted and capped; name
 // (such as "node API") tells the listeners apart in the log.
 func (l *Limiter) Wrap(lis net.Listener, name string) net.Listener {
+	for _, limit := range []string{limitPerSource, limitTotal} {
+		metrics.ConnectionsRefused.WithLabelValues(name, limit) // at zero from the start
+	}
 	return &listener{Listener: lis, limiter: l, name: name}
 }
 
@@ -156,6 +163,7 @@ func (l *Limiter) admit(src netip.Prefix) (ok, overTotal bool, held int) {
 		return false, false, l.bySource[src]
 	}
 	l.total++
+	metrics.ConnectionsHeld.Inc()
 	if !exempt {
 		l.bySource[src]++
 	}
@@ -168,6 +176,7 @@ func (l *Limiter) release(src netip.Prefix) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.total--
+	metrics.ConnectionsHeld.Dec()
 	if exempt {
 		return
 	}
@@ -185,13 +194,14 @@ func (l *Limiter) exempt(src netip.Prefix) bool {
 	return false
 }
 
-// refused logs a refusal, at most once per source (or once for the total
-// cap) per LogEvery.
+// refused counts a refusal and logs it, at most once per source (or once
+// for the total cap) per LogEvery.
 func (l *Limiter) refused(name string, src netip.Prefix, overTotal bool, held int) {
-	key, msg, limit := src.String(), "connections refused: this source holds the most allowed (--node-max-conns-per-ip)", l.cfg.PerSource
+	key, msg, limit, over := src.String(), "connections refused: this source holds the most allowed (--node-max-conns-per-ip)", l.cfg.PerSource, limitPerSource
 	if overTotal {
-		key, msg, limit = totalKey, "connections refused: the daemon holds the most allowed (--node-max-conns)", l.cfg.Total
+		key, msg, limit, over = totalKey, "connections refused: the daemon holds the most allowed (--node-max-conns)", l.cfg.Total, limitTotal
 	}
+	metrics.ConnectionsRefused.WithLabelValues(name, over).Inc()
 	if !l.logs.Allow(key, l.now()) {
 		return
 	}

@@ -11,6 +11,9 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
+	"k8s.io/component-base/metrics/testutil"
+
+	"github.com/sovra-dev/sovra/daemon/metrics"
 )
 
 const (
@@ -88,6 +91,7 @@ func TestPerSourceCap(t *testing.T) {
 	core, logs := observer.New(zapcore.WarnLevel)
 	l := New(Config{PerSource: 2, Total: 10}, zap.New(core))
 	addr := serve(t, l)
+	refusedBefore, _ := testutil.GetCounterMetricValue(metrics.ConnectionsRefused.WithLabelValues("test", limitPerSource))
 	a1, a2 := dialFrom(t, "127.0.0.2", addr), dialFrom(t, "127.0.0.2", addr)
 	waitHeld(t, l, 2)
 	over := dialFrom(t, "127.0.0.2", addr)
@@ -116,6 +120,10 @@ func TestPerSourceCap(t *testing.T) {
 	lines := logs.FilterMessageSnippet("--node-max-conns-per-ip").All()
 	if len(lines) != 1 {
 		t.Fatalf("%d log lines about refusals, want 1", len(lines))
+	}
+	// Every refusal is counted, logged or not.
+	if n, err := testutil.GetCounterMetricValue(metrics.ConnectionsRefused.WithLabelValues("test", limitPerSource)); err != nil || n-refusedBefore != 6 {
+		t.Fatalf("counted %v refusals (%v), want 6", n-refusedBefore, err)
 	}
 	if got := lines[0].ContextMap()["source"]; got != "127.0.0.2/32" {
 		t.Fatalf("logged source %v", got)

@@ -12,6 +12,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
+	"github.com/sovra-dev/sovra/daemon/metrics"
 )
 
 // Unseal accounting: Talos unseals a node's volumes early in each boot, and
@@ -287,6 +288,10 @@ func (s *Service) raise(ctx context.Context, st Store, rec *v1alpha1.SovraNode, 
 		}
 		if err != nil {
 			return err
+		}
+		metrics.KMSUnexpectedReleases.WithLabelValues(j.reason).Inc()
+		if quarantine {
+			metrics.KMSQuarantines.WithLabelValues(ReasonUnexpectedUnseal).Inc()
 		}
 		s.logger.Warn("unexpected key release", zap.String("node", n.Name), zap.String("node_uuid", n.Spec.UUID),
 			zap.String("blob", e.Blob), zap.String("source", e.Source), zap.Time("at", e.At.Time),

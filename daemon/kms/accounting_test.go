@@ -9,8 +9,11 @@ import (
 	kmsapi "github.com/siderolabs/kms-client/api/kms"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	k8smetrics "k8s.io/component-base/metrics"
+	"k8s.io/component-base/metrics/testutil"
 
 	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
+	"github.com/sovra-dev/sovra/daemon/metrics"
 )
 
 func TestJudge(t *testing.T) {
@@ -76,6 +79,8 @@ func TestJudge(t *testing.T) {
 func TestUnexpectedUnseal(t *testing.T) {
 	for _, strict := range []bool{false, true} {
 		s, st, clk := fixture(t, Config{AttestDeadline: time.Minute, QuarantineUnexpected: strict})
+		unexpected, quarantines := counted(t, metrics.KMSUnexpectedReleases, reasonUnexpectedConflict), counted(t, metrics.KMSQuarantines, ReasonUnexpectedUnseal)
+		released := counted(t, metrics.KMSDecisions, opUnseal, decisionAllowed, reasonReleased)
 		st.put(attested("ek-a", uuidA, clk.Now(), "10.0.0.1"))
 		ctx := context.Background()
 		sealed, err := s.Seal(from("10.0.0.1"), &kmsapi.Request{NodeUuid: uuidA, Data: make([]byte, 32)})
@@ -111,6 +116,13 @@ func TestUnexpectedUnseal(t *testing.T) {
 		if quarantined(rec) != strict {
 			t.Fatalf("strict=%v: quarantined %v", strict, quarantined(rec))
 		}
+		wantQuarantines := 0.0
+		if strict {
+			wantQuarantines = 1
+		}
+		if unexpected() != 1 || quarantines() != wantQuarantines || released() != 2 {
+			t.Fatalf("strict=%v: counted %v unexpected releases, %v quarantines, %v releases", strict, unexpected(), quarantines(), released())
+		}
 		// Judged once: no second alarm.
 		s.AccountOnce(ctx, st)
 		if len(st.eventsOf(ReasonUnexpectedUnseal)) != 1 {
@@ -136,6 +148,7 @@ func TestFailedBootQuarantines(t *testing.T) {
 	s, st, clk := fixture(t, Config{})
 	st.put(attested("ek-a", uuidA, clk.Now(), "10.0.0.1"))
 	ctx := context.Background()
+	quarantines := counted(t, metrics.KMSQuarantines, ReasonFailedAfterUnseal)
 	sealed, err := s.Seal(from("10.0.0.1"), &kmsapi.Request{NodeUuid: uuidA, Data: make([]byte, 32)})
 	if err != nil {
 		t.Fatal(err)
@@ -156,6 +169,23 @@ func TestFailedBootQuarantines(t *testing.T) {
 	if c := meta.FindStatusCondition(st.Node("ek-a").Status.Conditions, ConditionQuarantined); c == nil || c.Reason != ReasonFailedAfterUnseal {
 		t.Fatalf("quarantine: %+v", c)
 	}
+	if n := quarantines(); n != 1 {
+		t.Fatalf("counted %v quarantines", n)
+	}
+}
+
+// counted returns the growth of a counter's series since it was called.
+func counted(t *testing.T, vec *k8smetrics.CounterVec, labels ...string) func() float64 {
+	t.Helper()
+	read := func() float64 {
+		v, err := testutil.GetCounterMetricValue(vec.WithLabelValues(labels...))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	start := read()
+	return func() float64 { return read() - start }
 }
 
 // TestLedgerSurvivesRestart: releases are written in batches and a

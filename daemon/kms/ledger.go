@@ -14,6 +14,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
+	"github.com/sovra-dev/sovra/daemon/metrics"
 )
 
 // The ledger is this replica's record of the keys it released. Every
@@ -91,6 +92,7 @@ func (l *ledger) add(rec *v1alpha1.SovraNode, blob, source string, now time.Time
 	l.entries = append(l.entries, e)
 	l.byID[e.ID] = e
 	l.byKey[k] = e
+	countEntries(e.Verdict, 1)
 	l.current.n++
 	l.current.dirty = true
 	return e.ID
@@ -112,6 +114,8 @@ func (l *ledger) setVerdict(id, verdict, boot string) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if e := l.byID[id]; e != nil {
+		countEntries(e.Verdict, -1)
+		countEntries(verdict, 1)
 		e.Verdict, e.Boot = verdict, boot
 		e.seg.dirty = true
 	}
@@ -129,6 +133,7 @@ func (l *ledger) prune(keep func(v1alpha1.LedgerEntry) bool) {
 		}
 		e.seg.n--
 		e.seg.dirty = true
+		countEntries(e.Verdict, -1)
 		delete(l.byID, e.ID)
 		k := entryKey{uid: e.NodeUID, blob: e.Blob, source: e.Source}
 		if l.byKey[k] == e {
@@ -152,6 +157,7 @@ func (l *ledger) load(ctx context.Context, st Store) error {
 		l.segments[seg.name] = seg
 		for _, le := range obj.Spec.Entries {
 			e := &entry{LedgerEntry: le, seg: seg}
+			countEntries(le.Verdict, 1)
 			seg.n++
 			l.entries = append(l.entries, e)
 			l.byID[le.ID] = e
@@ -223,6 +229,8 @@ func (s *Service) flush(ctx context.Context, st Store) {
 		var err error
 		switch {
 		case len(w.obj.Spec.Entries) == 0 && w.seg.rv == "":
+			s.ledger.written(w, nil) // never written: nothing to delete
+			continue
 		case len(w.obj.Spec.Entries) == 0:
 			err = st.DeleteLedger(ctx, w.obj)
 		default:
@@ -233,6 +241,9 @@ func (s *Service) flush(ctx context.Context, st Store) {
 		}
 		if err != nil {
 			s.logger.Warn("writing the ledger of key releases; will retry", zap.String("segment", w.obj.Name), zap.Error(err))
+			metrics.KMSLedgerWrites.WithLabelValues(writeError).Inc()
+		} else {
+			metrics.KMSLedgerWrites.WithLabelValues(writeOK).Inc()
 		}
 		s.ledger.written(w, err)
 	}

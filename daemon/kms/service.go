@@ -159,6 +159,7 @@ func newService(cfg Config, keyring *custody.Keyring, clock Clock, logger *zap.L
 		logger = zap.NewNop()
 	}
 	logger = logger.Named("kms")
+	zeroMetrics()
 	if cfg.LabMode {
 		logger.Warn("KMS lab mode is ON: any node UUID may Seal; its record is created on first Seal; use it in labs only")
 	}
@@ -274,7 +275,7 @@ func (s *Service) Seal(ctx context.Context, req *kmsapi.Request) (*kmsapi.Respon
 		if why, open := s.sealWindow(rec, s.clock.Now()); !open {
 			return reasonNoWindow, why
 		}
-		if s.cfg.BindAddresses && len(rec.Spec.Addresses) > 0 && !knowsAddress(rec, c.src.Addr) {
+		if (s.cfg.BindAddresses || isLab(rec)) && len(rec.Spec.Addresses) > 0 && !knowsAddress(rec, c.src.Addr) {
 			return reasonAddress, "source is not a known address of the node"
 		}
 		return "", ""
@@ -343,6 +344,10 @@ func (s *Service) Unseal(ctx context.Context, req *kmsapi.Request) (*kmsapi.Resp
 	switch {
 	case quarantined(rec):
 		return nil, s.deny(c, reasonQuarantined, "record is quarantined; an operator must clear it")
+	case isLab(rec) && !freshSealFrom(rec, fingerprint(req.GetData()), c.src.Addr, s.clock.Now()):
+		return nil, s.deny(c, reasonNotEnrolled, "node is not enrolled; before it enrolls it may open only what it sealed in the last "+FreshSealWindow.String()+", from the address it sealed from")
+	case isLab(rec):
+		// A pending machine opens the volume it just formatted.
 	case !enrolled(rec):
 		return nil, s.deny(c, reasonNotEnrolled, "node is not enrolled")
 	case !attestedOK(rec):
@@ -384,6 +389,7 @@ func (s *Service) begin(ctx context.Context, op string, req *kmsapi.Request) (*c
 		return nil, nil, errUnavailable
 	}
 	if !s.limits.Allow(ratelimit.SourceKey(c.src.Addr), s.clock.Now()) {
+		countDecision(op, false, reasonRateLimited)
 		s.throttled.add(c.src.String(), op)
 		return nil, nil, errRateLimited
 	}
@@ -417,8 +423,10 @@ func (s *Service) event(rec *v1alpha1.SovraNode, warning bool, reason, message s
 	}
 }
 
-// record writes the decision to the log: every key decision has its line.
+// record writes the decision to the log (every key decision has its line)
+// and counts it.
 func (s *Service) record(c *call, allowed bool, reason, detail string) {
+	countDecision(c.op, allowed, reason)
 	decision := "denied"
 	if allowed {
 		decision = "allowed"

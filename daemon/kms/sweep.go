@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 	"slices"
 	"strings"
 	"sync"
@@ -14,6 +15,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
+	"github.com/sovra-dev/sovra/daemon/metrics"
 )
 
 const (
@@ -166,6 +168,10 @@ func (s *Service) sweepLab(ctx context.Context, st Store, lab *v1alpha1.SovraNod
 		}
 	}
 	if target == nil {
+		if w := windowOf(lab); len(lab.Status.KeySalt) == 0 && w != nil && w.Reason == v1alpha1.WindowBootConfig && !now.Before(w.Expires.Time) {
+			s.logger.Info("pending machine removed: it never sealed in its window", zap.String("node", lab.Name), zap.String("node_uuid", lab.Spec.UUID))
+			return st.Delete(ctx, lab)
+		}
 		if now.After(lab.CreationTimestamp.Add(s.cfg.AttestDeadline)) {
 			return s.quarantine(ctx, st, lab.Name, ReasonEnrollmentMissed,
 				fmt.Sprintf("lab mode: the node sealed at %s and did not enroll within %s",
@@ -174,6 +180,18 @@ func (s *Service) sweepLab(ctx context.Context, st Store, lab *v1alpha1.SovraNod
 		return nil
 	}
 	if len(lab.Status.KeySalt) == 0 {
+		return st.Delete(ctx, lab)
+	}
+	if len(lab.Spec.Addresses) > 0 && !sharesAddress(lab, target) {
+		// Whoever sealed under the pending record is not shown to be this
+		// machine: the enrolled record starts with no salt, and the blobs
+		// sealed before open no more.
+		s.logger.Warn("pending record not adopted: the node enrolled from other addresses than the one that sealed; its seals are discarded",
+			zap.String("pending_record", lab.Name), zap.String("node", target.Name),
+			zap.Strings("sealed_from", lab.Spec.Addresses), zap.Strings("node_addresses", target.Spec.Addresses))
+		s.event(target, true, "PendingSealsDiscarded", fmt.Sprintf(
+			"the UUID's pending record %s sealed from %s, not an address this node enrolled with: its blobs were discarded; the node must seal its volumes anew (open a sealing window)",
+			lab.Name, strings.Join(lab.Spec.Addresses, ",")))
 		return st.Delete(ctx, lab)
 	}
 	fresh, err := st.Get(ctx, target.Name)
@@ -226,6 +244,7 @@ func (s *Service) quarantine(ctx context.Context, st Store, name, reason, msg st
 	if err := st.UpdateStatus(ctx, n); err != nil {
 		return err
 	}
+	metrics.KMSQuarantines.WithLabelValues(reason).Inc()
 	s.logger.Warn("node quarantined", zap.String("node", name), zap.String("node_uuid", n.Spec.UUID),
 		zap.String("reason", reason), zap.String("detail", msg))
 	s.event(n, true, "Quarantined", reason+": "+msg+"; clear with: kubectl annotate snode "+name+" "+AnnotationClearQuarantine+"=yes")
@@ -291,4 +310,15 @@ func (t *throttleLog) run(ctx context.Context) {
 			}
 		}
 	}
+}
+
+// sharesAddress reports whether the pending record's source is one of the
+// enrolled node's addresses.
+func sharesAddress(pending, node *v1alpha1.SovraNode) bool {
+	for _, a := range pending.Spec.Addresses {
+		if addr, err := netip.ParseAddr(a); err == nil && knowsAddress(node, addr.Unmap()) {
+			return true
+		}
+	}
+	return false
 }

@@ -13,6 +13,7 @@ import (
 
 	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
 	"github.com/sovra-dev/sovra/daemon/custody"
+	"github.com/sovra-dev/sovra/daemon/metrics"
 )
 
 // Talos seals only when it formats a volume or fills a key slot: a fresh
@@ -23,8 +24,9 @@ import (
 //
 //   - its first window, from its creation for Config.SealWindow (a node an
 //     operator pre-registered, or one that enrolled, installs now);
-//   - a window enrollment opened for a record that never sealed;
-//     both close FreshSealWindow after the node's first Seal: an install
+//   - a window enrollment opened for a record that never sealed, or the
+//     fetch of the enrollment configuration by a new machine (expect.go);
+//     these close FreshSealWindow after the node's first Seal: an install
 //     seals its volumes within minutes, and a window is a time in which
 //     anyone who knows the UUID may Seal;
 //   - a window an operator opened (AnnotationSealingWindow);
@@ -41,7 +43,7 @@ func (s *Service) sealWindow(rec *v1alpha1.SovraNode, now time.Time) (string, bo
 		installed = now.After(sl.FirstSealed.Add(FreshSealWindow))
 	}
 	if w := windowOf(rec); w != nil && !now.Before(w.Opened.Time) && now.Before(w.Expires.Time) &&
-		!(installed && w.Reason == v1alpha1.WindowEnrollment) {
+		!(installed && (w.Reason == v1alpha1.WindowEnrollment || w.Reason == v1alpha1.WindowBootConfig)) {
 		return w.Reason, true
 	}
 	if now.Before(rec.CreationTimestamp.Add(s.cfg.SealWindow)) && !installed {
@@ -129,6 +131,7 @@ func (s *Service) openWindow(ctx context.Context, st Store, name, reason, by str
 		if err != nil {
 			return err
 		}
+		metrics.SealingWindowsOpened.WithLabelValues(reason).Inc()
 		until := now.Add(d).UTC().Format(time.RFC3339)
 		s.logger.Info("sealing window opened", zap.String("node", name), zap.String("reason", reason),
 			zap.String("by", by), zap.String("until", until))

@@ -14,6 +14,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
+	"github.com/sovra-dev/sovra/daemon/metrics"
 )
 
 // The bootstrap lease of a cluster is the coordination.k8s.io/v1 Lease
@@ -120,6 +121,21 @@ type Decision struct {
 	Lease LeaseState
 	// Reason and Message explain the decision (the event's).
 	Reason, Message string
+}
+
+// zeroLeaseMetrics makes the series of every decision a phase can get
+// exist from the start, at zero, so that a dashboard shows "none" and not
+// "no data".
+func zeroLeaseMetrics() {
+	for want, reasons := range map[Phase][]string{
+		PhaseHeld:          {ReasonLeaseWon, ReasonLeaseRenewed, ReasonLeaseHeld, ReasonLeaseDenied},
+		PhaseBootstrapping: {ReasonBootstrapStarted, ReasonLeaseHeld, ReasonLeaseDenied},
+		PhaseBootstrapped:  {ReasonBootstrapFinished, ReasonLeaseHeld, ReasonLeaseDenied},
+	} {
+		for _, r := range reasons {
+			metrics.BootstrapLeaseDecisions.WithLabelValues(string(want), r)
+		}
+	}
 }
 
 // LeaseName is the name of a cluster's bootstrap Lease.
@@ -333,8 +349,10 @@ func (s *Service) readLease(ctx context.Context, cluster string) (*coordinationv
 	return &l, nil
 }
 
-// logDecision logs a lease decision for caller (a zap field naming it).
+// logDecision logs and counts a lease decision for caller (a zap field
+// naming it).
 func (s *Service) logDecision(caller zap.Field, want Phase, d Decision) {
+	metrics.BootstrapLeaseDecisions.WithLabelValues(string(want), d.Reason).Inc()
 	fields := []zap.Field{
 		caller, zap.String("cluster", d.Cluster), zap.String("asked", string(want)),
 		zap.String("holder", d.Lease.Holder), zap.String("holder_address", d.Lease.HolderAddress),

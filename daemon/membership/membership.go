@@ -150,6 +150,7 @@ func New(cfg Config, c client.Client, events EventRecorder, clock Clock, logger 
 	if events == nil {
 		events = &attestation.KubeStore{Client: c, Logger: logger}
 	}
+	zeroLeaseMetrics()
 	return &Service{cfg: cfg, client: c, events: events, clock: clock, logger: logger}
 }
 

@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 
+	"github.com/sovra-dev/sovra/daemon/metrics"
 	"github.com/sovra-dev/sovra/daemon/ratelimit"
 	pb "github.com/sovra-dev/sovra/internal/nodeapi"
 )
@@ -76,6 +77,7 @@ func (p *peerLimit) check(ctx context.Context, method string) error {
 	if p.calls.Allow(addr, now) {
 		return nil
 	}
+	metrics.NodeAPIRateLimited.Inc()
 	if p.logs.Allow(addr, now) {
 		p.logger.Warn("node API calls refused: over the per-address rate (--node-rate-per-ip)", zap.String("peer", addr), zap.String("method", method))
 	}

@@ -38,6 +38,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
+	"github.com/sovra-dev/sovra/daemon/metrics"
 	"github.com/sovra-dev/sovra/daemon/ratelimit"
 )
 
@@ -54,6 +55,19 @@ const (
 	// denialLogEvery is the shortest time between two log lines about one
 	// peer's refused credential.
 	denialLogEvery = 10 * time.Second
+)
+
+// Why a node credential was refused: the reason label of its metric and
+// the code of its log line.
+const (
+	refusedNoCertificate   = "NoCertificate"
+	refusedInvalid         = "InvalidCredential"
+	refusedRecordDeleted   = "RecordDeleted"
+	refusedEarlierInstance = "EarlierRecordInstance"
+	refusedQuarantined     = "Quarantined"
+	refusedNotEnrolled     = "NotEnrolled"
+	refusedNotAttested     = "NotAttested"
+	refusedUnreadable      = "RecordUnreadable"
 )
 
 // ErrNoCredential is what a caller without a usable node credential hears.
@@ -179,6 +193,10 @@ func New(nodeCA *x509.Certificate, records Records, clock Clock, logger *zap.Log
 	if logger == nil {
 		logger = zap.NewNop()
 	}
+	for _, code := range []string{refusedNoCertificate, refusedInvalid, refusedRecordDeleted, refusedEarlierInstance,
+		refusedQuarantined, refusedNotEnrolled, refusedNotAttested, refusedUnreadable} {
+		metrics.NodeCredentialRefusals.WithLabelValues(code) // at zero from the start
+	}
 	return &Authenticator{roots: roots, records: records, clock: clock, logger: logger,
 		logs: ratelimit.New(rate.Every(denialLogEvery), 1, 0, 0)}
 }
@@ -191,7 +209,7 @@ func New(nodeCA *x509.Certificate, records Records, clock Clock, logger *zap.Log
 func (a *Authenticator) Authenticate(ctx context.Context, call string) (*Identity, error) {
 	from, leaf, inter := peerCertificate(ctx)
 	if leaf == nil {
-		a.deny(from, call, "", "no client certificate")
+		a.deny(from, call, "", refusedNoCertificate, "no client certificate")
 		return nil, status.Error(codes.Unauthenticated, errNoCredential)
 	}
 	_, err := leaf.Verify(x509.VerifyOptions{
@@ -203,41 +221,44 @@ func (a *Authenticator) Authenticate(ctx context.Context, call string) (*Identit
 		cred, err = Parse(leaf)
 	}
 	if err != nil {
-		a.deny(from, call, leaf.Subject.CommonName, err.Error())
+		a.deny(from, call, leaf.Subject.CommonName, refusedInvalid, err.Error())
 		return nil, status.Error(codes.Unauthenticated, "the client certificate is not a valid node credential: "+err.Error()+"; "+errNoCredential)
 	}
 	rec, err := a.records.Get(ctx, cred.Node)
 	switch {
 	case errors.Is(err, ErrNotFound):
-		a.deny(from, call, cred.Node, "no such record (revoked)")
+		a.deny(from, call, cred.Node, refusedRecordDeleted, "no such record (revoked)")
 		return nil, status.Errorf(codes.PermissionDenied, "node %s is not enrolled (its record was deleted): enroll and attest again", cred.Node)
 	case err != nil:
+		metrics.NodeCredentialRefusals.WithLabelValues(refusedUnreadable).Inc()
 		a.logger.Error("reading the record of a node credential", zap.String("node", cred.Node), zap.Error(err))
 		return nil, status.Error(codes.Unavailable, "the daemon could not read the node's record; retry later")
 	}
-	reason := ""
+	code, reason := "", ""
 	switch {
 	case rec.UID != cred.UID:
-		reason = "the credential was issued to an earlier instance of the record: attest again"
+		code, reason = refusedEarlierInstance, "the credential was issued to an earlier instance of the record: attest again"
 	case rec.Quarantined():
-		reason = "the node is quarantined: an operator must clear it"
+		code, reason = refusedQuarantined, "the node is quarantined: an operator must clear it"
 	case !rec.Enrolled():
-		reason = "the node is not enrolled: enroll and attest again"
+		code, reason = refusedNotEnrolled, "the node is not enrolled: enroll and attest again"
 	case !rec.AttestedOK():
-		reason = "the node's last attestation did not pass: attest again"
+		code, reason = refusedNotAttested, "the node's last attestation did not pass: attest again"
 	}
 	if reason != "" {
-		a.deny(from, call, cred.Node, reason)
+		a.deny(from, call, cred.Node, code, reason)
 		return nil, status.Errorf(codes.PermissionDenied, "node %s: %s", cred.Node, reason)
 	}
 	return &Identity{Credential: cred, Record: rec}, nil
 }
 
-// deny logs a refused credential, at most once per peer and denialLogEvery.
-func (a *Authenticator) deny(from, call, node, reason string) {
+// deny counts a refused credential by code (refused*) and logs it, at most
+// once per peer and denialLogEvery.
+func (a *Authenticator) deny(from, call, node, code, reason string) {
+	metrics.NodeCredentialRefusals.WithLabelValues(code).Inc()
 	if a.logs.Allow(from, a.clock.Now()) {
 		a.logger.Warn("denied: node credential refused", zap.String("call", call), zap.String("from", from),
-			zap.String("node", node), zap.String("reason", reason))
+			zap.String("node", node), zap.String("code", code), zap.String("reason", reason))
 	}
 }
 

@@ -20,6 +20,7 @@ import (
 	"k8s.io/client-go/rest"
 
 	"github.com/sovra-dev/sovra/daemon/apiserver"
+	"github.com/sovra-dev/sovra/daemon/bootconfig"
 	"github.com/sovra-dev/sovra/daemon/capi"
 	"github.com/sovra-dev/sovra/daemon/capi/controllers"
 	"github.com/sovra-dev/sovra/daemon/config"
@@ -95,9 +96,32 @@ func Run(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 	}
 
 	var nodes *nodeapi.Server
+	var boot *bootconfig.Server
+	var bootLis net.Listener
 	if cfg.NodeAPI.Listen != "" {
 		if nodes, err = newNodeAPI(cfg, files, api.Loopback, auth, log); err != nil {
 			return err
+		}
+		machines, err := machineDaemon(cfg, files)
+		if err != nil {
+			return err
+		}
+		pool, err := newHostService(cfg, machines, api.Loopback, log)
+		if err != nil {
+			return err
+		}
+		nodes.Register(pool.Register)
+		if cfg.Hosts.BootListen != "" {
+			if boot, err = newBootServer(cfg, machines, files, keys, log); err != nil {
+				return err
+			}
+			if bootLis, err = net.Listen("tcp", cfg.Hosts.BootListen); err != nil {
+				return fmt.Errorf("listening for the boot server on %s: %w", cfg.Hosts.BootListen, err)
+			}
+			if host, _, _ := net.SplitHostPort(machines.Endpoint); net.ParseIP(host).IsLoopback() {
+				log.Warn("the enrollment configuration points machines at a loopback address: set --node-endpoint or --advertise-address", zap.String("endpoint", machines.Endpoint))
+			}
+			log.Info("boot server: machines boot with talos.config="+bootconfig.URL(cfg.Hosts.BootListen), zap.String("node_endpoint", machines.Endpoint))
 		}
 	}
 
@@ -111,6 +135,14 @@ func Run(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 				return nil // shutting down before ready
 			}
 			return runNodeAPI(gctx, nodes, api.Loopback, cfg.NodeAPI.Listen, limiter, rd.nodeAPI)
+		})
+	}
+	if boot != nil {
+		g.Go(func() error {
+			if !readyOrDone(gctx, ready) {
+				return nil // shutting down before ready
+			}
+			return boot.Serve(gctx, limiter.Wrap(bootLis, "boot server"))
 		})
 	}
 	switch {

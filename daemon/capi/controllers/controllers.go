@@ -22,6 +22,9 @@ const (
 	TalosControlPlane  = "taloscontrolplane"
 	GarbageCollector   = "garbagecollector"
 	Namespace          = "namespace"
+	// Infrastructure is sovra's own infrastructure provider (SovraCluster,
+	// SovraMachine) and its pool of hosts.
+	Infrastructure = "infrastructure"
 
 	// All selects every controller; None selects none (the replica serves the
 	// API only); -name removes one from the selection so far.
@@ -32,7 +35,7 @@ const (
 // Names lists every controller, in the order they are set up.
 var Names = []string{
 	Cluster, Machine, MachineSet, MachineDeployment, MachineHealthCheck, ClusterResourceSet,
-	TalosConfig, TalosControlPlane, GarbageCollector, Namespace,
+	TalosConfig, TalosControlPlane, GarbageCollector, Namespace, Infrastructure,
 }
 
 // Set is a selection of controllers. The zero value selects none.

@@ -15,6 +15,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
 	"github.com/sovra-dev/sovra/daemon/membership"
+	"github.com/sovra-dev/sovra/daemon/metrics"
 )
 
 // Leases is what the fence needs of the bootstrap leases
@@ -179,6 +180,7 @@ func admits(cluster string, tcps int, targets []string, lease membership.LeaseSt
 // refuse logs a refusal once per change of reason and returns it as the
 // error CACPPT sees (and shows in its MachinesBootstrapped condition).
 func (g *Gate) refuse(cluster, reason string) error {
+	metrics.BootstrapFenceRefusals.Inc()
 	if g.refused.changed(cluster, reason) {
 		g.Log.Info("bootstrap fence: kept the Talos control-plane provider from the nodes", zap.String("cluster", cluster), zap.String("reason", reason))
 	}

@@ -4,7 +4,10 @@
 // SOVRA_* environment variable. `sovrad keyring list|rotate FILE` lists or
 // rotates the KMS master keyring; `sovrad healthcheck` exits 0 when the
 // daemon configured by the same flags and variables is ready (a container
-// health check).
+// health check); `sovrad policy capture --from-node NAME` writes an
+// AttestationPolicy from a known-good node's last verified PCRs and claims;
+// `sovrad hosts boot-config` prints how machines boot into the pool and
+// writes the enrollment configuration for boot media and user-data.
 package main
 
 import (
@@ -50,6 +53,12 @@ func run(args []string, stderr io.Writer) int {
 	}
 	if len(args) > 0 && args[0] == "healthcheck" {
 		return healthcheckCommand(args[1:], os.Stdout, stderr)
+	}
+	if len(args) > 0 && args[0] == "policy" {
+		return policyCommand(args[1:], os.Stdout, stderr)
+	}
+	if len(args) > 0 && args[0] == "hosts" {
+		return hostsCommand(args[1:], os.Stdout, stderr)
 	}
 	cfg := config.New()
 	if err := cfg.Parse(args, os.Getenv); err != nil {

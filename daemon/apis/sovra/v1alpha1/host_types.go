@@ -132,6 +132,13 @@ type HostStatus struct {
 	// Boot is the boot the host last reported.
 	// +optional
 	Boot string `json:"boot,omitempty"`
+	// ReleaseRequested is when the host's machine let it go; ReleaseBoot
+	// the boot it ran then: a Sync from a later boot on the enrollment
+	// configuration returns it to the pool.
+	// +optional
+	ReleaseRequested *metav1.Time `json:"releaseRequested,omitempty"`
+	// +optional
+	ReleaseBoot string `json:"releaseBoot,omitempty"`
 	// LastSync is when the host's agent last reported.
 	// +optional
 	LastSync *metav1.Time `json:"lastSync,omitempty"`

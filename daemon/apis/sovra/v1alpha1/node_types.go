@@ -138,6 +138,10 @@ type SovraNodeStatus struct {
 	// Claims are the claims of the last verified quote.
 	// +optional
 	Claims map[string]string `json:"claims,omitempty"`
+	// Policies are the AttestationPolicies the last attestation was judged by.
+	// +optional
+	// +listType=atomic
+	Policies []string `json:"policies,omitempty"`
 	// Conditions: Enrolled and Attested.
 	// +optional
 	// +listType=map
@@ -196,6 +200,10 @@ type Sealing struct {
 	// +optional
 	// +listType=atomic
 	Recent []SealedBlob `json:"recent,omitempty"`
+	// SaltReplaced is when the node's salt was last replaced (its machine
+	// was wiped): every blob sealed before is dead.
+	// +optional
+	SaltReplaced *metav1.Time `json:"saltReplaced,omitempty"`
 }
 
 // SealingWindow is a time in which the KMS Seals for a node.

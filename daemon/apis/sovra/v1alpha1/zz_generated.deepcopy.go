@@ -341,6 +341,10 @@ func (in *HostStatus) DeepCopyInto(out *HostStatus) {
 		*out = new(HostHardware)
 		(*in).DeepCopyInto(*out)
 	}
+	if in.ReleaseRequested != nil {
+		in, out := &in.ReleaseRequested, &out.ReleaseRequested
+		*out = (*in).DeepCopy()
+	}
 	if in.LastSync != nil {
 		in, out := &in.LastSync, &out.LastSync
 		*out = (*in).DeepCopy()
@@ -488,6 +492,10 @@ func (in *Sealing) DeepCopyInto(out *Sealing) {
 		for i := range *in {
 			(*in)[i].DeepCopyInto(&(*out)[i])
 		}
+	}
+	if in.SaltReplaced != nil {
+		in, out := &in.SaltReplaced, &out.SaltReplaced
+		*out = (*in).DeepCopy()
 	}
 }
 
@@ -641,6 +649,11 @@ func (in *SovraNodeStatus) DeepCopyInto(out *SovraNodeStatus) {
 		for key, val := range *in {
 			(*out)[key] = val
 		}
+	}
+	if in.Policies != nil {
+		in, out := &in.Policies, &out.Policies
+		*out = make([]string, len(*in))
+		copy(*out, *in)
 	}
 	if in.Conditions != nil {
 		in, out := &in.Conditions, &out.Conditions

@@ -1,0 +1,107 @@
+package hosts
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"go.uber.org/zap"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/tools/record"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/handler"
+	"sigs.k8s.io/controller-runtime/pkg/reconcile"
+
+	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
+)
+
+// Reconciler keeps each Host's phase in step with its node's attestation
+// and with the operator's acceptance: a host whose attestation fails is
+// taken out of the pool (Failed, no longer accepted, a condition and an
+// event) and gets no configuration; accepting a Pending host makes it
+// Available; a claim shows as Claimed at once.
+type Reconciler struct {
+	Client client.Client
+	Events record.EventRecorder
+	Logger *zap.Logger
+}
+
+// SetupWithManager registers the reconciler; it also watches SovraNodes.
+func (r *Reconciler) SetupWithManager(mgr ctrl.Manager) error {
+	return ctrl.NewControllerManagedBy(mgr).
+		For(&v1alpha1.Host{}).
+		Watches(&v1alpha1.SovraNode{}, handler.EnqueueRequestsFromMapFunc(func(_ context.Context, o client.Object) []reconcile.Request {
+			return []reconcile.Request{{NamespacedName: types.NamespacedName{Name: o.GetName()}}}
+		})).
+		Named("host").
+		Complete(r)
+}
+
+// Reconcile implements reconcile.Reconciler.
+func (r *Reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
+	var host v1alpha1.Host
+	if err := r.Client.Get(ctx, req.NamespacedName, &host); err != nil {
+		return ctrl.Result{}, client.IgnoreNotFound(err)
+	}
+	var rec v1alpha1.SovraNode
+	if err := r.Client.Get(ctx, req.NamespacedName, &rec); err != nil {
+		return ctrl.Result{}, client.IgnoreNotFound(err) // revoked: the host goes with its owner
+	}
+	now := time.Now()
+	st := host.Status.DeepCopy()
+	failed := rec.Status.LastAttestationResult == v1alpha1.ResultFailed
+	switch {
+	case failed && st.Phase != v1alpha1.HostFailed:
+		if host.Spec.Accepted {
+			host.Spec.Accepted = false
+			if err := r.Client.Update(ctx, &host); err != nil {
+				return ctrl.Result{}, ignoreConflict(err)
+			}
+		}
+		st.Phase = v1alpha1.HostFailed
+		msg := fmt.Sprintf("the node's attestation failed (%s: %s): out of the pool, no configuration; accept it again once it attests", rec.Status.Reason, rec.Status.Message)
+		r.Logger.Warn("host failed attestation: out of the pool", zap.String("host", host.Name), zap.String("reason", rec.Status.Reason))
+		r.event(&host, corev1.EventTypeWarning, ReasonHostFailed, msg)
+	case !failed && st.Phase == v1alpha1.HostFailed && rec.AttestedOK():
+		st.Phase = v1alpha1.HostPending
+	case st.Phase == v1alpha1.HostPending && host.Spec.Accepted && host.Spec.ConsumerRef == nil:
+		st.Phase = v1alpha1.HostAvailable
+		r.Logger.Info("host accepted", zap.String("host", host.Name))
+		r.event(&host, corev1.EventTypeNormal, ReasonAccepted, "accepted: available to be claimed")
+	case st.Phase == v1alpha1.HostAvailable && !host.Spec.Accepted:
+		st.Phase = v1alpha1.HostPending
+	case st.Phase == v1alpha1.HostAvailable && host.Spec.ConsumerRef != nil:
+		st.Phase = v1alpha1.HostClaimed
+		st.Machine = host.Spec.ConsumerRef.Namespace + "/" + host.Spec.ConsumerRef.Name
+	}
+	setAttested(st, &rec, now)
+	if equalStatus(&host.Status, st) {
+		return ctrl.Result{}, nil
+	}
+	if meta.IsStatusConditionTrue(st.Conditions, v1alpha1.HostConditionAttested) != meta.IsStatusConditionTrue(host.Status.Conditions, v1alpha1.HostConditionAttested) ||
+		st.Phase != host.Status.Phase {
+		host.Status = *st
+		if err := r.Client.Status().Update(ctx, &host); err != nil {
+			return ctrl.Result{}, ignoreConflict(err)
+		}
+	}
+	return ctrl.Result{}, nil
+}
+
+// ignoreConflict requeues a conflicting write instead of failing it.
+func ignoreConflict(err error) error {
+	if apierrors.IsConflict(err) {
+		return nil // the update that won triggers another reconcile
+	}
+	return err
+}
+
+func (r *Reconciler) event(h *v1alpha1.Host, typ, reason, msg string) {
+	if r.Events != nil {
+		r.Events.Event(h, typ, reason, msg)
+	}
+}

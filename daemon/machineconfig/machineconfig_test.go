@@ -1,0 +1,121 @@
+package machineconfig
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/siderolabs/talos/pkg/machinery/config"
+	"github.com/siderolabs/talos/pkg/machinery/config/generate"
+	"github.com/siderolabs/talos/pkg/machinery/config/generate/secrets"
+	"github.com/siderolabs/talos/pkg/machinery/config/machine"
+	"github.com/siderolabs/talos/pkg/machinery/nethelpers"
+)
+
+var daemon = Daemon{Endpoint: "sovra.example:7443", CA: []byte("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")}
+
+func TestEnrollment(t *testing.T) {
+	var e Enroller
+	b, err := e.Config(daemon, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := Load(b)
+	if err != nil {
+		t.Fatalf("the enrollment configuration does not load: %v", err)
+	}
+	if cfg.Machine().Type() != machine.TypeControlPlane || cfg.Cluster().Name() != enrollmentCluster {
+		t.Fatalf("machine %s of cluster %s", cfg.Machine().Type(), cfg.Cluster().Name())
+	}
+	svc := cfg.ExtensionServiceConfigs()
+	if len(svc) != 1 || svc[0].Name() != AgentService || !contains(svc[0].Environment(), "SOVRA_HOST=true") ||
+		!contains(svc[0].Environment(), "SOVRA_DAEMON_ENDPOINT=sovra.example:7443") || len(svc[0].ConfigFiles()) != 2 {
+		t.Fatalf("agent service %+v", svc)
+	}
+	for _, name := range []string{"STATE", "EPHEMERAL"} {
+		v, ok := cfg.Volumes().ByName(name)
+		if !ok || v.Encryption().Keys()[0].KMS() == nil || v.Encryption().Keys()[0].KMS().Endpoint() != "https://sovra.example:7443" {
+			t.Fatalf("volume %s: %v", name, ok)
+		}
+	}
+	if cfg.NetworkRules().DefaultAction() != nethelpers.DefaultActionBlock {
+		t.Fatal("the Talos API is open to the network")
+	}
+	if !strings.Contains(string(b), "sovra-daemon-ca") {
+		t.Fatal("no trusted root for the daemon's CA")
+	}
+	// Each configuration has its own Talos identity.
+	other, err := e.Config(daemon, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	otherCfg, _ := Load(other)
+	if string(otherCfg.RawV1Alpha1().MachineConfig.MachineCA.Crt) == string(cfg.RawV1Alpha1().MachineConfig.MachineCA.Crt) {
+		t.Fatal("two enrollment configurations share their Talos CA")
+	}
+}
+
+func TestMerge(t *testing.T) {
+	bundle, err := secrets.NewBundle(secrets.NewClock(), config.TalosVersionCurrent)
+	if err != nil {
+		t.Fatal(err)
+	}
+	in, err := generate.NewInput("prod", "https://10.0.0.100:6443", "1.32.6", generate.WithSecretsBundle(bundle))
+	if err != nil {
+		t.Fatal(err)
+	}
+	worker, err := in.Config(machine.TypeWorker)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bootstrap, err := worker.EncodeBytes()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, err := NewAgentCA(time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	merged, err := Merge(bootstrap, Released{Daemon: daemon, ProviderID: "sovra://ek-abc", Generation: 3, AgentCA: ca})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := Load(merged)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := cfg.Machine().Kubelet().ExtraArgs()[ProviderIDArg]; len(got) != 1 || got[0] != "sovra://ek-abc" {
+		t.Fatalf("provider-id %q", got)
+	}
+	if cfg.Cluster().Name() != "prod" || cfg.RawV1Alpha1().MachineConfig.MachineCA == nil {
+		t.Fatal("the bootstrap data's identity was lost")
+	}
+	if n := len(cfg.RawV1Alpha1().MachineConfig.MachineAcceptedCAs); n != 1 {
+		t.Fatalf("%d accepted CAs, want the agent's", n)
+	}
+	svc := cfg.ExtensionServiceConfigs()
+	if len(svc) != 1 || !contains(svc[0].Environment(), "SOVRA_HOST_GENERATION=3") {
+		t.Fatalf("agent service %+v", svc)
+	}
+	// Merging again replaces sovra's documents instead of adding more.
+	again, err := Merge(merged, Released{Daemon: daemon, ProviderID: "sovra://ek-abc", Generation: 4, AgentCA: ca})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, _ = Load(again)
+	if svc := cfg.ExtensionServiceConfigs(); len(svc) != 1 || !contains(svc[0].Environment(), "SOVRA_HOST_GENERATION=4") {
+		t.Fatalf("after a second merge: %+v", svc)
+	}
+	if _, err := Merge([]byte("not: [a config"), Released{Daemon: daemon, AgentCA: ca}); err == nil {
+		t.Fatal("merged bootstrap data that does not load")
+	}
+}
+
+func contains(list []string, s string) bool {
+	for _, v := range list {
+		if v == s {
+			return true
+		}
+	}
+	return false
+}
