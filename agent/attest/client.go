@@ -1,121 +1,15 @@
 package attest
 
 import (
-	"context"
-	"crypto/tls"
-	"crypto/x509"
-	"errors"
-	"fmt"
-	"math/rand/v2"
-	"os"
-	"time"
-
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/status"
 
 	"github.com/sovra-dev/sovra/internal/nodeapi"
 )
 
-// Backoff defaults.
-const (
-	DefaultBackoffBase = 500 * time.Millisecond
-	DefaultBackoffMax  = 30 * time.Second
-)
-
-// Dial connects to the daemon's node API over TLS, verifying it with the CA
-// bundle in caFile (the daemon's node-ca.crt). The connection is lazy: the
-// first call dials, and gRPC redials after failures.
-func Dial(addr, caFile, serverName string) (*grpc.ClientConn, error) {
-	pem, err := os.ReadFile(caFile)
-	if err != nil {
-		return nil, fmt.Errorf("reading daemon CA: %w", err)
-	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(pem) {
-		return nil, fmt.Errorf("reading daemon CA: no certificate in %s", caFile)
-	}
-	return DialTLS(addr, &tls.Config{RootCAs: pool, ServerName: serverName, MinVersion: tls.VersionTLS13})
-}
-
-// DialTLS connects with a caller-built TLS config.
-func DialTLS(addr string, cfg *tls.Config) (*grpc.ClientConn, error) {
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(credentials.NewTLS(cfg)))
-	if err != nil {
-		return nil, fmt.Errorf("connecting to daemon %s: %w", addr, err)
-	}
-	return conn, nil
-}
-
-// NewClient wraps a connection in the node API client.
+// NewClient wraps a connection in the node API client. The agent's
+// connection is a *daemonconn.Conn (agent/daemonconn): TLS 1.3 to the
+// configured daemon name, the node credential when there is one, and a
+// deadline on every call.
 func NewClient(conn grpc.ClientConnInterface) nodeapi.NodeServiceClient {
 	return nodeapi.NewNodeServiceClient(conn)
-}
-
-// Backoff is exponential backoff with full jitter. The zero value uses the
-// defaults above and retries until the context ends.
-type Backoff struct {
-	Base, Max time.Duration
-	// Attempts bounds the tries; zero means until ctx is done.
-	Attempts int
-	// Sleep waits; nil means a timer honouring ctx. Tests replace it.
-	Sleep func(context.Context, time.Duration) error
-}
-
-// Retryable reports whether err is worth trying again soon: the daemon was
-// unreachable or busy. Refusals (bad evidence, policy) are not: they wait for
-// the next interval.
-func Retryable(err error) bool {
-	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
-		return false
-	}
-	s, ok := status.FromError(err)
-	if !ok {
-		return true // local TPM or I/O hiccup
-	}
-	switch s.Code() {
-	case codes.Unavailable, codes.DeadlineExceeded, codes.ResourceExhausted, codes.Aborted, codes.Internal, codes.Unknown:
-		return true
-	}
-	return false
-}
-
-// Do calls fn until it succeeds, returns an error that is not Retryable, or
-// ctx ends, sleeping between tries.
-func (b Backoff) Do(ctx context.Context, fn func(context.Context) error) error {
-	base, maxWait := b.Base, b.Max
-	if base <= 0 {
-		base = DefaultBackoffBase
-	}
-	if maxWait <= 0 {
-		maxWait = DefaultBackoffMax
-	}
-	sleep := b.Sleep
-	if sleep == nil {
-		sleep = sleepCtx
-	}
-	wait := base
-	for attempt := 1; ; attempt++ {
-		err := fn(ctx)
-		if err == nil || !Retryable(err) || (b.Attempts > 0 && attempt >= b.Attempts) {
-			return err
-		}
-		d := time.Duration(rand.Int64N(int64(wait)) + 1)
-		if serr := sleep(ctx, d); serr != nil {
-			return fmt.Errorf("retrying: %w", errors.Join(err, serr))
-		}
-		wait = min(wait*2, maxWait)
-	}
-}
-
-func sleepCtx(ctx context.Context, d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-t.C:
-		return nil
-	}
 }

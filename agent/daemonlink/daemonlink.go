@@ -1,8 +1,10 @@
 // Package daemonlink is the agent's authenticated link to the daemon's
 // ClusterService: the membership list of the node's cluster as a discovery
 // PeerSource, and the cluster's bootstrap lease as the bootstrap controller's
-// BootstrapLease. Every call presents the node credential (mutual TLS); the
-// daemon knows the node, and its cluster, from it.
+// BootstrapLease. It runs on the agent's daemon connection
+// (agent/daemonconn), which presents the node credential (mutual TLS) and
+// bounds every call; the daemon knows the node, and its cluster, from the
+// credential.
 package daemonlink
 
 import (
@@ -11,13 +13,10 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
-	"sync"
 	"time"
 
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 
 	"github.com/sovra-dev/sovra/agent/controllers/bootstrap"
 	"github.com/sovra-dev/sovra/agent/controllers/discovery"
@@ -25,38 +24,26 @@ import (
 	"github.com/sovra-dev/sovra/internal/nodeapi"
 )
 
-// Defaults for Link fields left zero.
+// Pacing of the report of a done bootstrap, which the daemon should hear
+// even through a hiccup.
 const (
-	// DefaultTimeout bounds one call to the daemon.
-	DefaultTimeout = 10 * time.Second
-	// completeAttempts and completeRetry pace the report of a done
-	// bootstrap, which the daemon should hear even through a hiccup.
 	completeAttempts = 5
 	completeRetry    = 2 * time.Second
 )
 
-// Dialer opens a connection to the daemon's node API whose TLS client
-// certificate is the node credential (attest.Agent.ClientCertificate).
-type Dialer func() (*grpc.ClientConn, error)
-
 // Link talks to the ClusterService. It is safe for concurrent use.
 type Link struct {
-	// Dial opens the connection; it is called again after the daemon
-	// refused the credential of the current one (renewed credentials are
-	// presented only on a new TLS handshake).
-	Dial Dialer
+	// Conn is the connection to the daemon's node API: a
+	// *daemonconn.Conn, which presents the node credential and bounds
+	// each call.
+	Conn grpc.ClientConnInterface
 	// Self is the address this node takes part in the election with; it is
 	// announced to the daemon with every membership call.
 	Self netip.Addr
-	// Timeout bounds one call; zero means DefaultTimeout.
-	Timeout time.Duration
 	// Logger receives the decisions; nil discards.
 	Logger *zap.Logger
 	// Clock paces the retries of Complete; nil is the wall clock.
 	Clock clock.Clock
-
-	mu   sync.Mutex // guards conn
-	conn *grpc.ClientConn
 }
 
 var (
@@ -64,49 +51,9 @@ var (
 	_ bootstrap.BootstrapLease = (*Link)(nil)
 )
 
-// Close closes the connection, if any.
-func (l *Link) Close() error {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.conn == nil {
-		return nil
-	}
-	err := l.conn.Close()
-	l.conn = nil
-	return err
-}
-
-// call runs fn with a client and a deadline, and drops the connection when
-// the daemon refused the credential, so the next call handshakes anew.
+// call runs fn with a ClusterService client on the connection.
 func (l *Link) call(ctx context.Context, fn func(context.Context, nodeapi.ClusterServiceClient) error) error {
-	l.mu.Lock()
-	if l.conn == nil {
-		conn, err := l.Dial()
-		if err != nil {
-			l.mu.Unlock()
-			return fmt.Errorf("connecting to the daemon: %w", err)
-		}
-		l.conn = conn
-	}
-	conn := l.conn
-	l.mu.Unlock()
-
-	timeout := l.Timeout
-	if timeout <= 0 {
-		timeout = DefaultTimeout
-	}
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	err := fn(ctx, nodeapi.NewClusterServiceClient(conn))
-	if c := status.Code(err); c == codes.Unauthenticated || c == codes.Unavailable {
-		l.mu.Lock()
-		if l.conn == conn {
-			_ = conn.Close()
-			l.conn = nil
-		}
-		l.mu.Unlock()
-	}
-	return err
+	return fn(ctx, nodeapi.NewClusterServiceClient(l.Conn))
 }
 
 func (l *Link) clock() clock.Clock {

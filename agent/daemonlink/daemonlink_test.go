@@ -9,9 +9,7 @@ import (
 	"testing"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
-	"google.golang.org/grpc/status"
 
 	"github.com/sovra-dev/sovra/internal/nodeapi"
 )
@@ -22,10 +20,9 @@ type stubDaemon struct {
 	members []*nodeapi.Member
 	grant   map[nodeapi.BootstrapPhase]bool
 
-	mu        sync.Mutex // guards announced, phases, refuse
+	mu        sync.Mutex // guards announced, phases
 	announced []string
 	phases    []nodeapi.BootstrapPhase
-	refuse    int // refuse this many calls with Unauthenticated
 	// bootstrapAddress is where the cluster's lease is committed.
 	bootstrapAddress string
 }
@@ -33,10 +30,6 @@ type stubDaemon struct {
 func (d *stubDaemon) ListMembers(_ context.Context, req *nodeapi.ListMembersRequest) (*nodeapi.ListMembersResponse, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if d.refuse > 0 {
-		d.refuse--
-		return nil, status.Error(codes.Unauthenticated, "present the node credential")
-	}
 	d.announced = append(d.announced, req.GetAddress())
 	return &nodeapi.ListMembersResponse{Cluster: "prod", Members: d.members, BootstrapAddress: d.bootstrapAddress}, nil
 }
@@ -48,7 +41,7 @@ func (d *stubDaemon) BootstrapLease(_ context.Context, req *nodeapi.BootstrapLea
 	return &nodeapi.BootstrapLeaseResponse{Granted: d.grant[req.GetPhase()], Holder: "ek-a", HolderAddress: req.GetAddress(), Phase: req.GetPhase()}, nil
 }
 
-func start(t *testing.T, d *stubDaemon) (*Link, *int) {
+func start(t *testing.T, d *stubDaemon) *Link {
 	t.Helper()
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -58,16 +51,12 @@ func start(t *testing.T, d *stubDaemon) (*Link, *int) {
 	nodeapi.RegisterClusterServiceServer(g, d)
 	go func() { _ = g.Serve(lis) }()
 	t.Cleanup(g.Stop)
-	dials := new(int)
-	l := &Link{
-		Self: netip.MustParseAddr("10.0.0.1"),
-		Dial: func() (*grpc.ClientConn, error) {
-			*dials++
-			return grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-		},
+	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
 	}
-	t.Cleanup(func() { l.Close() })
-	return l, dials
+	t.Cleanup(func() { conn.Close() })
+	return &Link{Self: netip.MustParseAddr("10.0.0.1"), Conn: conn}
 }
 
 func TestPeersOneAnnouncedAddressPerOtherMember(t *testing.T) {
@@ -78,7 +67,7 @@ func TestPeersOneAnnouncedAddressPerOtherMember(t *testing.T) {
 		{Node: "ek-d", Addresses: []string{"10.0.0.4"}},                      // not announced yet
 		{Node: "ek-e", Address: "10.0.0.2", Addresses: []string{"10.0.0.2"}}, // duplicate address
 	}}
-	l, _ := start(t, d)
+	l := start(t, d)
 	peers, err := l.Peers(context.Background())
 	if err != nil {
 		t.Fatal(err)
@@ -100,7 +89,7 @@ func TestPeersIncludeTheLeaseAddress(t *testing.T) {
 		{Node: "ek-a", Address: "10.0.0.1", Self: true},
 		{Node: "ek-b", Address: "10.0.0.2"},
 	}}
-	l, _ := start(t, d)
+	l := start(t, d)
 	for _, tc := range []struct {
 		lease string
 		want  []string
@@ -128,26 +117,12 @@ func TestPeersIncludeTheLeaseAddress(t *testing.T) {
 	}
 }
 
-func TestRedialAfterRefusedCredential(t *testing.T) {
-	d := &stubDaemon{refuse: 1}
-	l, dials := start(t, d)
-	if _, err := l.Peers(context.Background()); status.Code(err) != codes.Unauthenticated {
-		t.Fatalf("first call = %v, want Unauthenticated", err)
-	}
-	if _, err := l.Peers(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	if *dials != 2 {
-		t.Fatalf("dials = %d, want a new connection after the refusal", *dials)
-	}
-}
-
 func TestLeasePhases(t *testing.T) {
 	d := &stubDaemon{grant: map[nodeapi.BootstrapPhase]bool{
 		nodeapi.BootstrapPhase_BOOTSTRAP_PHASE_HELD:         true,
 		nodeapi.BootstrapPhase_BOOTSTRAP_PHASE_BOOTSTRAPPED: true,
 	}}
-	l, _ := start(t, d)
+	l := start(t, d)
 	ctx := context.Background()
 	if won, err := l.Acquire(ctx, "10.0.0.1"); !won || err != nil {
 		t.Fatalf("Acquire = %v, %v", won, err)

@@ -60,6 +60,9 @@ const (
 	AttestationPending AttestationState = "Pending"
 	AttestationPassed  AttestationState = "Passed"
 	AttestationFailed  AttestationState = "Failed"
+	// AttestationUnavailable: this machine cannot attest (no TPM device,
+	// no UEFI variables); Reason says what is missing.
+	AttestationUnavailable AttestationState = "Unavailable"
 )
 
 // Role is the node's part in the bootstrap election.
@@ -119,7 +122,8 @@ type Attestation struct {
 	Daemon string `json:"daemon,omitempty"`
 	// PCRs are the PCR indexes quoted.
 	PCRs []int `json:"pcrs,omitempty"`
-	// Reason explains a failed attestation (the daemon's message).
+	// Reason explains a failed attestation (the daemon's message), or
+	// what this machine lacks when attestation is unavailable.
 	Reason string `json:"reason,omitempty"`
 	// LastAttempt and LastSuccess are zero until they happen.
 	LastAttempt time.Time `json:"lastAttempt,omitzero"`

@@ -114,7 +114,8 @@ const claimInFlight = 2 * time.Minute
 func (s *Service) claimFor(ctx context.Context, st Store, n *v1alpha1.SovraNode, now time.Time) error {
 	uuid := lowerUUID(n.Spec.UUID)
 	c := st.Claim(uuid)
-	if c != nil && (c.Spec.Node == n.Name || !staleClaim(st, c, now)) {
+	ours := c != nil && c.Spec.Node == n.Name && (c.Spec.NodeUID == "" || c.Spec.NodeUID == n.UID)
+	if ours || (c != nil && !staleClaim(st, c, now)) {
 		return nil
 	}
 	if len(st.ByUUID(uuid)) != 1 {

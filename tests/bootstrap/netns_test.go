@@ -273,6 +273,7 @@ func (h *host) agentEnv(expected int, extra ...string) []string {
 		"SOVRA_BOOTSTRAP_SCAN_INTERVAL=1s",
 		"SOVRA_BOOTSTRAP_POLL_INTERVAL=500ms",
 		"SOVRA_BOOTSTRAP_CONNECT_TIMEOUT=300ms",
+		"SOVRA_STATE_DIR=" + h.stateDir(),
 	}, extra...)
 }
 
@@ -285,6 +286,13 @@ func (h *host) startAgent(expected int, extra ...string) {
 // startAgentEnv starts the real agent binary in the host's namespace with
 // exactly env.
 func (h *host) startAgentEnv(env []string) {
+	h.c.t.Helper()
+	h.startAgentArgv(env, testutil.Bin(h.c.t, "sovra-agent"), "run")
+}
+
+// startAgentArgv starts argv, which runs the agent, in the host's namespace
+// with exactly env.
+func (h *host) startAgentArgv(env []string, argv ...string) {
 	t := h.c.t
 	t.Helper()
 
@@ -293,7 +301,7 @@ func (h *host) startAgentEnv(env []string) {
 		t.Fatal(err)
 	}
 
-	h.agent = exec.Command("ip", "netns", "exec", h.ns, testutil.Bin(t, "sovra-agent"), "run")
+	h.agent = exec.Command("ip", append([]string{"netns", "exec", h.ns}, argv...)...)
 	h.agent.Env = env
 	h.agent.Stdout, h.agent.Stderr = log, log
 	h.agent.SysProcAttr = dieWithTest()
@@ -310,6 +318,9 @@ func (h *host) startAgentEnv(env []string) {
 }
 
 func (h *host) agentLog() string { return filepath.Join(h.dir, "agent.log") }
+
+// stateDir is the agent's state directory (its status document).
+func (h *host) stateDir() string { return filepath.Join(h.dir, "state") }
 
 // logHas reports whether the agent logged msg.
 func (h *host) logHas(msg string) bool {

@@ -283,6 +283,7 @@ func checkSpec(t *testing.T, spec services.Spec, rootfs, arch string) {
 
 	entry := filepath.Join(rootfs, extension.ContainerRoot, filepath.Clean("/"+spec.Container.Entrypoint))
 	checkStaticELF(t, entry, arch)
+	checkAgentSize(t, entry, arch)
 
 	var deps []string
 
@@ -327,14 +328,16 @@ func checkSpec(t *testing.T, spec services.Spec, rootfs, arch string) {
 	}
 
 	want := []mount{
-		{"/dev/tpmrm0", "rw"},
+		{"/dev", "ro"},
 		{"/sys/kernel/security", "ro"},
-		{"/sys/firmware/efi/efivars", "ro"},
+		{"/sys/firmware", "ro"},
 		{status.DefaultDir, "rw"},
 	}
 	if !slices.Equal(mounts, want) {
 		t.Errorf("mounts %v, want exactly %v", mounts, want)
 	}
+
+	checkStartsEverywhere(t, spec)
 
 	if spec.Container.Security.WriteableRootfs || spec.Container.Security.WriteableSysfs {
 		t.Errorf("security %+v: the agent needs neither a writeable rootfs nor sysfs", spec.Container.Security)

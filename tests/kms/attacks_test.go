@@ -53,18 +53,14 @@ func newRealNode(t *testing.T, d *kmsDaemon) *realNode {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { sim.Close() })
-	conn, err := agentattest.DialTLS(d.KMSAddr, &tls.Config{RootCAs: d.roots, MinVersion: tls.VersionTLS13})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
 	root := swtpmlab.NodeRoot(t)
 	uuid := newNode(t).UUID
 	a := &agentattest.Agent{
-		TPM: sim, Client: agentattest.NewClient(conn), Claims: root, EventLogPath: swtpmlab.Boot(t, sim, t.TempDir()),
+		TPM: sim, Claims: root, EventLogPath: swtpmlab.Boot(t, sim, t.TempDir()),
 		Node:   agentattest.Node{UUID: uuid, Hostname: "node-1", Addresses: []string{"127.0.0.1"}},
 		Logger: zaptest.NewLogger(t),
 	}
+	a.Client = agentattest.NewClient(agentConn(t, d.KMSAddr, d.roots, a.ClientCertificate))
 	waitListening(t, d.KMSAddr)
 	if err := a.Enroll(context.Background()); err != nil {
 		t.Fatalf("enrolling: %v\n%s", err, d.Tail(20))

@@ -288,11 +288,7 @@ func TestConnectionFlood(t *testing.T) {
 // TLS connection with the agent's client.
 func getNonce(t *testing.T, k *kmsDaemon, n node) {
 	t.Helper()
-	conn, err := attest.DialTLS(k.KMSAddr, &tls.Config{RootCAs: k.roots, MinVersion: tls.VersionTLS13})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
+	conn := agentConn(t, k.KMSAddr, k.roots, nil)
 	ctx, cancel := context.WithTimeout(context.Background(), talosTimeout)
 	defer cancel()
 	start := time.Now()

@@ -5,7 +5,6 @@ package kms
 import (
 	"bytes"
 	"context"
-	"crypto/tls"
 	"fmt"
 	"net"
 	"testing"
@@ -52,17 +51,13 @@ func TestStoryAttestedNode(t *testing.T) {
 	}
 	t.Cleanup(func() { sim.Close() })
 	uuid := newNode(t).UUID
-	conn, err := agentattest.DialTLS(nodeAddr, &tls.Config{RootCAs: d.roots, MinVersion: tls.VersionTLS13})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
 	root := swtpmlab.NodeRoot(t)
 	agent := &agentattest.Agent{
-		TPM: sim, Client: agentattest.NewClient(conn), Claims: root, EventLogPath: swtpmlab.Boot(t, sim, t.TempDir()),
+		TPM: sim, Claims: root, EventLogPath: swtpmlab.Boot(t, sim, t.TempDir()),
 		Node:   agentattest.Node{UUID: uuid, Hostname: "worker-1", Addresses: []string{"127.0.0.1"}},
 		Logger: zaptest.NewLogger(t),
 	}
+	agent.Client = agentattest.NewClient(agentConn(t, nodeAddr, d.roots, agent.ClientCertificate))
 	attestNow := func() {
 		t.Helper()
 		if err := agent.Enroll(ctx); err != nil {
@@ -96,7 +91,7 @@ func TestStoryAttestedNode(t *testing.T) {
 	t.Logf("the release is explained by %s", e.Boot)
 
 	// The agent's data volume, with the credential of this boot's attestation.
-	remote := &volumes.Remote{Addr: d.KMSAddr, Roots: d.roots, Credential: agent.ClientCertificate}
+	remote := &volumes.Remote{Conn: agentConn(t, d.KMSAddr, d.roots, agent.ClientCertificate)}
 	vol := volumes.Volume{ID: "data", Device: newVolume(t)}
 	m := &volumes.Manager{Keys: remote, Logger: zaptest.NewLogger(t)}
 	if outcome, _, err := m.Prepare(ctx, vol, ""); err != nil || outcome != volumes.Formatted {

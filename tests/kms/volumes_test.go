@@ -20,6 +20,7 @@ import (
 
 	"google.golang.org/grpc/codes"
 
+	"github.com/sovra-dev/sovra/agent/daemonconn"
 	"github.com/sovra-dev/sovra/agent/volumes"
 	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
 	"github.com/sovra-dev/sovra/daemon/nodeauth"
@@ -74,7 +75,7 @@ func (p *pki) issue(t *testing.T, tmpl *x509.Certificate) tls.Certificate {
 
 // credential is the node credential of a passing attestation of the
 // record's current boot, for this instance of the record.
-func (p *pki) credential(t *testing.T, rec *v1alpha1.SovraNode) volumes.CredentialFunc {
+func (p *pki) credential(t *testing.T, rec *v1alpha1.SovraNode) daemonconn.CredentialFunc {
 	boot := ""
 	if b := rec.CurrentBoot(); b != nil {
 		boot = b.ID
@@ -160,7 +161,7 @@ func TestAgentVolumes(t *testing.T) {
 	if err := d.createNode(ctx, n, attestedNode); err != nil {
 		t.Fatal(err)
 	}
-	remote := &volumes.Remote{Addr: addr, Roots: ca.pool, Credential: ca.credential(t, d.getNode(ctx, n))}
+	remote := &volumes.Remote{Conn: agentConn(t, addr, ca.pool, ca.credential(t, d.getNode(ctx, n)))}
 	m := &volumes.Manager{Keys: remote}
 	vol := volumes.Volume{ID: "data", Device: newVolume(t)}
 	var outcome volumes.Outcome
@@ -198,6 +199,7 @@ func TestAgentVolumes(t *testing.T) {
 		t.Fatalf("second volume: %v", err)
 	}
 
+	parent := t // what outlives a subtest
 	denied := func(t *testing.T, m *volumes.Manager, device string) {
 		t.Helper()
 		_, _, err := m.Prepare(ctx, volumes.Volume{ID: "data", Device: device}, "")
@@ -217,7 +219,7 @@ func TestAgentVolumes(t *testing.T) {
 			t.Fatal(err)
 		}
 		time.Sleep(time.Second)
-		denied(t, &volumes.Manager{Keys: &volumes.Remote{Addr: addr, Roots: ca.pool, Credential: ca.credential(t, d.getNode(ctx, f))}}, newVolume(t))
+		denied(t, &volumes.Manager{Keys: &volumes.Remote{Conn: agentConn(t, addr, ca.pool, ca.credential(t, d.getNode(ctx, f)))}}, newVolume(t))
 	})
 	t.Run("credential of an earlier boot", func(t *testing.T) {
 		// The node rebooted and attested again: the credential of its
@@ -226,22 +228,22 @@ func TestAgentVolumes(t *testing.T) {
 		st := attestedNode
 		st.Boot = "boot-2"
 		d.setNodeState(ctx, n, st)
-		_, _, err := (&volumes.Remote{Addr: addr, Roots: ca.pool, Credential: old}).VolumeKey(ctx, "data", 1)
+		_, _, err := (&volumes.Remote{Conn: agentConn(t, addr, ca.pool, old)}).VolumeKey(ctx, "data", 1)
 		if codeOf(err) != codes.PermissionDenied {
 			t.Fatalf("credential of an earlier boot: %v, want PermissionDenied", err)
 		}
 		waitLog(t, d, "CredentialNotOfCurrentBoot")
-		remote.Credential = ca.credential(t, d.getNode(ctx, n))
+		remote.Conn = agentConn(parent, addr, ca.pool, ca.credential(t, d.getNode(ctx, n)))
 	})
 	t.Run("node without a credential (not attested in this boot)", func(t *testing.T) {
 		none := func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
 			return nil, errors.New("no valid node credential: the node has not passed attestation")
 		}
-		denied(t, &volumes.Manager{Keys: &volumes.Remote{Addr: addr, Roots: ca.pool, Credential: none}}, newVolume(t))
+		denied(t, &volumes.Manager{Keys: &volumes.Remote{Conn: agentConn(t, addr, ca.pool, none)}}, newVolume(t))
 	})
 	t.Run("credential from another CA", func(t *testing.T) {
 		rogue := newPKI(t)
-		_, _, err := (&volumes.Remote{Addr: addr, Roots: ca.pool, Credential: rogue.credential(t, d.getNode(ctx, n))}).VolumeKey(ctx, "data", 1)
+		_, _, err := (&volumes.Remote{Conn: agentConn(t, addr, ca.pool, rogue.credential(t, d.getNode(ctx, n)))}).VolumeKey(ctx, "data", 1)
 		if err == nil {
 			t.Fatal("a rogue credential got a key")
 		}
@@ -270,7 +272,7 @@ func TestAgentVolumes(t *testing.T) {
 		}
 		// ...and the new record's own credential a new salt's key: the old
 		// volume stays closed.
-		remote.Credential = ca.credential(t, d.getNode(ctx, n))
+		remote.Conn = agentConn(parent, addr, ca.pool, ca.credential(t, d.getNode(ctx, n)))
 		var fresh []byte
 		for deadline := time.Now().Add(converge); ; {
 			if fresh, _, err = remote.VolumeKey(ctx, vol.ID, 1); err == nil || time.Now().After(deadline) {

@@ -12,6 +12,7 @@ import (
 	agentattest "github.com/sovra-dev/sovra/agent/attest"
 	"github.com/sovra-dev/sovra/agent/config"
 	attestationctrl "github.com/sovra-dev/sovra/agent/controllers/attestation"
+	"github.com/sovra-dev/sovra/agent/daemonconn"
 	"github.com/sovra-dev/sovra/agent/runtime/clock"
 	"github.com/sovra-dev/sovra/agent/tpm"
 )
@@ -21,40 +22,43 @@ import (
 const productUUIDPath = "/sys/class/dmi/id/product_uuid"
 
 // attestationControllers builds the attestation controller when a daemon is
-// configured: the TPM, the node API connection and the node's identity
-// claims, and returns the attestation agent, whose node credential
-// authenticates the agent's other daemon calls. It returns no controller and
-// a nil agent in edge-only mode.
-func attestationControllers(cfg config.Config, logger *zap.Logger) ([]controller.Controller, *agentattest.Agent, error) {
+// configured: the TPM, the daemon connection and the node's identity
+// claims. It returns the attestation agent, whose node credential
+// authenticates the agent's other daemon calls, and the daemon connection,
+// which presents that credential once there is one and which the agent's
+// other daemon clients share. It returns no controller, a nil agent and a
+// nil connection in edge-only mode.
+func attestationControllers(cfg config.Config, logger *zap.Logger) ([]controller.Controller, *agentattest.Agent, *daemonconn.Conn, error) {
 	if cfg.DaemonEndpoint == "" {
 		logger.Info("no daemon endpoint: attestation off (edge-only mode)")
 
-		return nil, nil, nil
+		return nil, nil, nil, nil
 	}
 
 	opener, err := tpm.FromSpec(cfg.Attestation.TPM)
 	if err != nil {
-		return nil, nil, err
-	}
-
-	conn, err := agentattest.Dial(cfg.DaemonEndpoint, cfg.Attestation.DaemonCA, daemonServerName(cfg))
-	if err != nil {
-		return nil, nil, fmt.Errorf("connecting to the daemon: %w", err)
+		return nil, nil, nil, err
 	}
 
 	node, err := nodeIdentity(cfg)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 
 	agent := &agentattest.Agent{
 		TPM:          opener,
-		Client:       agentattest.NewClient(conn),
 		Claims:       agentattest.Collector{},
 		EventLogPath: cfg.Attestation.EventLog,
 		Node:         node,
 		Logger:       logger.Named("attest"),
 	}
+
+	conn, err := daemonConn(cfg, cfg.DaemonEndpoint, agent.ClientCertificate)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+
+	agent.Client = agentattest.NewClient(conn)
 
 	logger.Info("attestation on", zap.String("daemon", cfg.DaemonEndpoint), zap.String("uuid", node.UUID), zap.Duration("interval", cfg.Attestation.Interval))
 
@@ -62,19 +66,26 @@ func attestationControllers(cfg config.Config, logger *zap.Logger) ([]controller
 		Attester: agent,
 		Clock:    clock.Real{},
 		Interval: cfg.Attestation.Interval,
-		Backoff:  agentattest.Backoff{},
-	}}, agent, nil
+		Backoff:  daemonconn.Backoff{},
+	}}, agent, conn, nil
 }
 
-// daemonServerName is the name the daemon's certificate must carry.
-func daemonServerName(cfg config.Config) string {
-	if cfg.Attestation.DaemonServerName != "" {
-		return cfg.Attestation.DaemonServerName
+// daemonConn opens the agent's connection to the daemon's node API at
+// endpoint: TLS 1.3, verified with --daemon-ca for --daemon-server-name
+// (default: the endpoint's host), presenting the node credential of cred
+// when there is one.
+func daemonConn(cfg config.Config, endpoint string, cred daemonconn.CredentialFunc) (*daemonconn.Conn, error) {
+	roots, err := daemonconn.LoadRoots(cfg.Attestation.DaemonCA)
+	if err != nil {
+		return nil, err
 	}
 
-	host, _, _ := net.SplitHostPort(cfg.DaemonEndpoint)
-
-	return host
+	return daemonconn.New(daemonconn.Config{
+		Endpoint:   endpoint,
+		Roots:      roots,
+		ServerName: cfg.Attestation.DaemonServerName,
+		Credential: cred,
+	})
 }
 
 // nodeIdentity is what the node claims about itself at enrollment: its

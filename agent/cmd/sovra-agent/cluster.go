@@ -1,9 +1,6 @@
 package main
 
 import (
-	"crypto/tls"
-	"crypto/x509"
-	"fmt"
 	"os"
 
 	"go.uber.org/zap"
@@ -16,52 +13,37 @@ import (
 )
 
 // clusterLink builds the link to the daemon's membership list and bootstrap
-// lease, authenticated by the attestation agent's node credential. It
-// returns nil, after saying why, when the bootstrap path cannot run here:
-// no daemon (edge-only mode: the CIDR scan), a worker, no address for this
-// node, or no talosconfig.
-func clusterLink(cfg config.Config, attester *agentattest.Agent, logger *zap.Logger) (*daemonlink.Link, error) {
-	if attester == nil {
-		return nil, nil
+// lease, on the daemon connection, which presents the attestation agent's
+// node credential. It returns nil, after saying why, when the bootstrap path
+// cannot run here: no daemon (edge-only mode: the CIDR scan), a worker, no
+// address for this node, or no talosconfig.
+func clusterLink(cfg config.Config, attester *agentattest.Agent, conn grpc.ClientConnInterface, logger *zap.Logger) *daemonlink.Link {
+	if attester == nil || conn == nil {
+		return nil
 	}
 
 	if cfg.Role == config.RoleWorker {
-		return nil, nil
+		return nil
 	}
 
 	self, err := agentruntime.SelfAddress(cfg, nil)
 	if err != nil {
 		logger.Warn("no auto-bootstrap through the daemon: this node's address is unknown (set SOVRA_NODE_ADDRESS or the network CIDR)", zap.Error(err))
 
-		return nil, nil
+		return nil
 	}
 
 	if _, err := os.Stat(cfg.TalosConfigPath); err != nil {
 		logger.Warn("no auto-bootstrap through the daemon: no talosconfig for the Talos API", zap.String("talosconfig", cfg.TalosConfigPath))
 
-		return nil, nil
-	}
-
-	pem, err := os.ReadFile(cfg.Attestation.DaemonCA)
-	if err != nil {
-		return nil, fmt.Errorf("reading daemon CA: %w", err)
-	}
-
-	roots := x509.NewCertPool()
-	if !roots.AppendCertsFromPEM(pem) {
-		return nil, fmt.Errorf("reading daemon CA: no certificate in %s", cfg.Attestation.DaemonCA)
-	}
-
-	tlsConfig := &tls.Config{
-		RootCAs: roots, ServerName: daemonServerName(cfg), MinVersion: tls.VersionTLS13,
-		GetClientCertificate: attester.ClientCertificate,
+		return nil
 	}
 
 	logger.Info("peers and bootstrap lease from the daemon", zap.String("daemon", cfg.DaemonEndpoint), zap.Stringer("self", self))
 
 	return &daemonlink.Link{
-		Dial:   func() (*grpc.ClientConn, error) { return agentattest.DialTLS(cfg.DaemonEndpoint, tlsConfig) },
+		Conn:   conn,
 		Self:   self,
 		Logger: logger.Named("daemonlink"),
-	}, nil
+	}
 }

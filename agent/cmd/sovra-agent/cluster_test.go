@@ -56,10 +56,12 @@ func TestClusterLinkOnlyWhenTheBootstrapCanRun(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			cfg := base
 			c.edit(&cfg)
-			link, err := clusterLink(cfg, c.agent, zap.NewNop())
+			conn, err := daemonConn(cfg, cfg.DaemonEndpoint, agent.ClientCertificate)
 			if err != nil {
 				t.Fatal(err)
 			}
+			defer conn.Close()
+			link := clusterLink(cfg, c.agent, conn, zap.NewNop())
 			if (link != nil) != c.want {
 				t.Fatalf("link = %v, want one: %v", link, c.want)
 			}

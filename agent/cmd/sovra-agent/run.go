@@ -10,12 +10,15 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/cosi-project/runtime/pkg/controller"
 	"github.com/spf13/pflag"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
+	agentattest "github.com/sovra-dev/sovra/agent/attest"
 	"github.com/sovra-dev/sovra/agent/config"
 	statusctrl "github.com/sovra-dev/sovra/agent/controllers/status"
+	"github.com/sovra-dev/sovra/agent/daemonconn"
 	agentruntime "github.com/sovra-dev/sovra/agent/runtime"
 	"github.com/sovra-dev/sovra/agent/status"
 	"github.com/sovra-dev/sovra/internal/version"
@@ -40,33 +43,46 @@ func runCommand(args []string, _, stderr io.Writer) int {
 
 	logger.Info("sovra-agent starting", zap.String("version", version.Version), zap.String("role", string(cfg.Role)))
 
-	extra, attester, err := attestationControllers(cfg, logger)
-	if err != nil {
-		logger.Error("setting up attestation failed", zap.Error(err))
+	var (
+		extra    []controller.Controller
+		attester *agentattest.Agent
+		conn     *daemonconn.Conn
+		why      string
+	)
 
-		return exitFailed
-	}
+	// Without a TPM or UEFI the agent runs what needs neither.
+	if unavailable := attestationUnavailable(cfg); unavailable != nil {
+		warnUnavailable(cfg, unavailable, logger)
 
-	vols, err := volumeControllers(cfg, attester, logger)
-	if err != nil {
-		logger.Error("setting up the agent-managed volumes failed", zap.Error(err))
+		why = unavailable.Error()
+	} else {
+		extra, attester, conn, err = attestationControllers(cfg, logger)
+		if err != nil {
+			logger.Error("setting up attestation failed", zap.Error(err))
 
-		return exitFailed
-	}
+			return exitFailed
+		}
 
-	extra = append(extra, vols...)
+		if conn != nil {
+			defer conn.Close() //nolint:errcheck
+		}
 
-	link, err := clusterLink(cfg, attester, logger)
-	if err != nil {
-		logger.Error("setting up the daemon's membership and bootstrap lease failed", zap.Error(err))
+		vols, keyConn, err := volumeControllers(cfg, attester, conn, logger)
+		if err != nil {
+			logger.Error("setting up the agent-managed volumes failed", zap.Error(err))
 
-		return exitFailed
+			return exitFailed
+		}
+
+		if keyConn != nil {
+			defer keyConn.Close() //nolint:errcheck
+		}
+
+		extra = append(extra, vols...)
 	}
 
 	opts := agentruntime.Options{Config: cfg, Logger: logger}
-	if link != nil {
-		defer link.Close() //nolint:errcheck
-
+	if link := clusterLink(cfg, attester, conn, logger); link != nil {
 		opts.PeerSource, opts.Lease = link, link
 	}
 
@@ -74,6 +90,7 @@ func runCommand(args []string, _, stderr io.Writer) int {
 	extra = append(extra, &statusctrl.StatusController{
 		Recorder:              status.NewRecorder(cfg.StateDir, version.Version, host, nil),
 		Daemon:                cfg.DaemonEndpoint,
+		Unavailable:           why,
 		ExpectedControlPlanes: cfg.Bootstrap.ExpectedControlPlanes,
 	})
 

@@ -1,10 +1,8 @@
 package main
 
 import (
-	"crypto/x509"
 	"errors"
-	"fmt"
-	"os"
+	"io"
 	"sort"
 
 	"github.com/cosi-project/runtime/pkg/controller"
@@ -13,30 +11,34 @@ import (
 	agentattest "github.com/sovra-dev/sovra/agent/attest"
 	"github.com/sovra-dev/sovra/agent/config"
 	volumesctrl "github.com/sovra-dev/sovra/agent/controllers/volumes"
+	"github.com/sovra-dev/sovra/agent/daemonconn"
 	"github.com/sovra-dev/sovra/agent/runtime/clock"
 	agentvolumes "github.com/sovra-dev/sovra/agent/volumes"
 )
 
 // volumeControllers builds the controller of the agent-managed volumes, when
-// any is configured: their keys come from the daemon's key service over
-// mutual TLS with the node credential of this boot's attestation.
-func volumeControllers(cfg config.Config, attester *agentattest.Agent, logger *zap.Logger) ([]controller.Controller, error) {
+// any is configured: their keys come from the daemon's key service over the
+// daemon connection, which presents the node credential of this boot's
+// attestation. conn is the connection to the daemon endpoint; a key
+// endpoint elsewhere gets its own, configured the same way.
+func volumeControllers(cfg config.Config, attester *agentattest.Agent, conn *daemonconn.Conn, logger *zap.Logger) ([]controller.Controller, io.Closer, error) {
 	if len(cfg.Volumes.Devices) == 0 {
-		return nil, nil
+		return nil, nil, nil
 	}
 
-	if attester == nil {
-		return nil, errors.New("volumes need attestation: configure the daemon endpoint")
+	if attester == nil || conn == nil {
+		return nil, nil, errors.New("volumes need attestation: configure the daemon endpoint")
 	}
 
-	pem, err := os.ReadFile(cfg.Attestation.DaemonCA)
-	if err != nil {
-		return nil, fmt.Errorf("reading the daemon CA: %w", err)
-	}
+	var closer io.Closer
 
-	roots := x509.NewCertPool()
-	if !roots.AppendCertsFromPEM(pem) {
-		return nil, fmt.Errorf("reading the daemon CA: no certificate in %s", cfg.Attestation.DaemonCA)
+	if cfg.KeyEndpoint() != conn.Endpoint() {
+		var err error
+		if conn, err = daemonConn(cfg, cfg.KeyEndpoint(), attester.ClientCertificate); err != nil {
+			return nil, nil, err
+		}
+
+		closer = conn
 	}
 
 	vols := make([]agentvolumes.Volume, 0, len(cfg.Volumes.Devices))
@@ -51,10 +53,10 @@ func volumeControllers(cfg config.Config, attester *agentattest.Agent, logger *z
 	return []controller.Controller{&volumesctrl.VolumeController{
 		Volumes: vols,
 		Preparer: &agentvolumes.Manager{
-			Keys:   &agentvolumes.Remote{Addr: cfg.KeyEndpoint(), Roots: roots, Credential: attester.ClientCertificate},
+			Keys:   &agentvolumes.Remote{Conn: conn},
 			Logger: logger.Named("volumes"),
 		},
 		MappedPrefix: cfg.Volumes.MapPrefix,
 		Clock:        clock.Real{},
-	}}, nil
+	}}, closer, nil
 }

@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	agentattest "github.com/sovra-dev/sovra/agent/attest"
+	"github.com/sovra-dev/sovra/agent/daemonconn"
 	"github.com/sovra-dev/sovra/agent/resources/attestation"
 	"github.com/sovra-dev/sovra/agent/runtime/clock"
 )
@@ -39,7 +40,7 @@ type AttestationController struct {
 	// controller attests sooner when the credential would expire first.
 	Interval time.Duration
 	// Backoff retries calls that failed because the daemon was unreachable.
-	Backoff agentattest.Backoff
+	Backoff daemonconn.Backoff
 }
 
 // Name implements controller.Controller.
@@ -123,7 +124,7 @@ func (ctrl *AttestationController) Run(ctx context.Context, r controller.Runtime
 }
 
 func phaseOf(err error) attestation.Phase {
-	if agentattest.Retryable(err) {
+	if daemonconn.Retryable(err) {
 		return attestation.PhaseUnreachable
 	}
 	return attestation.PhaseRefused

@@ -12,6 +12,7 @@ import (
 	agentattest "github.com/sovra-dev/sovra/agent/attest"
 	ctrlattestation "github.com/sovra-dev/sovra/agent/controllers/attestation"
 	"github.com/sovra-dev/sovra/agent/controllers/ctest"
+	"github.com/sovra-dev/sovra/agent/daemonconn"
 	"github.com/sovra-dev/sovra/agent/resources/attestation"
 	"github.com/sovra-dev/sovra/agent/runtime/clock"
 )
@@ -58,7 +59,7 @@ func TestAttestsOnStartAndEveryInterval(t *testing.T) {
 	clk := clock.NewFake(time.Date(2026, 11, 21, 12, 0, 0, 0, time.UTC))
 	fa := &fakeAttester{clock: clk}
 	st := ctest.Start(t, &ctrlattestation.AttestationController{
-		Attester: fa, Clock: clk, Interval: 10 * time.Minute, Backoff: agentattest.Backoff{Sleep: noSleep},
+		Attester: fa, Clock: clk, Interval: 10 * time.Minute, Backoff: daemonconn.Backoff{Sleep: noSleep},
 	})
 	ptr := attestation.NewStatus().Metadata()
 	ctest.WaitFor(t, st, ptr, func(s *attestation.Status) bool { return s.TypedSpec().Phase == attestation.PhaseAttested })
@@ -77,7 +78,7 @@ func TestRetriesUnreachableAndReenrollsUnknownNode(t *testing.T) {
 		status.Error(codes.NotFound, "node is not enrolled; enroll first"),
 	}}
 	st := ctest.Start(t, &ctrlattestation.AttestationController{
-		Attester: fa, Clock: clk, Interval: time.Hour, Backoff: agentattest.Backoff{Sleep: noSleep},
+		Attester: fa, Clock: clk, Interval: time.Hour, Backoff: daemonconn.Backoff{Sleep: noSleep},
 	})
 	// Unavailable is retried at once; NotFound re-enrolls without waiting.
 	ctest.WaitFor(t, st, attestation.NewStatus().Metadata(), func(s *attestation.Status) bool {
@@ -92,7 +93,7 @@ func TestRefusalIsReported(t *testing.T) {
 	clk := clock.NewFake(time.Date(2026, 11, 21, 12, 0, 0, 0, time.UTC))
 	fa := &fakeAttester{clock: clk, failures: []error{status.Error(codes.PermissionDenied, "attestation: refused: policy violated")}}
 	st := ctest.Start(t, &ctrlattestation.AttestationController{
-		Attester: fa, Clock: clk, Backoff: agentattest.Backoff{Sleep: noSleep},
+		Attester: fa, Clock: clk, Backoff: daemonconn.Backoff{Sleep: noSleep},
 	})
 	s := ctest.WaitFor(t, st, attestation.NewStatus().Metadata(), func(s *attestation.Status) bool {
 		return s.TypedSpec().Phase == attestation.PhaseRefused

@@ -26,6 +26,10 @@ type StatusController struct {
 	Recorder *agentstatus.Recorder
 	// Daemon is the daemon endpoint shown in the document; empty in edge-only mode.
 	Daemon string
+	// Unavailable says why this machine cannot attest (agent/platform);
+	// empty when it can. The document shows it as the attestation's state
+	// and reason; with a daemon, the agent is Degraded.
+	Unavailable string
 	// ExpectedControlPlanes is shown as the election's expected count.
 	ExpectedControlPlanes int
 }
@@ -164,6 +168,14 @@ func (ctrl *StatusController) fill(d *agentstatus.Document, att *attestation.Sta
 			}
 		case s.Phase == bootstrap.PhaseBootstrapping:
 			d.Phase, d.Message = agentstatus.PhaseBootstrapping, s.Message
+		}
+	}
+
+	if ctrl.Unavailable != "" {
+		d.Attestation.State, d.Attestation.Reason = agentstatus.AttestationUnavailable, ctrl.Unavailable
+
+		if ctrl.Daemon != "" {
+			d.Phase, d.Message = agentstatus.PhaseDegraded, "attestation unavailable: "+ctrl.Unavailable
 		}
 	}
 }

@@ -72,3 +72,37 @@ func waitDoc(t *testing.T, dir string, ok func(agentstatus.Document) bool) {
 	}
 	t.Fatalf("status document never matched; last: %+v", last)
 }
+
+// TestDocumentSaysAttestationIsUnavailable: on a machine without a TPM or
+// UEFI the document says so from the start, and the bootstrap path still
+// shows; with a daemon, the agent is Degraded.
+func TestDocumentSaysAttestationIsUnavailable(t *testing.T) {
+	const why = "no TPM device: /dev/tpmrm0 not found; no UEFI variables: /sys/firmware/efi/efivars not found"
+
+	for _, daemon := range []string{"", "10.0.0.1:7443"} {
+		t.Run("daemon "+daemon, func(t *testing.T) {
+			dir := t.TempDir()
+			rec := agentstatus.NewRecorder(dir, "test", "node-1", nil)
+			ctrl := &statusctrl.StatusController{Recorder: rec, Daemon: daemon, Unavailable: why, ExpectedControlPlanes: 3}
+			st := ctest.Start(t, ctrl)
+
+			unavailable := func(d agentstatus.Document) bool {
+				return d.Attestation.State == agentstatus.AttestationUnavailable && d.Attestation.Reason == why
+			}
+			// Written at start, before any resource.
+			waitDoc(t, dir, unavailable)
+
+			bs := bootstrap.NewStatus()
+			*bs.TypedSpec() = bootstrap.StatusSpec{Phase: bootstrap.PhaseBootstrapped, Leader: "10.0.0.5", Message: "etcd bootstrapped"}
+			if err := st.Create(context.Background(), bs); err != nil {
+				t.Fatal(err)
+			}
+			waitDoc(t, dir, func(d agentstatus.Document) bool {
+				if daemon == "" {
+					return unavailable(d) && d.Election.Bootstrapped && d.Phase == agentstatus.PhaseReady
+				}
+				return unavailable(d) && d.Election.Bootstrapped && d.Phase == agentstatus.PhaseDegraded
+			})
+		})
+	}
+}

@@ -1,7 +1,14 @@
-// Package talosapi is the agent's adapter to the Talos API, through the
-// machinery client over mutual TLS with the talosconfig's client certificate.
-// It implements the capability interfaces of the controllers: the discovery
-// Prober, the node MachineTypeReader and the bootstrap Talos.
+// Package talosapi is the agent's adapter to the Talos API over mutual TLS
+// with the talosconfig's client certificate. It implements the capability
+// interfaces of the controllers: the discovery Prober, the node
+// MachineTypeReader and the bootstrap Talos.
+//
+// It speaks to apid with the generated clients of the two APIs it uses, the
+// machine service and the COSI state service, and decodes the two resources
+// it reads (the machine type and the time status) from their protobuf specs.
+// It does not link the machinery client or the machinery resource packages:
+// those pull in the machine config types, CEL, OpenPGP and CNI, a third of
+// the agent binary, for none of what the agent calls.
 package talosapi
 
 import (
@@ -13,19 +20,26 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"strconv"
 	"strings"
 	"time"
 
-	"github.com/cosi-project/runtime/pkg/safe"
+	cosiapi "github.com/cosi-project/runtime/api/v1alpha1"
+	"github.com/cosi-project/runtime/pkg/resource"
+	"github.com/cosi-project/runtime/pkg/resource/protobuf"
 	"github.com/cosi-project/runtime/pkg/state"
+	cosiclient "github.com/cosi-project/runtime/pkg/state/protobuf/client"
 	"github.com/siderolabs/talos/pkg/machinery/api/machine"
-	"github.com/siderolabs/talos/pkg/machinery/client"
+	configpb "github.com/siderolabs/talos/pkg/machinery/api/resource/config"
+	timepb "github.com/siderolabs/talos/pkg/machinery/api/resource/definitions/time"
 	clientconfig "github.com/siderolabs/talos/pkg/machinery/client/config"
-	talosconfig "github.com/siderolabs/talos/pkg/machinery/resources/config"
-	timeres "github.com/siderolabs/talos/pkg/machinery/resources/time"
+	machinetype "github.com/siderolabs/talos/pkg/machinery/config/machine"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/emptypb"
 
 	bootstrapctrl "github.com/sovra-dev/sovra/agent/controllers/bootstrap"
@@ -37,11 +51,29 @@ import (
 // the Talos control-plane provider checks the same one.
 const EtcdDataDir = "/var/lib/etcd/member"
 
+// The Talos resources the agent reads, as machinery's resources/config
+// (MachineType) and resources/time (Status) define them.
+const (
+	machineTypeNamespace = "config"
+	machineTypeType      = "MachineTypes.config.talos.dev"
+	machineTypeID        = "machine-type"
+	timeStatusNamespace  = "runtime"
+	timeStatusType       = "TimeStatuses.v1alpha1.talos.dev"
+	timeStatusID         = "node"
+)
+
 // LoadTLS reads a talosconfig and returns the mutual-TLS configuration for
 // the Talos API: the client certificate of its current context, and its CA as
 // the only root for peers. Errors never contain key material.
 func LoadTLS(path string) (*tls.Config, error) {
-	cfg, err := clientconfig.Open(path)
+	// Not clientconfig.Open: given a path, it creates the file when missing.
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("reading talosconfig: %w", err)
+	}
+	defer f.Close() //nolint:errcheck
+
+	cfg, err := clientconfig.ReadFrom(f)
 	if err != nil {
 		return nil, fmt.Errorf("reading talosconfig %s: %w", path, err)
 	}
@@ -77,17 +109,37 @@ func LoadTLS(path string) (*tls.Config, error) {
 		return nil, fmt.Errorf("reading talosconfig %s: the CA is not a PEM certificate", path)
 	}
 
-	crt, err := client.CertificateFromConfigContext(ctx)
+	crt, err := clientCertificate(ctx)
 	if err != nil {
-		// The machinery error text names only the decoding step.
 		return nil, fmt.Errorf("reading talosconfig %s: loading the client certificate: %w", path, err)
 	}
 
 	return &tls.Config{
 		RootCAs:      roots,
-		Certificates: []tls.Certificate{*crt},
+		Certificates: []tls.Certificate{crt},
 		MinVersion:   tls.VersionTLS12,
 	}, nil
+}
+
+// clientCertificate decodes the context's client certificate and key. Its
+// errors name the step that failed, never the material.
+func clientCertificate(ctx *clientconfig.Context) (tls.Certificate, error) {
+	crt, err := base64.StdEncoding.DecodeString(ctx.Crt)
+	if err != nil {
+		return tls.Certificate{}, errors.New("the certificate is not base64")
+	}
+
+	key, err := base64.StdEncoding.DecodeString(ctx.Key)
+	if err != nil {
+		return tls.Certificate{}, errors.New("the key is not base64")
+	}
+
+	pair, err := tls.X509KeyPair(crt, key)
+	if err != nil {
+		return tls.Certificate{}, errors.New("the certificate and key are not a PEM key pair")
+	}
+
+	return pair, nil
 }
 
 // Client reaches the Talos API of any node by address.
@@ -106,15 +158,72 @@ func (c *Client) endpoint(addr netip.Addr) string {
 	return net.JoinHostPort(addr.String(), strconv.Itoa(c.Port))
 }
 
-// connect opens a machinery client to one node. It is lazy: the TLS
-// handshake happens on the first call.
-func (c *Client) connect(ctx context.Context, addr netip.Addr) (*client.Client, error) {
-	cl, err := client.New(ctx, client.WithEndpoints(c.endpoint(addr)), client.WithTLSConfig(c.TLS.Clone()))
+// node is a connection to one node's Talos API: its machine service and
+// its COSI state (resources), as talosctl reaches them.
+type node struct {
+	conn    *grpc.ClientConn
+	machine machine.MachineServiceClient
+	cosi    state.State
+}
+
+func (n *node) Close() error { return n.conn.Close() }
+
+// connect opens a connection to one node. It is lazy: the TLS handshake
+// happens on the first call.
+func (c *Client) connect(addr netip.Addr) (*node, error) {
+	tlsConfig := c.TLS.Clone()
+	tlsConfig.ServerName = addr.String()
+
+	conn, err := grpc.NewClient(c.endpoint(addr), grpc.WithTransportCredentials(credentials.NewTLS(tlsConfig)))
 	if err != nil {
 		return nil, fmt.Errorf("connecting to the Talos API of %s: %w", addr, err)
 	}
 
-	return cl, nil
+	return &node{
+		conn:    conn,
+		machine: machine.NewMachineServiceClient(conn),
+		cosi:    state.WrapCore(cosiclient.NewAdapter(cosiapi.NewStateClient(conn))),
+	}, nil
+}
+
+// protoSpec decodes a resource's protobuf spec into a message.
+type protoSpec struct{ m proto.Message }
+
+// UnmarshalProto implements protobuf.ResourceUnmarshaler.
+func (s protoSpec) UnmarshalProto(_ *resource.Metadata, b []byte) error {
+	return proto.Unmarshal(b, s.m)
+}
+
+// getSpec reads one resource and decodes its protobuf spec into spec. It
+// takes the resource as apid sends it (a spec in protobuf), without the
+// resource types of machinery.
+func (n *node) getSpec(ctx context.Context, ns resource.Namespace, typ resource.Type, id resource.ID, spec proto.Message) error {
+	r, err := n.cosi.Get(ctx, resource.NewMetadata(ns, typ, id, resource.VersionUndefined),
+		state.WithGetUnmarshalOptions(state.WithSkipProtobufUnmarshal()))
+	if err != nil {
+		return err
+	}
+
+	raw, ok := r.(*protobuf.Resource)
+	if !ok {
+		return fmt.Errorf("reading %s: unexpected resource %T", typ, r)
+	}
+
+	if err := raw.Unmarshal(protoSpec{spec}); err != nil {
+		return fmt.Errorf("decoding %s: %w", typ, err)
+	}
+
+	return nil
+}
+
+// machineType reads the node's machine type.
+func (n *node) machineType(ctx context.Context) (machinetype.Type, error) {
+	var spec configpb.MachineTypeSpec
+	if err := n.getSpec(ctx, machineTypeNamespace, machineTypeType, machineTypeID, &spec); err != nil {
+		return machinetype.TypeUnknown, err
+	}
+
+	return machinetype.Type(spec.GetMachineType()), nil
 }
 
 // verify completes a TLS handshake with the node and checks its certificate
@@ -166,7 +275,7 @@ func (c *Client) Probe(ctx context.Context, addr netip.Addr) (discovery.PeerSpec
 		return discovery.PeerSpec{}, err
 	}
 
-	cl, err := c.connect(ctx, addr)
+	cl, err := c.connect(addr)
 	if err != nil {
 		return discovery.PeerSpec{}, err
 	}
@@ -182,7 +291,7 @@ func (c *Client) Probe(ctx context.Context, addr netip.Addr) (discovery.PeerSpec
 
 	var spec discovery.PeerSpec
 
-	stat, err := cl.MachineClient.SystemStat(ctx, &emptypb.Empty{})
+	stat, err := cl.machine.SystemStat(ctx, &emptypb.Empty{})
 	if err != nil {
 		return spec, wrap("reading SystemStat", err)
 	}
@@ -193,23 +302,25 @@ func (c *Client) Probe(ctx context.Context, addr netip.Addr) (discovery.PeerSpec
 
 	spec.BootTime = int64(stat.GetMessages()[0].GetBootTime()) //nolint:gosec
 
-	mt, err := safe.StateGetByID[*talosconfig.MachineType](ctx, cl.COSI, talosconfig.MachineTypeID)
+	mt, err := cl.machineType(ctx)
 	if err != nil {
 		return spec, wrap("reading the machine type", err)
 	}
 
-	spec.MachineType = mt.MachineType().String()
-	spec.ControlPlane = mt.MachineType().IsControlPlane()
+	spec.MachineType = mt.String()
+	spec.ControlPlane = mt.IsControlPlane()
 
 	if spec.ControlPlane {
 		spec.EtcdMembers = etcdMembers(ctx, cl)
 		spec.EtcdData, spec.EtcdUnknown = etcdData(ctx, cl)
 
-		ts, err := safe.StateGetByID[*timeres.Status](ctx, cl.COSI, timeres.StatusID)
+		var ts timepb.StatusSpec
+
+		err := cl.getSpec(ctx, timeStatusNamespace, timeStatusType, timeStatusID, &ts)
 
 		switch {
 		case err == nil:
-			spec.TimeSynced = ts.TypedSpec().Synced || ts.TypedSpec().SyncDisabled
+			spec.TimeSynced = ts.GetSynced() || ts.GetSyncDisabled()
 		case !state.IsNotFoundError(err):
 			return spec, wrap("reading the time status", err)
 		}
@@ -220,8 +331,8 @@ func (c *Client) Probe(ctx context.Context, addr netip.Addr) (discovery.PeerSpec
 
 // etcdMembers returns the members etcd on the node lists; zero when etcd does
 // not answer (the normal state before the bootstrap).
-func etcdMembers(ctx context.Context, cl *client.Client) int {
-	resp, err := cl.EtcdMemberList(ctx, &machine.EtcdMemberListRequest{QueryLocal: true})
+func etcdMembers(ctx context.Context, cl *node) int {
+	resp, err := cl.machine.EtcdMemberList(ctx, &machine.EtcdMemberListRequest{QueryLocal: true})
 	if err != nil {
 		return 0
 	}
@@ -236,8 +347,8 @@ func etcdMembers(ctx context.Context, cl *client.Client) int {
 
 // etcdData reports whether the etcd data directory exists on the node, and
 // whether that could not be told.
-func etcdData(ctx context.Context, cl *client.Client) (exists, unknown bool) {
-	stream, err := cl.LS(ctx, &machine.ListRequest{Root: EtcdDataDir})
+func etcdData(ctx context.Context, cl *node) (exists, unknown bool) {
+	stream, err := cl.machine.List(ctx, &machine.ListRequest{Root: EtcdDataDir})
 	if err != nil {
 		return false, true
 	}
@@ -267,18 +378,18 @@ func (c *Client) MachineType(ctx context.Context) (string, error) {
 	ctx, cancel := context.WithTimeout(ctx, c.Timeout)
 	defer cancel()
 
-	cl, err := c.connect(ctx, c.Local)
+	cl, err := c.connect(c.Local)
 	if err != nil {
 		return "", err
 	}
 	defer cl.Close() //nolint:errcheck
 
-	mt, err := safe.StateGetByID[*talosconfig.MachineType](ctx, cl.COSI, talosconfig.MachineTypeID)
+	mt, err := cl.machineType(ctx)
 	if err != nil {
 		return "", fmt.Errorf("reading the machine type of %s: %w", c.Local, err)
 	}
 
-	return mt.MachineType().String(), nil
+	return mt.String(), nil
 }
 
 // Bootstrap implements bootstrap.Talos.
@@ -286,13 +397,13 @@ func (c *Client) Bootstrap(ctx context.Context, addr netip.Addr) error {
 	ctx, cancel := context.WithTimeout(ctx, c.Timeout)
 	defer cancel()
 
-	cl, err := c.connect(ctx, addr)
+	cl, err := c.connect(addr)
 	if err != nil {
 		return err
 	}
 	defer cl.Close() //nolint:errcheck
 
-	err = cl.Bootstrap(ctx, &machine.BootstrapRequest{})
+	_, err = cl.machine.Bootstrap(ctx, &machine.BootstrapRequest{})
 
 	switch {
 	case status.Code(err) == codes.AlreadyExists:
@@ -309,13 +420,13 @@ func (c *Client) EtcdMembers(ctx context.Context, addr netip.Addr) (int, error) 
 	ctx, cancel := context.WithTimeout(ctx, c.Timeout)
 	defer cancel()
 
-	cl, err := c.connect(ctx, addr)
+	cl, err := c.connect(addr)
 	if err != nil {
 		return 0, err
 	}
 	defer cl.Close() //nolint:errcheck
 
-	resp, err := cl.EtcdMemberList(ctx, &machine.EtcdMemberListRequest{QueryLocal: true})
+	resp, err := cl.machine.EtcdMemberList(ctx, &machine.EtcdMemberListRequest{QueryLocal: true})
 	if err != nil {
 		return 0, fmt.Errorf("listing etcd members on %s: %w", addr, err)
 	}
