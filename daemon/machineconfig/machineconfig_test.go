@@ -24,6 +24,14 @@ func TestEnrollment(t *testing.T) {
 	if err != nil {
 		t.Fatalf("the enrollment configuration does not load: %v", err)
 	}
+	// Talos's metal platform validates a configuration from talos.config=
+	// in a mode that requires install instructions.
+	if _, err := load(b, runtimeMode{install: true}); err != nil {
+		t.Fatalf("the enrollment configuration is refused on metal: %v", err)
+	}
+	if expr, err := cfg.Machine().Install().DiskMatchExpression(); err != nil || expr == nil {
+		t.Fatalf("the enrollment configuration selects no install disk: %v", err)
+	}
 	if cfg.Machine().Type() != machine.TypeControlPlane || cfg.Cluster().Name() != enrollmentCluster {
 		t.Fatalf("machine %s of cluster %s", cfg.Machine().Type(), cfg.Cluster().Name())
 	}
