@@ -97,6 +97,22 @@ type Config struct {
 	Attestation Attestation
 	// Volumes configures the data volumes the agent encrypts itself.
 	Volumes Volumes
+	// Host configures host mode, on a machine of sovra's pool.
+	Host Host
+}
+
+// Host configures host mode: the machine is one of sovra's pool of hosts.
+// The agent reports the machine's hardware to the daemon's host service and
+// applies what it answers (a machine configuration, or a reset) through the
+// local Talos API. sovrad sets both in the agent configurations it serves.
+type Host struct {
+	// Enabled turns host mode on. It needs the daemon endpoint and a
+	// talosconfig for the local Talos API. Off by default.
+	Enabled bool
+	// Generation is the generation of the machine configuration the
+	// machine runs, as sovrad released it; zero means the machine runs the
+	// enrollment configuration.
+	Generation int64
 }
 
 // Volumes configures agent-managed LUKS2 volumes: their keys come from the
@@ -269,6 +285,18 @@ func settings() []setting {
 
 			return nil
 		}, func(c Config) string { return c.Volumes.MapPrefix }},
+		{"host", []string{"SOVRA_HOST"}, "host mode: report to the daemon's host service, apply the configuration it releases", func(c *Config, v string) error {
+			b, err := strconv.ParseBool(v)
+			c.Host.Enabled = b
+
+			return err
+		}, func(c Config) string { return strconv.FormatBool(c.Host.Enabled) }},
+		{"host-generation", []string{"SOVRA_HOST_GENERATION"}, "generation of the configuration this host runs (0: the enrollment configuration)", func(c *Config, v string) error {
+			n, err := strconv.ParseInt(v, 10, 64)
+			c.Host.Generation = n
+
+			return err
+		}, func(Config) string { return "" }},
 		{"network-cidr", []string{"SOVRA_BOOTSTRAP_NETWORK_CIDR", "KOMMODITY_AUTOBOOTSTRAP_NETWORK_CIDR"}, "private range scanned for Talos peers (empty: no bootstrap)", func(c *Config, v string) error {
 			p, err := netip.ParsePrefix(v)
 			c.Bootstrap.NetworkCIDR = p.Masked()
@@ -427,6 +455,8 @@ func (c Config) Validate() error {
 		add("volumes need a daemon endpoint: their keys are released only after attestation")
 	}
 
+	problems = append(problems, c.Host.validate(c)...)
+
 	if c.Attestation.Interval < time.Minute {
 		add("attest interval %s: want at least 1m", c.Attestation.Interval)
 	}
@@ -464,6 +494,39 @@ func (c Config) Validate() error {
 	}
 
 	return errors.Join(problems...)
+}
+
+// validate checks host mode: it needs the daemon (the host service and the
+// node credential) and the local Talos API.
+func (h Host) validate(c Config) []error {
+	var problems []error
+
+	if h.Generation < 0 {
+		problems = append(problems, fmt.Errorf("host generation %d: want 0 (the enrollment configuration) or more", h.Generation))
+	}
+
+	if !h.Enabled {
+		if h.Generation > 0 {
+			problems = append(problems, errors.New("host generation set without host mode (SOVRA_HOST=true)"))
+		}
+
+		return problems
+	}
+
+	if c.DaemonEndpoint == "" {
+		problems = append(problems, errors.New("host mode needs the daemon endpoint (SOVRA_DAEMON_ENDPOINT)"))
+	}
+
+	switch {
+	case c.TalosConfigPath == "":
+		problems = append(problems, errors.New("host mode needs a talosconfig for the local Talos API (SOVRA_TALOSCONFIG)"))
+	default:
+		if _, err := os.Stat(c.TalosConfigPath); err != nil {
+			problems = append(problems, fmt.Errorf("host mode: talosconfig %s: %w", c.TalosConfigPath, errors.Unwrap(err)))
+		}
+	}
+
+	return problems
 }
 
 // checkCIDR refuses a range that is public or larger than a /16 unless the

@@ -142,3 +142,54 @@ func TestConflictingAliases(t *testing.T) {
 		t.Fatalf("error = %v, want a conflict", err)
 	}
 }
+
+func TestHostMode(t *testing.T) {
+	tc := talosconfig(t)
+	ca := filepath.Join(t.TempDir(), "node-ca.crt")
+
+	cfg, err := config.Load([]string{"--host-generation", "3"}, env(map[string]string{
+		"SOVRA_HOST": "true", "SOVRA_DAEMON_ENDPOINT": "10.0.0.1:7443", "SOVRA_DAEMON_CA": ca, "SOVRA_TALOSCONFIG": tc,
+	}))
+	if err != nil {
+		t.Fatalf("load: %v", err)
+	}
+
+	if !cfg.Host.Enabled || cfg.Host.Generation != 3 {
+		t.Fatalf("host = %+v, want enabled, generation 3", cfg.Host)
+	}
+
+	for name, c := range map[string]struct {
+		env  map[string]string
+		want []string
+	}{
+		"no daemon, no talosconfig": {
+			map[string]string{"SOVRA_HOST": "true", "SOVRA_TALOSCONFIG": filepath.Join(t.TempDir(), "absent")},
+			[]string{"host mode needs the daemon endpoint", "host mode: talosconfig"},
+		},
+		"generation without host mode": {
+			map[string]string{"SOVRA_HOST_GENERATION": "2"},
+			[]string{"host generation set without host mode"},
+		},
+		"negative generation": {
+			map[string]string{"SOVRA_HOST": "true", "SOVRA_HOST_GENERATION": "-1", "SOVRA_DAEMON_ENDPOINT": "10.0.0.1:7443", "SOVRA_DAEMON_CA": ca, "SOVRA_TALOSCONFIG": tc},
+			[]string{"host generation -1"},
+		},
+		"not a bool": {
+			map[string]string{"SOVRA_HOST": "maybe"},
+			[]string{"SOVRA_HOST: invalid value"},
+		},
+	} {
+		t.Run(name, func(t *testing.T) {
+			_, err := config.Load(nil, env(c.env))
+			if err == nil {
+				t.Fatal("loaded an invalid host mode")
+			}
+
+			for _, w := range c.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not say %q", err, w)
+				}
+			}
+		})
+	}
+}

@@ -88,6 +88,28 @@ func Print(w io.Writer, doc Document, now time.Time) error {
 		p("  "+v.Name, line)
 	}
 
+	if h := doc.Host; h != nil {
+		section("Host")
+		p("  Phase", orDash(h.Phase))
+		p("  Mode", fmt.Sprintf("%s, generation %d", orDash(h.Mode), h.Generation))
+		p("  Last action", orDash(h.LastAction))
+
+		if h.AppliedGeneration > 0 {
+			p("  Applied", fmt.Sprintf("generation %d in this boot", h.AppliedGeneration))
+		}
+
+		if h.Message != "" {
+			p("  Message", h.Message)
+		}
+
+		p("  Last sync", ago(h.LastSync, now))
+		p("  Hardware", fmt.Sprintf("%s, %d CPUs, %d MiB, %d disks", orDash(h.Architecture), h.CPUs, h.MemoryBytes>>20, h.Disks))
+
+		if h.Error != "" {
+			p("  Error", h.Error)
+		}
+	}
+
 	if doc.LastError != nil {
 		section("Last error")
 		p("  When", ago(doc.LastError.Time, now))

@@ -103,6 +103,8 @@ type Document struct {
 	Attestation Attestation `json:"attestation"`
 	Election    Election    `json:"election"`
 	Volumes     []Volume    `json:"volumes,omitempty"`
+	// Host is host mode's state; nil when host mode is off.
+	Host *Host `json:"host,omitempty"`
 
 	// StartedAt is when this agent process started.
 	StartedAt time.Time `json:"startedAt"`
@@ -164,6 +166,34 @@ type Volume struct {
 	// Message explains a Waiting or Failed state.
 	Message   string    `json:"message,omitempty"`
 	UpdatedAt time.Time `json:"updatedAt,omitzero"`
+}
+
+// Host is what host mode last reported to the daemon and did. It never
+// holds the machine configuration.
+type Host struct {
+	// Phase is host mode's phase (agent/resources/host): waiting-attestation,
+	// waiting, running, applied, reset or failed.
+	Phase string `json:"phase"`
+	// Mode is the configuration the machine runs: enrollment or configured.
+	Mode string `json:"mode"`
+	// Generation is the generation of the configuration the machine runs;
+	// zero on the enrollment configuration.
+	Generation int64 `json:"generation,omitempty"`
+	// AppliedGeneration is the generation applied in this boot, if any.
+	AppliedGeneration int64 `json:"appliedGeneration,omitempty"`
+	// LastAction is the daemon's last answer: wait, apply, reset or none.
+	LastAction string `json:"lastAction,omitempty"`
+	// Message explains the phase.
+	Message string `json:"message,omitempty"`
+	// LastSync is when the daemon last answered.
+	LastSync time.Time `json:"lastSync,omitzero"`
+	// Error is the last failure, empty after a success.
+	Error string `json:"error,omitempty"`
+	// Hardware summarises what was reported.
+	Architecture string `json:"architecture,omitempty"`
+	CPUs         uint32 `json:"cpus,omitempty"`
+	MemoryBytes  uint64 `json:"memoryBytes,omitempty"`
+	Disks        int    `json:"disks,omitempty"`
 }
 
 // Error is an error the agent met, with where and when.
@@ -346,6 +376,11 @@ func (r *Recorder) Snapshot() Document {
 	d.Volumes = append([]Volume(nil), r.doc.Volumes...)
 	d.Election.Candidates = append([]string(nil), r.doc.Election.Candidates...)
 	d.Attestation.PCRs = append([]int(nil), r.doc.Attestation.PCRs...)
+
+	if r.doc.Host != nil {
+		h := *r.doc.Host
+		d.Host = &h
+	}
 
 	if r.doc.LastError != nil {
 		e := *r.doc.LastError

@@ -12,7 +12,7 @@ import (
 // Effects of attestation being unavailable, as the start-up warning says them.
 const (
 	unavailableEdgeOnly = "edge-only mode: discovery, election and etcd bootstrap run; they need neither a TPM nor UEFI"
-	unavailableDaemon   = "this node cannot enroll or attest, so it gets no node credential: no volume keys, and no membership " +
+	unavailableDaemon   = "this node cannot enroll or attest, so it gets no node credential: no volume keys, no host mode, and no membership " +
 		"or bootstrap lease from the daemon (the Talos control-plane provider bootstraps the cluster)"
 )
 

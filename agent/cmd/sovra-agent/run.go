@@ -79,6 +79,15 @@ func runCommand(args []string, _, stderr io.Writer) int {
 		}
 
 		extra = append(extra, vols...)
+
+		hostCtrls, err := hostControllers(cfg, attester, conn, logger)
+		if err != nil {
+			logger.Error("setting up host mode failed", zap.Error(err))
+
+			return exitFailed
+		}
+
+		extra = append(extra, hostCtrls...)
 	}
 
 	opts := agentruntime.Options{Config: cfg, Logger: logger}

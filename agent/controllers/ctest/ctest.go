@@ -14,6 +14,7 @@ import (
 	"github.com/cosi-project/runtime/pkg/state"
 	"github.com/cosi-project/runtime/pkg/state/impl/inmem"
 	"github.com/cosi-project/runtime/pkg/state/impl/namespaced"
+	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
 )
 
@@ -25,9 +26,17 @@ const waitTimeout = 10 * time.Second
 func Start(t *testing.T, ctrls ...controller.Controller) state.State {
 	t.Helper()
 
+	return StartLogged(t, zaptest.NewLogger(t), ctrls...)
+}
+
+// StartLogged is Start with the runtime's (and so the controllers') logger;
+// tests that check what is logged pass one that writes to a buffer.
+func StartLogged(t *testing.T, logger *zap.Logger, ctrls ...controller.Controller) state.State {
+	t.Helper()
+
 	st := state.WrapCore(namespaced.NewState(inmem.Build))
 
-	rt, err := runtime.NewRuntime(st, zaptest.NewLogger(t))
+	rt, err := runtime.NewRuntime(st, logger)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -55,6 +64,11 @@ func Start(t *testing.T, ctrls ...controller.Controller) state.State {
 	})
 
 	return st
+}
+
+// Started is a running runtime's state, for helpers that keep it.
+type Started struct {
+	State state.State
 }
 
 // Put creates or replaces a resource.

@@ -1,6 +1,7 @@
 // Package status holds the controller that keeps the agent's status document
 // (agent/status, read with `talosctl read` and `sovra-agent status`) in step
-// with the agent's resources: attestation, election and bootstrap.
+// with the agent's resources: attestation, election, bootstrap, volumes and
+// host mode.
 package status
 
 import (
@@ -16,6 +17,7 @@ import (
 	"github.com/sovra-dev/sovra/agent/resources/attestation"
 	"github.com/sovra-dev/sovra/agent/resources/bootstrap"
 	"github.com/sovra-dev/sovra/agent/resources/election"
+	"github.com/sovra-dev/sovra/agent/resources/host"
 	"github.com/sovra-dev/sovra/agent/resources/volumes"
 	agentstatus "github.com/sovra-dev/sovra/agent/status"
 )
@@ -44,6 +46,7 @@ func (ctrl *StatusController) Inputs() []controller.Input {
 		{Namespace: election.NamespaceName, Type: election.ElectionType, Kind: controller.InputWeak},
 		{Namespace: bootstrap.NamespaceName, Type: bootstrap.StatusType, Kind: controller.InputWeak},
 		{Namespace: volumes.NamespaceName, Type: volumes.StatusType, Kind: controller.InputWeak},
+		{Namespace: host.NamespaceName, Type: host.StatusType, Kind: controller.InputWeak},
 	}
 }
 
@@ -79,9 +82,15 @@ func (ctrl *StatusController) Run(ctx context.Context, r controller.Runtime, log
 			return fmt.Errorf("reading the volume statuses: %w", err)
 		}
 
+		hs, err := safe.ReaderGetByID[*host.Status](ctx, r, host.StatusID)
+		if err = absentIsNil(err); err != nil {
+			return fmt.Errorf("reading the host status: %w", err)
+		}
+
 		if err := ctrl.Recorder.Update(func(d *agentstatus.Document) {
 			ctrl.fill(d, att, el, bs)
 			fillVolumes(d, vols)
+			fillHost(d, hs)
 		}); err != nil {
 			// The document is for people debugging the node: a write failure
 			// is logged, not fatal.
@@ -199,6 +208,27 @@ func fillVolumes(d *agentstatus.Document, vols safe.List[*volumes.Status]) {
 		d.Volumes = append(d.Volumes, agentstatus.Volume{
 			Name: v.Metadata().ID(), Device: s.Device, State: state, Message: s.Message, UpdatedAt: parseTime(s.LastAttempt),
 		})
+	}
+}
+
+// fillHost shows host mode's state; nil means host mode is off (or has
+// not started).
+func fillHost(d *agentstatus.Document, hs *host.Status) {
+	if hs == nil {
+		d.Host = nil
+
+		return
+	}
+
+	s := hs.TypedSpec()
+	d.Host = &agentstatus.Host{
+		Phase: string(s.Phase), Mode: string(s.Mode), Generation: s.Generation, AppliedGeneration: s.AppliedGeneration,
+		LastAction: s.LastAction, Message: s.Message, LastSync: parseTime(s.LastSync), Error: s.Error,
+		Architecture: s.Architecture, CPUs: s.CPUs, MemoryBytes: s.MemoryBytes, Disks: s.Disks,
+	}
+
+	if s.Phase == host.PhaseFailed {
+		d.Phase, d.Message = agentstatus.PhaseDegraded, "host mode: "+s.Error
 	}
 }
 
