@@ -101,7 +101,7 @@ func (s *Service) Sync(ctx context.Context, req *hostapi.SyncRequest) (*hostapi.
 	if err != nil {
 		return nil, s.unavailable(rec.Name, err)
 	}
-	d, err := s.decide(ctx, host, rec, id.Boot, mode, req.GetGeneration())
+	d, err := s.decide(ctx, host, rec, id.Boot, mode, req.GetGeneration(), req.GetHardware())
 	if err != nil {
 		return nil, s.unavailable(rec.Name, err)
 	}
@@ -179,11 +179,15 @@ func autoAcceptable(rec *v1alpha1.SovraNode) bool {
 }
 
 // decide works out what the host does next, records it in the host's
-// status (before anything leaves), and returns it.
-func (s *Service) decide(ctx context.Context, host *v1alpha1.Host, rec *v1alpha1.SovraNode, boot, mode string, running int64) (decision, error) {
+// status (before anything leaves) with the hardware the host reported, and
+// returns it.
+func (s *Service) decide(ctx context.Context, host *v1alpha1.Host, rec *v1alpha1.SovraNode, boot, mode string, running int64, hw *hostapi.Hardware) (decision, error) {
 	now := s.clock.Now()
 	st := host.Status.DeepCopy()
 	st.UUID, st.Addresses, st.Mode, st.Boot = rec.Spec.UUID, slices.Clone(rec.Spec.Addresses), mode, boot
+	if hw != nil {
+		st.Hardware = hardwareStatus(hw)
+	}
 	if mode == ModeConfigured {
 		st.RunningGeneration = running
 	}

@@ -247,7 +247,13 @@ func Merge(bootstrap []byte, r Released) ([]byte, error) {
 	if cfg.RawV1Alpha1() == nil {
 		return nil, errors.New("merging the machine configuration: the bootstrap data has no v1alpha1 machine configuration")
 	}
-	tc, err := agentTalosconfig(r.AgentCA)
+	v1 := cfg.RawV1Alpha1()
+	if v1.MachineConfig == nil || v1.MachineConfig.MachineCA == nil || len(v1.MachineConfig.MachineCA.Crt) == 0 {
+		return nil, errors.New("merging the machine configuration: the bootstrap data has no machine CA")
+	}
+	// The agent verifies its machine's Talos API, whose certificate the
+	// machine CA of the bootstrap data issues (trustd's, on a worker).
+	tc, err := agentTalosconfig(r.AgentCA, v1.MachineConfig.MachineCA.Crt)
 	if err != nil {
 		return nil, err
 	}
@@ -334,8 +340,9 @@ func replaces(ours []coreconfig.Document, doc coreconfig.Document) bool {
 }
 
 // agentTalosconfig is the agent's client configuration for its own
-// machine's Talos API: a certificate of the machine's agent CA.
-func agentTalosconfig(ca *x509.PEMEncodedCertificateAndKey) ([]byte, error) {
+// machine's Talos API: a certificate of the machine's agent CA, and
+// serverCA, the CA that issues the machine's Talos API certificate.
+func agentTalosconfig(ca *x509.PEMEncodedCertificateAndKey, serverCA []byte) ([]byte, error) {
 	if ca == nil {
 		return nil, errors.New("merging the machine configuration: no agent CA")
 	}
@@ -343,7 +350,7 @@ func agentTalosconfig(ca *x509.PEMEncodedCertificateAndKey) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("issuing the agent's Talos API certificate: %w", err)
 	}
-	b, err := clientconfig.NewConfig(AgentService, []string{localTalosAPI}, ca.Crt, cert).Bytes()
+	b, err := clientconfig.NewConfig(AgentService, []string{localTalosAPI}, serverCA, cert).Bytes()
 	if err != nil {
 		return nil, fmt.Errorf("encoding the agent's talosconfig: %w", err)
 	}

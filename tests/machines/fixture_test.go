@@ -169,43 +169,76 @@ func sweepStale(t testing.TB) {
 
 // dialIn returns a dialer whose connections start in network namespace ns:
 // a socket stays in the namespace it was made in, so the connection comes
-// from that namespace's address (as the machine's own calls do).
+// from that namespace's address (as the machine's own calls do). The
+// thread goes back to its namespace afterwards: a locked thread that
+// exits would take with it the processes it started (their parent-death
+// signal is the thread's).
 func dialIn(ns string) func(ctx context.Context, addr string) (net.Conn, error) {
 	return func(ctx context.Context, addr string) (net.Conn, error) {
-		type result struct {
-			c   net.Conn
-			err error
+		runtime.LockOSThread()
+
+		orig, err := os.Open("/proc/thread-self/ns/net")
+		if err != nil {
+			runtime.UnlockOSThread()
+
+			return nil, err
+		}
+		defer orig.Close()
+
+		target, err := os.Open(filepath.Join("/var/run/netns", ns))
+		if err != nil {
+			runtime.UnlockOSThread()
+
+			return nil, err
+		}
+		defer target.Close()
+
+		if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
+			runtime.UnlockOSThread()
+
+			return nil, fmt.Errorf("entering namespace %s: %w", ns, err)
 		}
 
-		ch := make(chan result, 1)
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 
-		go func() {
-			// The thread is never unlocked: it ends with the goroutine,
-			// and its namespace with it.
-			runtime.LockOSThread()
+		if restore := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); restore != nil {
+			panic(fmt.Sprintf("leaving namespace %s: %v", ns, restore)) // the thread must not be reused
+		}
 
-			f, err := os.Open(filepath.Join("/var/run/netns", ns))
-			if err != nil {
-				ch <- result{err: err}
+		runtime.UnlockOSThread()
 
-				return
-			}
-			defer f.Close()
+		if err != nil {
+			return nil, fmt.Errorf("making a socket in %s: %w", ns, err)
+		}
 
-			if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
-				ch <- result{err: fmt.Errorf("entering namespace %s: %w", ns, err)}
-
-				return
-			}
-
-			c, err := (&net.Dialer{Timeout: callTimeout}).DialContext(ctx, "tcp", addr)
-			ch <- result{c, err}
-		}()
-
-		r := <-ch
-
-		return r.c, r.err
+		return connect(ctx, fd, addr)
 	}
+}
+
+// connect connects the socket fd to addr (an IPv4 host:port).
+func connect(ctx context.Context, fd int, addr string) (net.Conn, error) {
+	ap, err := netip.ParseAddrPort(addr)
+	if err != nil {
+		unix.Close(fd) //nolint:errcheck
+
+		return nil, err
+	}
+
+	if deadline, ok := ctx.Deadline(); ok {
+		tv := unix.NsecToTimeval(time.Until(deadline).Nanoseconds())
+		_ = unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_SNDTIMEO, &tv) //nolint:errcheck
+	}
+
+	if err := unix.Connect(fd, &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}); err != nil {
+		unix.Close(fd) //nolint:errcheck
+
+		return nil, fmt.Errorf("connecting to %s: %w", addr, err)
+	}
+
+	f := os.NewFile(uintptr(fd), "socket")
+	defer f.Close()
+
+	return net.FileConn(f)
 }
 
 // daemon is the built sovrad with its node API, KMS and boot server on the

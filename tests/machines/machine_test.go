@@ -52,7 +52,14 @@ func startMachine(t testing.TB, n *network, d *daemon, tpm swtpmlab.TPM, i int, 
 		"--download-attempt-timeout", "20s",
 	}
 
-	m := bootsimtest.Start(t, bootsimtest.Options{Netns: ns, Args: args})
+	// The agent reads the SMBIOS UUID from /sys/class/dmi/id/product_uuid;
+	// the machine running the tests may have no DMI table, and a
+	// container's sysfs cannot be given one: the UUID is passed as a
+	// talos.environment= kernel argument instead.
+	uuid := bootsimtest.NewUUID(t)
+	args = append(args, "--environment", "SOVRA_NODE_UUID="+uuid)
+
+	m := bootsimtest.Start(t, bootsimtest.Options{Netns: ns, UUID: uuid, Args: args})
 
 	return &machine{Machine: m, ns: ns, addr: addr, tpm: tpm}
 }

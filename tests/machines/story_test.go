@@ -36,6 +36,9 @@ const (
 	provisionWait   = 6 * time.Minute
 	releaseWait     = 5 * time.Minute
 	sovradLogMarker = "enrollment configuration served"
+	// msgFormatting is the simulator's line of a volume's creation (its
+	// KMS Seal).
+	msgFormatting = "formatting and encrypting volume"
 )
 
 // clusterYAML is images/example-cluster.yaml made smaller (one control
@@ -277,8 +280,11 @@ func (s *story) enroll(lab *swtpmlab.Lab) {
 	for _, m := range s.machines {
 		m.WaitPhase(1, bootsim.PhaseRunning, bootTimeout)
 
+		// Created (Sealed) and opened with the KMS. (A first Unseal may be
+		// refused while the KMS has not seen the Seal yet; Talos retries.)
 		for _, label := range []string{"STATE", "EPHEMERAL"} {
-			m.WaitLog(0, time.Second, bootsim.MsgSealed, "volume="+label, "boot=1")
+			m.WaitLog(0, time.Second, msgFormatting, "volume="+label, "boot=1")
+			m.WaitLog(0, time.Second, bootsim.MsgVolumeReady, "volume="+label, "boot=1", "encrypted=true")
 		}
 
 		if src := m.Status().ConfigSource; src != "metal" {
