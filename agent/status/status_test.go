@@ -268,3 +268,22 @@ func TestPrintZeroDocument(t *testing.T) {
 		}
 	}
 }
+
+func TestPrintHost(t *testing.T) {
+	var out bytes.Buffer
+	doc := Document{Host: &Host{Phase: "applied", Mode: "enrollment", AppliedGeneration: 2, LastAction: "apply",
+		Message: "apply the configuration of prod/w-0", LastSync: t0, Architecture: "amd64", CPUs: 8, MemoryBytes: 32 << 30, Disks: 1}}
+	if err := Print(&out, doc, t0); err != nil {
+		t.Fatal(err)
+	}
+
+	for _, want := range []string{"Host\n", "applied", "enrollment, generation 0", "generation 2 in this boot", "amd64, 8 CPUs, 32768 MiB, 1 disks"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("output lacks %q:\n%s", want, out.String())
+		}
+	}
+
+	if err := Print(&out, Document{}, t0); err != nil || strings.Count(out.String(), "Host\n") != 1 {
+		t.Fatalf("a document without host mode prints a Host section:\n%s", out.String())
+	}
+}

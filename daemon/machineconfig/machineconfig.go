@@ -247,13 +247,14 @@ func Merge(bootstrap []byte, r Released) ([]byte, error) {
 	if cfg.RawV1Alpha1() == nil {
 		return nil, errors.New("merging the machine configuration: the bootstrap data has no v1alpha1 machine configuration")
 	}
-	v1 := cfg.RawV1Alpha1()
-	if v1.MachineConfig == nil || v1.MachineConfig.MachineCA == nil || len(v1.MachineConfig.MachineCA.Crt) == 0 {
-		return nil, errors.New("merging the machine configuration: the bootstrap data has no machine CA")
+	// apid presents a certificate of the machine's Talos CA: the agent's
+	// talosconfig verifies it with that CA, and presents a certificate of
+	// the agent CA, which machine.acceptedCAs lets in.
+	osCA := cfg.RawV1Alpha1().MachineConfig
+	if osCA == nil || osCA.MachineCA == nil || len(osCA.MachineCA.Crt) == 0 {
+		return nil, errors.New("merging the machine configuration: the bootstrap data has no Talos CA (machine.ca)")
 	}
-	// The agent verifies its machine's Talos API, whose certificate the
-	// machine CA of the bootstrap data issues (trustd's, on a worker).
-	tc, err := agentTalosconfig(r.AgentCA, v1.MachineConfig.MachineCA.Crt)
+	tc, err := agentTalosconfig(r.AgentCA, osCA.MachineCA.Crt)
 	if err != nil {
 		return nil, err
 	}
@@ -340,8 +341,8 @@ func replaces(ours []coreconfig.Document, doc coreconfig.Document) bool {
 }
 
 // agentTalosconfig is the agent's client configuration for its own
-// machine's Talos API: a certificate of the machine's agent CA, and
-// serverCA, the CA that issues the machine's Talos API certificate.
+// machine's Talos API: a certificate of the machine's agent CA, and the
+// machine's Talos CA (serverCA), which signs apid's certificate.
 func agentTalosconfig(ca *x509.PEMEncodedCertificateAndKey, serverCA []byte) ([]byte, error) {
 	if ca == nil {
 		return nil, errors.New("merging the machine configuration: no agent CA")

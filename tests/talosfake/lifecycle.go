@@ -87,7 +87,7 @@ func authorizeStream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo,
 // outside maintenance takes it from os:admin only.
 func (n *Node) ApplyConfiguration(ctx context.Context, req *machine.ApplyConfigurationRequest) (*machine.ApplyConfigurationResponse, error) {
 	if n.opts.Lifecycle == nil {
-		return nil, status.Error(codes.Unimplemented, "ApplyConfiguration is not implemented by this fake")
+		return n.recordApply(ctx, req)
 	}
 
 	if !hasRole(ctx, role.Admin) {
@@ -123,7 +123,7 @@ func (n *Node) Reboot(ctx context.Context, req *machine.RebootRequest) (*machine
 // Reset implements machine.MachineServiceServer.
 func (n *Node) Reset(ctx context.Context, req *machine.ResetRequest) (*machine.ResetResponse, error) {
 	if n.opts.Lifecycle == nil {
-		return nil, status.Error(codes.Unimplemented, "Reset is not implemented by this fake")
+		return n.recordReset(ctx, req)
 	}
 
 	reply, err := n.opts.Lifecycle.Reset(ctx, req)

@@ -124,9 +124,19 @@ type Options struct {
 	// addresses), with a resource definition per type so that clients can
 	// resolve aliases (talosctl get cpus).
 	Resources []resource.Resource
-	// Lifecycle answers ApplyConfiguration, Reboot and Reset; nil answers
-	// them Unimplemented.
+	// Lifecycle answers ApplyConfiguration, Reboot and Reset; nil records
+	// ApplyConfiguration and Reset (ApplyCalls, ResetCalls, OnApply,
+	// OnReset) and answers Reboot Unimplemented.
 	Lifecycle Lifecycle
+	// Hardware is what the node's hardware and block resources describe;
+	// nil means none (the node publishes no Processor, MemoryModule or Disk).
+	Hardware *Hardware
+	// OnApply, when set, is called with every ApplyConfiguration the node
+	// records, after it was recorded; an error fails the call with
+	// InvalidArgument, as machined's validation does.
+	OnApply func(ApplyCall) error
+	// OnReset, when set, is called with every Reset the node records.
+	OnReset func(ResetCall)
 	// EtcdData starts the node with etcd data, as after a bootstrap.
 	EtcdData bool
 	// TimeUnsynced makes Talos report its clock not in sync yet.
@@ -174,6 +184,8 @@ type Node struct {
 	etcdData    bool
 	etcdRunning bool
 	calls       []BootstrapCall
+	applies     []ApplyCall
+	resets      []ResetCall
 }
 
 // New returns a fake node with a fresh server certificate.
@@ -212,6 +224,10 @@ func New(opts Options) (*Node, error) {
 	ts.TypedSpec().Synced = !opts.TimeUnsynced
 
 	if err := CreateResources(context.Background(), n.state, append([]resource.Resource{mt, ts}, opts.Resources...)...); err != nil {
+		return nil, err
+	}
+
+	if err := n.publishHardware(opts.Hardware); err != nil {
 		return nil, err
 	}
 

@@ -15,14 +15,21 @@ import (
 // clusterLink builds the link to the daemon's membership list and bootstrap
 // lease, on the daemon connection, which presents the attestation agent's
 // node credential. It returns nil, after saying why, when the bootstrap path
-// cannot run here: no daemon (edge-only mode: the CIDR scan), a worker, no
-// address for this node, or no talosconfig.
+// cannot run here: no daemon (edge-only mode: the CIDR scan), a worker, a
+// host of the pool on the enrollment configuration (its throw-away cluster
+// is never bootstrapped), no address for this node, or no talosconfig.
 func clusterLink(cfg config.Config, attester *agentattest.Agent, conn grpc.ClientConnInterface, logger *zap.Logger) *daemonlink.Link {
 	if attester == nil || conn == nil {
 		return nil
 	}
 
 	if cfg.Role == config.RoleWorker {
+		return nil
+	}
+
+	if cfg.Host.Enabled && cfg.Host.Generation == 0 {
+		logger.Info("no auto-bootstrap: this host runs the enrollment configuration and waits for its own")
+
 		return nil
 	}
 

@@ -49,6 +49,8 @@ func TestClusterLinkOnlyWhenTheBootstrapCanRun(t *testing.T) {
 		"worker":             {func(c *config.Config) { c.Role = config.RoleWorker }, agent, false},
 		"no address":         {func(c *config.Config) { c.NodeAddress = netip.Addr{} }, agent, false},
 		"no talosconfig":     {func(c *config.Config) { c.TalosConfigPath = filepath.Join(dir, "absent") }, agent, false},
+		"enrollment host":    {func(c *config.Config) { c.Host.Enabled = true }, agent, false},
+		"configured host":    {func(c *config.Config) { c.Host.Enabled, c.Host.Generation = true, 1 }, agent, true},
 		"address from the CIDR": {func(c *config.Config) {
 			c.NodeAddress, c.Bootstrap.NetworkCIDR = netip.Addr{}, netip.MustParsePrefix("127.0.0.0/8")
 		}, agent, true},

@@ -10,6 +10,7 @@ import (
 	"github.com/sovra-dev/sovra/agent/resources/attestation"
 	"github.com/sovra-dev/sovra/agent/resources/bootstrap"
 	"github.com/sovra-dev/sovra/agent/resources/election"
+	"github.com/sovra-dev/sovra/agent/resources/host"
 	"github.com/sovra-dev/sovra/agent/resources/volumes"
 	agentstatus "github.com/sovra-dev/sovra/agent/status"
 )
@@ -55,6 +56,22 @@ func TestDocumentFollowsResources(t *testing.T) {
 	}
 	waitDoc(t, dir, func(d agentstatus.Document) bool {
 		return len(d.Volumes) == 1 && d.Volumes[0].Name == "data" && d.Volumes[0].State == agentstatus.VolumeUnlocked && d.Volumes[0].Device == "/dev/sdb1"
+	})
+
+	hs := host.NewStatus()
+	*hs.TypedSpec() = host.StatusSpec{Phase: host.PhaseRunning, Mode: host.ModeConfigured, Generation: 2, LastAction: "none", CPUs: 8}
+	if err := st.Create(ctx, hs); err != nil {
+		t.Fatal(err)
+	}
+	waitDoc(t, dir, func(d agentstatus.Document) bool {
+		return d.Host != nil && d.Host.Phase == "running" && d.Host.Mode == "configured" && d.Host.Generation == 2 && d.Host.CPUs == 8
+	})
+
+	// A failed host step degrades the agent and says why.
+	hs.TypedSpec().Phase, hs.TypedSpec().Error = host.PhaseFailed, "syncing with the daemon's host service: unavailable"
+	ctest.Put(t, st, hs)
+	waitDoc(t, dir, func(d agentstatus.Document) bool {
+		return d.Phase == agentstatus.PhaseDegraded && d.Message == "host mode: syncing with the daemon's host service: unavailable"
 	})
 }
 

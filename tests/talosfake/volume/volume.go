@@ -10,17 +10,22 @@
 // only once the volume is open.
 //
 // Talos sources imitated (siderolabs/talos v1.13.9):
+//
 //   - internal/app/machined/pkg/controllers/block/internal/volumes/encrypt.go
 //     (HandleEncryptionWithHandler: blkid, format or open, type mismatch);
+//
 //   - internal/pkg/encryption/encryption.go (NewHandler slot order,
 //     FormatAndEncrypt, Open, tryHandlers with 20 s per handler, syncKeys,
 //     checkKey, addKey);
+//
 //   - internal/pkg/encryption/keys/kms.go (the KMS key handler: a new gRPC
 //     client per call, 10 s, TLS with the machine's roots, no client
 //     credential, Request{NodeUuid, Data}, the passphrase is the base64 of
 //     the key), keys/static.go, keys/token.go (token type sideroKMS);
+//
 //   - internal/pkg/endpoint/endpoint.go (grpc:// is plaintext, no scheme is
 //     grpc://, https:// without a port gets :443);
+//
 //   - pkg/httpdefaults (roots), pkg/machinery/client/dialer (the proxy).
 //
 //   - internal/pkg/encryption/keys/salted.go (lockToState: the key is
