@@ -38,7 +38,24 @@ type sovraNode struct {
 			Result string `json:"result"`
 		} `json:"boots"`
 		KeySalt []byte `json:"keySalt"`
+		Sealing *struct {
+			Window *struct {
+				Reason  string `json:"reason"`
+				Opened  string `json:"opened"`
+				Expires string `json:"expires"`
+			} `json:"window"`
+			LastSealed string `json:"lastSealed"`
+		} `json:"sealing"`
 	} `json:"status"`
+}
+
+// sealing summarises the record's sealing state, for comparisons.
+func (n sovraNode) sealing() string {
+	if n.Status.Sealing == nil {
+		return "none"
+	}
+
+	return fmt.Sprintf("%+v last %s", n.Status.Sealing.Window, n.Status.Sealing.LastSealed)
 }
 
 // currentBoot is the boot the record's node last reported.

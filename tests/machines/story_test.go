@@ -216,8 +216,8 @@ func tail(s string, n int) string {
 }
 
 // TestMachinesStory is the machines story of issue 12 on the built sovrad
-// (SQLite) and three simulated Talos machines, each in its own network
-// namespace with its own swtpm and the real sovra-agent:
+// (SQLite, --kms-bind-addresses) and three simulated Talos machines, each
+// in its own network namespace with its own swtpm and the real sovra-agent:
 //
 //  1. the machines boot talos.config= (printed by `sovrad hosts
 //     boot-config`), fetch the enrollment configuration, seal STATE and
@@ -234,8 +234,10 @@ func tail(s string, n int) string {
 //     Provisioned; the SovraMachines have providerID sovra://<host> and
 //     the host's address;
 //  4. attacks on a provisioned host: the enrollment configuration fetched
-//     for its UUID from another address opens nothing; Syncs with a
-//     credential of its earlier boot or of an earlier record get nothing;
+//     for its UUID from another address opens nothing (its STATE blob does
+//     not unseal there, nothing Seals there); Syncs with a credential of
+//     its earlier boot, of an earlier record, or naming another host's
+//     record get nothing; neither the host nor its record changes;
 //  5. the MachineDeployment is scaled to 1: one worker host is reset
 //     through the Talos API, its old STATE blob no longer unseals, it boots
 //     the enrollment configuration again and is Available; scaled to 2
@@ -246,7 +248,11 @@ func TestMachinesStory(t *testing.T) {
 	s := &story{t: t, net: newNetwork(t), hostOf: map[string]string{}}
 	start := time.Now()
 	lab := swtpmlab.New(t, hostCount, s.net.addr(legHost).String())
-	s.d = startDaemon(t, s.net, lab)
+	// --kms-bind-addresses: the KMS answers a machine's UUID only from the
+	// machine's own addresses (docs/security.md: without it, a copy of a
+	// healthy machine's disk and its UUID unseal STATE from anywhere, and
+	// anyone may Seal during a sealing window).
+	s.d = startDaemon(t, s.net, lab, "--kms-bind-addresses")
 	s.timed("sovrad ready, 3 swtpm manufactured", start)
 
 	t.Cleanup(s.dump)
@@ -607,28 +613,35 @@ func (s *story) attacks(m *machine) {
 
 	t.Run("enrollment config fetched for a claimed UUID opens nothing", func(t *testing.T) {
 		off := d.LogSize()
+		sealing := rec.sealing()
 
 		code, body := d.fetchBootConfig(t, s.attacker, m.UUID)
 		if code != 200 || len(body) == 0 {
 			t.Fatalf("the enrollment configuration was not served: %d", code)
 		}
 
-		if _, err := d.kms(t, s.attacker, true, m.UUID, []byte("attacker's volume key")); status.Code(err) != codes.PermissionDenied {
-			t.Fatalf("Seal for a claimed UUID from another address after the fetch: %v, want PermissionDenied", err)
+		if log := d.LogSince(off); !strings.Contains(log, m.UUID) || !strings.Contains(log, `"sealing":"Known"`) {
+			t.Fatalf("the fetch for a claimed UUID was not logged as one for a known machine:\n%s", log)
+		}
+
+		if after := d.nodeByName(t, name).sealing(); after != sealing {
+			t.Fatalf("the fetch changed the record's sealing: %s -> %s", sealing, after)
 		}
 
 		if _, err := d.kms(t, s.attacker, false, m.UUID, m.stateBlob(t)); err == nil {
 			t.Fatal("the machine's STATE blob was unsealed for another address")
 		}
 
-		if log := d.LogSince(off); !strings.Contains(log, m.UUID) || !strings.Contains(log, `"sealing":"Known"`) {
-			t.Fatalf("the fetch for a claimed UUID was not logged as one for a known machine:\n%s", log)
-		}
-
 		for _, n := range d.nodes(t) {
 			if n.Spec.UUID == m.UUID && n.Metadata.Name != name {
 				t.Fatalf("a second record %s for the claimed UUID", n.Metadata.Name)
 			}
+		}
+	})
+
+	t.Run("Seal for a provisioned host from another address is refused", func(t *testing.T) {
+		if _, err := d.kms(t, s.attacker, true, m.UUID, []byte("attacker's volume key")); status.Code(err) != codes.PermissionDenied {
+			t.Fatalf("Seal for a claimed UUID from another address: %v, want PermissionDenied (record sealing %s)", err, d.nodeByName(t, name).sealing())
 		}
 	})
 
