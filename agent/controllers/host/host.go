@@ -127,13 +127,16 @@ const (
 )
 
 // run is the state of one Run: the record, the hardware once read, the
-// failures in a row and the last status.
+// failures in a row, the last status and the daemon's last answer.
 type run struct {
 	boot     string
 	did      done
 	hardware *hostapi.Hardware
 	failures int
 	spec     host.StatusSpec
+	// answer is the daemon's last answer (action and message), logged
+	// when it changes.
+	answer string
 }
 
 // Run implements controller.Controller. It syncs on every attestation
@@ -225,6 +228,12 @@ func (ctrl *HostController) sync(ctx context.Context, st *run, logger *zap.Logge
 	}
 
 	action := resp.GetAction()
+	if answer := actionName(action) + ": " + resp.GetMessage(); answer != st.answer {
+		st.answer = answer
+		logger.Info("the daemon's host service answered", zap.String("action", actionName(action)), zap.String("message", resp.GetMessage()),
+			zap.Int64("generation", resp.GetGeneration()))
+	}
+
 	st.spec.LastSync = ctrl.Clock.Now().UTC().Format(time.RFC3339)
 	st.spec.LastAction = actionName(action)
 	st.spec.Message = resp.GetMessage()
