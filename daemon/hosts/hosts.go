@@ -46,6 +46,10 @@ const (
 	agentCASecretPrefix = "host-agent-ca-"
 	// Namespace holds sovra's Secrets.
 	Namespace = "sovra-system"
+	// clusterSecretsSuffix and clusterSecretsKey name the secrets bundle the
+	// Talos bootstrap provider keeps per cluster (<cluster>-talos, "bundle").
+	clusterSecretsSuffix = "-talos"
+	clusterSecretsKey    = "bundle"
 	// bytesPerGiB and bytesPerMiB convert the reported sizes.
 	bytesPerGiB = 1 << 30
 	bytesPerMiB = 1 << 20

@@ -22,6 +22,10 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/siderolabs/crypto/x509"
+	"github.com/siderolabs/talos/pkg/machinery/config/configloader"
+	"github.com/siderolabs/talos/pkg/machinery/config/generate/secrets"
+	"github.com/siderolabs/talos/pkg/machinery/config/machine"
+	"go.yaml.in/yaml/v4"
 
 	infrav1 "github.com/sovra-dev/sovra/daemon/apis/infrastructure/v1alpha1"
 	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
@@ -101,7 +105,7 @@ func (s *Service) Sync(ctx context.Context, req *hostapi.SyncRequest) (*hostapi.
 	if err != nil {
 		return nil, s.unavailable(rec.Name, err)
 	}
-	d, err := s.decide(ctx, host, rec, id.Boot, mode, req.GetGeneration())
+	d, err := s.decide(ctx, host, rec, id.Boot, mode, req.GetGeneration(), req.GetHardware())
 	if err != nil {
 		return nil, s.unavailable(rec.Name, err)
 	}
@@ -179,11 +183,15 @@ func autoAcceptable(rec *v1alpha1.SovraNode) bool {
 }
 
 // decide works out what the host does next, records it in the host's
-// status (before anything leaves), and returns it.
-func (s *Service) decide(ctx context.Context, host *v1alpha1.Host, rec *v1alpha1.SovraNode, boot, mode string, running int64) (decision, error) {
+// status (before anything leaves) with the hardware the host reported, and
+// returns it.
+func (s *Service) decide(ctx context.Context, host *v1alpha1.Host, rec *v1alpha1.SovraNode, boot, mode string, running int64, hw *hostapi.Hardware) (decision, error) {
 	now := s.clock.Now()
 	st := host.Status.DeepCopy()
 	st.UUID, st.Addresses, st.Mode, st.Boot = rec.Spec.UUID, slices.Clone(rec.Spec.Addresses), mode, boot
+	if hw != nil {
+		st.Hardware = hardwareStatus(hw)
+	}
 	if mode == ModeConfigured {
 		st.RunningGeneration = running
 	}
@@ -278,7 +286,7 @@ func (s *Service) claimed(ctx context.Context, host *v1alpha1.Host, st *v1alpha1
 		s.refuse(host, reasonAttestationTooOld, "the host's last passing attestation is older than %s: attest again", s.cfg.MaxAttestationAge)
 		return wait("attest again: a configuration is released only to an attestation younger than %s", s.cfg.MaxAttestationAge), nil
 	}
-	ca, err := s.agentCA(ctx, host)
+	ca, err := s.agentCAFor(ctx, host, ref.Namespace, cluster, bootstrap)
 	if err != nil {
 		return decision{}, err
 	}
@@ -342,6 +350,29 @@ func (s *Service) bootstrapData(ctx context.Context, ref *corev1.ObjectReference
 		return nil, cluster, fmt.Errorf("%w: the bootstrap data of Machine %s is empty", ErrNotReady, owner)
 	}
 	return data, cluster, nil
+}
+
+// agentCAFor returns the CA that signs the agent's client certificate for
+// its machine's Talos API. A control-plane node's apid accepts
+// machine.acceptedCAs, so that is the host's own agent CA. A worker's apid
+// accepts only the CA trustd returned with its certificate, the cluster's
+// Talos CA (secrets/api.go, generateWorker), so a worker's agent gets a
+// certificate of that CA, from the secrets bundle the Talos bootstrap
+// provider keeps for the cluster; it is valid on every node of the cluster.
+func (s *Service) agentCAFor(ctx context.Context, host *v1alpha1.Host, ns, cluster string, bootstrap []byte) (*x509.PEMEncodedCertificateAndKey, error) {
+	cfg, err := configloader.NewFromBytes(bootstrap)
+	if err != nil || cfg.Machine() == nil || cfg.Machine().Type() != machine.TypeWorker {
+		return s.agentCA(ctx, host) // Merge reports a bootstrap data that does not load
+	}
+	var sec corev1.Secret
+	if err := s.client.Get(ctx, client.ObjectKey{Namespace: ns, Name: cluster + clusterSecretsSuffix}, &sec); err != nil {
+		return nil, fmt.Errorf("reading the Talos secrets of cluster %s/%s: %w", ns, cluster, err)
+	}
+	var bundle secrets.Bundle
+	if err := yaml.Unmarshal(sec.Data[clusterSecretsKey], &bundle); err != nil || bundle.Certs == nil || bundle.Certs.OS == nil {
+		return nil, fmt.Errorf("reading the Talos secrets of cluster %s/%s: no Talos CA in them", ns, cluster)
+	}
+	return bundle.Certs.OS, nil
 }
 
 // agentCA returns the CA of the host's agent client certificates, making it

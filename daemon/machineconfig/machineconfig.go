@@ -44,6 +44,7 @@ import (
 	"github.com/siderolabs/talos/pkg/machinery/nethelpers"
 	blockres "github.com/siderolabs/talos/pkg/machinery/resources/block"
 	"github.com/siderolabs/talos/pkg/machinery/role"
+	"go.yaml.in/yaml/v4"
 )
 
 // What sovra puts on a machine.
@@ -73,6 +74,11 @@ const (
 	// agentCertTTL is the lifetime of the agent's local Talos API client
 	// certificate.
 	agentCertTTL = 10 * 365 * 24 * time.Hour
+	// installDiskSize selects the disk Talos installs to from boot media:
+	// the first disk of at least this size (Talos's metal platform refuses
+	// a configuration from talos.config= without install instructions:
+	// v1alpha1_validation.go, RequiresInstall).
+	installDiskSize = ">= 8GB"
 )
 
 // Environment variables of the agent's configuration (agent/config).
@@ -112,21 +118,26 @@ func (d Daemon) Validate() error {
 // kmsEndpoint is the KMS URL Talos's VolumeConfig takes.
 func (d Daemon) kmsEndpoint() string { return "https://" + d.Endpoint }
 
-// runtimeMode validates as a machine that boots an installed or cloud image:
-// it does not require an install disk (operators add one for ISO installs).
-type runtimeMode struct{}
+// runtimeMode is Talos's validation mode: metal requires install
+// instructions (Talos's metal platform validates a configuration from
+// talos.config= so); a released configuration is validated as a cloud or
+// installed image, where the bootstrap data decides.
+type runtimeMode struct{ install bool }
 
-func (runtimeMode) String() string        { return "metal" }
-func (runtimeMode) RequiresInstall() bool { return false }
-func (runtimeMode) InContainer() bool     { return false }
+func (runtimeMode) String() string          { return "metal" }
+func (m runtimeMode) RequiresInstall() bool { return m.install }
+func (runtimeMode) InContainer() bool       { return false }
 
-// Load parses and validates a configuration with Talos's loader.
-func Load(data []byte) (config.Provider, error) {
+// Load parses and validates a configuration with Talos's loader, as an
+// installed machine reads it.
+func Load(data []byte) (config.Provider, error) { return load(data, runtimeMode{}) }
+
+func load(data []byte, mode runtimeMode) (config.Provider, error) {
 	cfg, err := configloader.NewFromBytes(data)
 	if err != nil {
 		return nil, fmt.Errorf("loading the machine configuration: %w", err)
 	}
-	if _, err := cfg.Validate(runtimeMode{}); err != nil {
+	if _, err := cfg.Validate(mode); err != nil {
 		return nil, fmt.Errorf("validating the machine configuration: %w", err)
 	}
 	return cfg, nil
@@ -176,6 +187,9 @@ func (e *Enroller) Config(d Daemon, now time.Time) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("making the enrollment configuration: %w", err)
 	}
+	if err := selectInstallDisk(base.RawV1Alpha1()); err != nil {
+		return nil, fmt.Errorf("making the enrollment configuration: %w", err)
+	}
 	talosconfig, err := in.Talosconfig()
 	if err != nil {
 		return nil, fmt.Errorf("making the enrollment configuration: %w", err)
@@ -188,7 +202,22 @@ func (e *Enroller) Config(d Daemon, now time.Time) ([]byte, error) {
 	firewall.Ingress = nethelpers.DefaultActionBlock
 	docs := append([]coreconfig.Document{base.RawV1Alpha1()}, sovraDocuments(d, tc, 0)...)
 	docs = append(docs, firewall)
-	return encode(docs)
+	return encode(docs, runtimeMode{install: true})
+}
+
+// selectInstallDisk gives the enrollment configuration install
+// instructions that fit any machine: the first disk of installDiskSize.
+func selectInstallDisk(c *v1alpha1.Config) error {
+	var size v1alpha1.InstallDiskSizeMatcher
+	if err := yaml.Unmarshal([]byte(strconv.Quote(installDiskSize)), &size); err != nil {
+		return fmt.Errorf("the install disk selector: %w", err)
+	}
+	if c.MachineConfig.MachineInstall == nil {
+		c.MachineConfig.MachineInstall = &v1alpha1.InstallConfig{}
+	}
+	c.MachineConfig.MachineInstall.InstallDisk = ""
+	c.MachineConfig.MachineInstall.InstallDiskSelector = &v1alpha1.InstallDiskSelector{Size: &size}
+	return nil
 }
 
 // Released is what Merge adds to a Machine's bootstrap data.
@@ -251,7 +280,7 @@ func Merge(bootstrap []byte, r Released) ([]byte, error) {
 	docs := slices.DeleteFunc(slices.Clone(patched.Documents()), func(doc coreconfig.Document) bool {
 		return replaces(ours, doc)
 	})
-	return encode(append(docs, ours...))
+	return encode(append(docs, ours...), runtimeMode{})
 }
 
 // sovraDocuments are the documents sovra adds: the agent's service
@@ -338,8 +367,8 @@ func NewAgentCA(now time.Time) (*x509.PEMEncodedCertificateAndKey, error) {
 	return x509.NewCertificateAndKeyFromCertificateAuthority(ca), nil
 }
 
-// encode bundles docs and checks the result with Talos's loader.
-func encode(docs []coreconfig.Document) ([]byte, error) {
+// encode bundles docs and checks the result with Talos's loader in mode.
+func encode(docs []coreconfig.Document, mode runtimeMode) ([]byte, error) {
 	c, err := container.New(docs...)
 	if err != nil {
 		return nil, fmt.Errorf("bundling the machine configuration: %w", err)
@@ -348,7 +377,7 @@ func encode(docs []coreconfig.Document) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("encoding the machine configuration: %w", err)
 	}
-	if _, err := Load(b); err != nil {
+	if _, err := load(b, mode); err != nil {
 		return nil, err
 	}
 	return b, nil

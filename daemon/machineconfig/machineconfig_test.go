@@ -1,10 +1,12 @@
 package machineconfig
 
 import (
+	"encoding/base64"
 	"strings"
 	"testing"
 	"time"
 
+	clientconfig "github.com/siderolabs/talos/pkg/machinery/client/config"
 	"github.com/siderolabs/talos/pkg/machinery/config"
 	"github.com/siderolabs/talos/pkg/machinery/config/generate"
 	"github.com/siderolabs/talos/pkg/machinery/config/generate/secrets"
@@ -23,6 +25,14 @@ func TestEnrollment(t *testing.T) {
 	cfg, err := Load(b)
 	if err != nil {
 		t.Fatalf("the enrollment configuration does not load: %v", err)
+	}
+	// Talos's metal platform validates a configuration from talos.config=
+	// in a mode that requires install instructions.
+	if _, err := load(b, runtimeMode{install: true}); err != nil {
+		t.Fatalf("the enrollment configuration is refused on metal: %v", err)
+	}
+	if expr, err := cfg.Machine().Install().DiskMatchExpression(); err != nil || expr == nil {
+		t.Fatalf("the enrollment configuration selects no install disk: %v", err)
 	}
 	if cfg.Machine().Type() != machine.TypeControlPlane || cfg.Cluster().Name() != enrollmentCluster {
 		t.Fatalf("machine %s of cluster %s", cfg.Machine().Type(), cfg.Cluster().Name())
@@ -96,6 +106,21 @@ func TestMerge(t *testing.T) {
 	svc := cfg.ExtensionServiceConfigs()
 	if len(svc) != 1 || !contains(svc[0].Environment(), "SOVRA_HOST_GENERATION=3") {
 		t.Fatalf("agent service %+v", svc)
+	}
+	// The agent's talosconfig verifies the machine's Talos API with the
+	// machine CA of the bootstrap data, and presents an agent certificate.
+	for _, f := range svc[0].ConfigFiles() {
+		if f.MountPath() != TalosconfigPath {
+			continue
+		}
+		tc, err := clientconfig.FromString(f.Content())
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := base64.StdEncoding.DecodeString(tc.Contexts[tc.Context].CA)
+		if err != nil || string(got) != string(worker.RawV1Alpha1().MachineConfig.MachineCA.Crt) {
+			t.Fatalf("the agent's talosconfig does not trust the machine CA: %v", err)
+		}
 	}
 	// Merging again replaces sovra's documents instead of adding more.
 	again, err := Merge(merged, Released{Daemon: daemon, ProviderID: "sovra://ek-abc", Generation: 4, AgentCA: ca})

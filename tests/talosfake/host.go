@@ -117,9 +117,9 @@ func (n *Node) Memory(context.Context, *emptypb.Empty) (*machine.MemoryResponse,
 	return &machine.MemoryResponse{Messages: []*machine.Memory{{Metadata: n.metadata(), Meminfo: &machine.MemInfo{Memtotal: total}}}}, nil
 }
 
-// ApplyConfiguration implements machine.MachineServiceServer: it needs
+// recordApply is ApplyConfiguration without a Lifecycle: it needs
 // os:admin, records the call and hands it to OnApply.
-func (n *Node) ApplyConfiguration(ctx context.Context, req *machine.ApplyConfigurationRequest) (*machine.ApplyConfigurationResponse, error) {
+func (n *Node) recordApply(ctx context.Context, req *machine.ApplyConfigurationRequest) (*machine.ApplyConfigurationResponse, error) {
 	if !hasRole(ctx, role.Admin) {
 		return nil, status.Error(codes.PermissionDenied, "not authorized")
 	}
@@ -147,11 +147,10 @@ func (n *Node) ApplyConfiguration(ctx context.Context, req *machine.ApplyConfigu
 	}}}, nil
 }
 
-// Reset implements machine.MachineServiceServer: it needs os:admin,
-// refuses the combinations machined refuses (system partitions with
-// USER_DISKS, user disks with SYSTEM_DISK), records the call and hands it
-// to OnReset.
-func (n *Node) Reset(ctx context.Context, req *machine.ResetRequest) (*machine.ResetResponse, error) {
+// recordReset is Reset without a Lifecycle: it needs os:admin, refuses the
+// combinations machined refuses (system partitions with USER_DISKS, user
+// disks with SYSTEM_DISK), records the call and hands it to OnReset.
+func (n *Node) recordReset(ctx context.Context, req *machine.ResetRequest) (*machine.ResetResponse, error) {
 	if !hasRole(ctx, role.Admin) {
 		return nil, status.Error(codes.PermissionDenied, "not authorized")
 	}

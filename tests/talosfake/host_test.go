@@ -33,7 +33,7 @@ func TestAcceptedCAs(t *testing.T) {
 
 	serveNode(t, talosfake.Options{
 		Address: netip.MustParseAddr("127.0.0.1"), CA: pki.CA, MachineType: machinetype.TypeWorker,
-		BootTime: time.Unix(1_700_000_000, 0), AcceptedCAs: [][]byte{agentCA.Crt},
+		BootTime: time.Unix(1_700_000_000, 0), AcceptedCAs: []*x509.PEMEncodedCertificate{{Crt: agentCA.Crt}},
 	}, lis)
 
 	for name, c := range map[string]struct {

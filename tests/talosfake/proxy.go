@@ -560,13 +560,20 @@ func (n *Node) peer(target string) (*grpc.ClientConn, error) {
 		return nil, status.Errorf(codes.Internal, "invalid target %q", target)
 	}
 
+	peerTLS := n.peerTLS.Load()
+	if peerTLS == nil {
+		// A worker's apid has no client certificate of its own to forward
+		// with (machined issues it only from a CA key).
+		return nil, status.Errorf(codes.Unavailable, "no client certificate to proxy to %s", target)
+	}
+
 	dialer := &net.Dialer{LocalAddr: n.sourceFor(host)}
 
 	backoffConfig := backoff.DefaultConfig
 	backoffConfig.MaxDelay = peerMaxBackoff
 
 	conn, err := grpc.NewClient(net.JoinHostPort(host, strconv.Itoa(n.opts.APIPort)),
-		grpc.WithTransportCredentials(credentials.NewTLS(n.peerTLS)),
+		grpc.WithTransportCredentials(credentials.NewTLS(peerTLS)),
 		grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) {
 			return dialer.DialContext(ctx, "tcp", addr)
 		}),

@@ -1,11 +1,24 @@
-// Package talosfake is a fake Talos node for the bootstrap stories: the real
-// machinery MachineService (Version, SystemStat, Bootstrap, EtcdMemberList,
-// List, Memory, ApplyConfiguration, Reset) and the real COSI state server over an in-memory state, behind
-// apid-like mutual TLS with a server certificate from the cluster's Talos CA.
-// Like apid it routes calls that name other nodes in their gRPC metadata
-// ("nodes", "node") to those nodes' fakes. It is built only from the
-// upstream Talos protobufs and libraries, and it records every Bootstrap
+// Package talosfake is a fake Talos node for the bootstrap stories and the
+// Talos API of the boot simulator (package bootsim): the real machinery
+// MachineService (Version, SystemStat, Bootstrap, EtcdMemberList, List, and
+// ApplyConfiguration, Reboot and Reset handed to a Lifecycle) and the real
+// COSI state server over an in-memory state, behind apid-like mutual TLS with
+// a server certificate from the cluster's Talos CA (or one given, as trustd
+// issues a worker's). Like apid it routes calls that name other nodes in
+// their gRPC metadata ("nodes", "node") to those nodes' fakes, and like
+// machined it checks the caller's roles per method. It is built only from
+// the upstream Talos protobufs and libraries, and it records every Bootstrap
 // call.
+//
+// Talos sources imitated (siderolabs/talos v1.13.9):
+//   - internal/app/machined/internal/server/v1alpha1/v1alpha1_server.go
+//     (the MachineService handlers);
+//   - internal/app/machined/pkg/system/services/machined.go (the roles each
+//     method requires);
+//   - internal/app/apid/pkg/director, pkg/backend/apid.go (node routing);
+//   - internal/app/machined/pkg/controllers/secrets/api.go (apid's
+//     certificates: a control plane issues its own from machine.ca; clients
+//     must present a certificate from machine.ca or machine.acceptedCAs).
 package talosfake
 
 import (
@@ -21,9 +34,12 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cosi-project/runtime/api/v1alpha1"
+	"github.com/cosi-project/runtime/pkg/resource"
+	"github.com/cosi-project/runtime/pkg/resource/meta"
 	"github.com/cosi-project/runtime/pkg/state"
 	"github.com/cosi-project/runtime/pkg/state/impl/inmem"
 	"github.com/cosi-project/runtime/pkg/state/impl/namespaced"
@@ -56,9 +72,13 @@ const (
 
 	etcdDataDir    = "/var/lib/etcd/member"
 	talosVersion   = "v1.13.0"
+	defaultArch    = "amd64"
 	serverCertTTL  = 24 * time.Hour
 	certBackdate   = time.Minute
 	defaultEtcdGap = 200 * time.Millisecond
+	// gracefulStop bounds how long Serve waits for calls in flight when
+	// its context ends (a reply to Reboot or Reset is one).
+	gracefulStop = 2 * time.Second
 )
 
 // Options describe one fake node.
@@ -73,21 +93,50 @@ type Options struct {
 	APIPort int
 	// CA is the cluster's Talos (OS) CA; its key signs the server
 	// certificate and the client certificate for forwarded calls, and
-	// clients must present a certificate it signed.
+	// clients must present a certificate it (or one of AcceptedCAs) signed.
+	// Without a key (a worker's machine.ca) ServerCert must be set, and
+	// calls routed to other nodes are refused.
 	CA *x509.PEMEncodedCertificateAndKey
-	// AcceptedCAs (PEM) also sign client certificates the node accepts, as
-	// machine.acceptedCAs does in Talos (a released configuration lists the
-	// agent CA there).
-	AcceptedCAs [][]byte
+	// AcceptedCAs are more CAs whose client certificates are accepted
+	// (machine.acceptedCAs).
+	AcceptedCAs []*x509.PEMEncodedCertificate
+	// ServerCert, when set, is the server certificate (a worker's, from
+	// trustd) instead of one issued from CA.
+	ServerCert *x509.PEMEncodedCertificateAndKey
+	// CertSANs are more names and addresses for the issued server
+	// certificate (machine.certSANs, the hostname); Address and 127.0.0.1
+	// are always in it.
+	CertSANs []string
 	// MachineType is controlplane, init or worker.
 	MachineType machinetype.Type
 	// BootTime is what SystemStat reports.
 	BootTime time.Time
 	// Hostname is reported by Version and in the etcd member.
 	Hostname string
+	// Arch is what Version reports; empty means amd64.
+	Arch string
 	// StateDir, when set, keeps the etcd data marker and the Bootstrap
 	// log across restarts of the fake.
 	StateDir string
+	// State is the COSI state to serve; nil means a new in-memory one.
+	State state.State
+	// Resources are created in the COSI state at start (hardware,
+	// addresses), with a resource definition per type so that clients can
+	// resolve aliases (talosctl get cpus).
+	Resources []resource.Resource
+	// Lifecycle answers ApplyConfiguration, Reboot and Reset; nil records
+	// ApplyConfiguration and Reset (ApplyCalls, ResetCalls, OnApply,
+	// OnReset) and answers Reboot Unimplemented.
+	Lifecycle Lifecycle
+	// Hardware is what the node's hardware and block resources describe;
+	// nil means none (the node publishes no Processor, MemoryModule or Disk).
+	Hardware *Hardware
+	// OnApply, when set, is called with every ApplyConfiguration the node
+	// records, after it was recorded; an error fails the call with
+	// InvalidArgument, as machined's validation does.
+	OnApply func(ApplyCall) error
+	// OnReset, when set, is called with every Reset the node records.
+	OnReset func(ResetCall)
 	// EtcdData starts the node with etcd data, as after a bootstrap.
 	EtcdData bool
 	// TimeUnsynced makes Talos report its clock not in sync yet.
@@ -97,15 +146,6 @@ type Options struct {
 	EtcdStartDelay time.Duration
 	// Logger receives a line per call; nil means none.
 	Logger *zap.Logger
-	// Hardware is what the node's hardware and block resources describe;
-	// nil means none (the node publishes no Processor, MemoryModule or Disk).
-	Hardware *Hardware
-	// OnApply, when set, is called with every ApplyConfiguration the node
-	// accepts, after it was recorded; an error fails the call with
-	// InvalidArgument, as machined's validation does.
-	OnApply func(ApplyCall) error
-	// OnReset, when set, is called with every Reset the node accepts.
-	OnReset func(ResetCall)
 }
 
 // BootstrapCall is one recorded Bootstrap call.
@@ -127,9 +167,11 @@ type Node struct {
 
 	opts  Options
 	state state.State
-	creds credentials.TransportCredentials
-	// peerTLS is the client side of calls forwarded to other nodes.
-	peerTLS *tls.Config
+	// serverTLS is the server side of the Talos API; SetPKI replaces it.
+	serverTLS atomic.Pointer[tls.Config]
+	// peerTLS is the client side of calls forwarded to other nodes; nil
+	// when the CA has no key.
+	peerTLS atomic.Pointer[tls.Config]
 
 	// peersMu guards peers.
 	peersMu sync.Mutex
@@ -160,30 +202,29 @@ func New(opts Options) (*Node, error) {
 		opts.APIPort = constants.ApidPort
 	}
 
-	creds, err := serverCredentials(opts.CA, opts.Address, opts.AcceptedCAs)
-	if err != nil {
-		return nil, err
+	if opts.Arch == "" {
+		opts.Arch = defaultArch
 	}
 
-	peerTLS, err := peerTLSConfig(opts.CA)
-	if err != nil {
-		return nil, err
+	st := opts.State
+	if st == nil {
+		st = state.WrapCore(namespaced.NewState(inmem.Build))
 	}
 
-	n := &Node{opts: opts, creds: creds, peerTLS: peerTLS, state: state.WrapCore(namespaced.NewState(inmem.Build))}
+	n := &Node{opts: opts, state: st}
+
+	if err := n.SetPKI(opts.CA, opts.AcceptedCAs, opts.ServerCert); err != nil {
+		return nil, err
+	}
 
 	mt := config.NewMachineType()
 	mt.SetMachineType(opts.MachineType)
 
-	if err := n.state.Create(context.Background(), mt); err != nil {
-		return nil, fmt.Errorf("creating the machine type resource: %w", err)
-	}
-
 	ts := timeres.NewStatus()
 	ts.TypedSpec().Synced = !opts.TimeUnsynced
 
-	if err := n.state.Create(context.Background(), ts); err != nil {
-		return nil, fmt.Errorf("creating the time status resource: %w", err)
+	if err := CreateResources(context.Background(), n.state, append([]resource.Resource{mt, ts}, opts.Resources...)...); err != nil {
+		return nil, err
 	}
 
 	if err := n.publishHardware(opts.Hardware); err != nil {
@@ -204,20 +245,107 @@ func New(opts Options) (*Node, error) {
 	return n, nil
 }
 
-// serverCredentials issues an apid-like server certificate for addr from ca
-// and requires clients to present a certificate from the same CA or one of
-// accepted (machine.acceptedCAs).
-func serverCredentials(ca *x509.PEMEncodedCertificateAndKey, addr netip.Addr, accepted [][]byte) (credentials.TransportCredentials, error) {
+// SetPKI replaces the API's certificates, as machined does when the
+// machine's CA, accepted CAs or certificate SANs change: new connections
+// use them, connections already open keep theirs. ca is the issuing CA
+// (its key may be empty when serverCert is given); clients must present a
+// certificate from ca or one of accepted.
+func (n *Node) SetPKI(ca *x509.PEMEncodedCertificateAndKey, accepted []*x509.PEMEncodedCertificate, serverCert *x509.PEMEncodedCertificateAndKey) error {
+	serverTLS, err := serverTLSConfig(ca, accepted, serverCert, n.opts.Address, n.opts.CertSANs)
+	if err != nil {
+		return err
+	}
+
+	var peerTLS *tls.Config
+
+	if ca != nil && len(ca.Key) > 0 {
+		if peerTLS, err = peerTLSConfig(ca); err != nil {
+			return err
+		}
+	}
+
+	n.serverTLS.Store(serverTLS)
+	n.peerTLS.Store(peerTLS)
+
+	return nil
+}
+
+// serverTLSConfig is apid's server side: serverCert, or a certificate for
+// addr (and 127.0.0.1 and sans) issued from ca; clients must present a
+// certificate from ca or one of accepted.
+func serverTLSConfig(
+	ca *x509.PEMEncodedCertificateAndKey, accepted []*x509.PEMEncodedCertificate,
+	serverCert *x509.PEMEncodedCertificateAndKey, addr netip.Addr, sans []string,
+) (*tls.Config, error) {
+	if serverCert == nil {
+		if ca == nil || len(ca.Key) == 0 {
+			return nil, errors.New("issuing the server certificate: the Talos CA has no key and no server certificate was given")
+		}
+
+		var err error
+		if serverCert, err = IssueServerCertificate(ca, addr, sans); err != nil {
+			return nil, err
+		}
+	}
+
+	cert, err := tls.X509KeyPair(serverCert.Crt, serverCert.Key)
+	if err != nil {
+		return nil, fmt.Errorf("loading the server certificate: %w", err)
+	}
+
+	pool := stdx509.NewCertPool()
+
+	if ca != nil && len(ca.Crt) > 0 && !pool.AppendCertsFromPEM(ca.Crt) {
+		return nil, errors.New("loading the Talos CA: not a PEM certificate")
+	}
+
+	for _, c := range accepted {
+		if !pool.AppendCertsFromPEM(c.Crt) {
+			return nil, errors.New("loading an accepted CA: not a PEM certificate")
+		}
+	}
+
+	return &tls.Config{
+		Certificates: []tls.Certificate{cert},
+		ClientCAs:    pool,
+		ClientAuth:   tls.RequireAndVerifyClientCert,
+		MinVersion:   tls.VersionTLS12,
+		// gRPC clients require the server to negotiate HTTP/2 by ALPN;
+		// credentials.NewTLS adds it only to the outer config.
+		NextProtos: []string{"h2"},
+	}, nil
+}
+
+// IssueServerCertificate issues a server certificate from ca for addr,
+// 127.0.0.1 and sans (addresses or DNS names), as machined does for apid
+// (and trustd) on a control-plane node.
+func IssueServerCertificate(ca *x509.PEMEncodedCertificateAndKey, addr netip.Addr, sans []string) (*x509.PEMEncodedCertificateAndKey, error) {
 	authority, err := x509.NewCertificateAuthorityFromCertificateAndKey(ca)
 	if err != nil {
 		return nil, fmt.Errorf("loading the Talos CA: %w", err)
+	}
+
+	ips := []net.IP{net.IPv4(127, 0, 0, 1)}
+	if addr.IsValid() {
+		ips = append(ips, addr.AsSlice())
+	}
+
+	var names []string
+
+	for _, san := range sans {
+		if ip, err := netip.ParseAddr(san); err == nil {
+			ips = append(ips, ip.AsSlice())
+		} else if san != "" {
+			names = append(names, san)
+		}
 	}
 
 	now := time.Now()
 
 	kp, err := x509.NewKeyPair(authority,
 		x509.CommonName(addr.String()),
-		x509.IPAddresses([]net.IP{addr.AsSlice(), net.IPv4(127, 0, 0, 1)}),
+		x509.IPAddresses(ips),
+		x509.DNSNames(names),
 		x509.NotBefore(now.Add(-certBackdate)),
 		x509.NotAfter(now.Add(serverCertTTL)),
 		x509.KeyUsage(stdx509.KeyUsageDigitalSignature),
@@ -227,29 +355,61 @@ func serverCredentials(ca *x509.PEMEncodedCertificateAndKey, addr netip.Addr, ac
 		return nil, fmt.Errorf("issuing the server certificate: %w", err)
 	}
 
-	pool := stdx509.NewCertPool()
-	if !pool.AppendCertsFromPEM(ca.Crt) {
-		return nil, errors.New("loading the Talos CA: not a PEM certificate")
-	}
+	return x509.NewCertificateAndKeyFromKeyPair(kp), nil
+}
 
-	for _, a := range accepted {
-		if !pool.AppendCertsFromPEM(a) {
-			return nil, errors.New("loading an accepted CA: not a PEM certificate")
+// CreateResources creates res in st, with a resource definition for each
+// of their types (as Talos registers them), so that clients resolve type
+// aliases. A resource that exists already is left as it is.
+func CreateResources(ctx context.Context, st state.State, res ...resource.Resource) error {
+	defined := map[resource.Type]bool{}
+
+	for _, r := range res {
+		if err := st.Create(ctx, r); err != nil && !state.IsConflictError(err) {
+			return fmt.Errorf("creating resource %s: %w", r.Metadata(), err)
+		}
+
+		typ := r.Metadata().Type()
+		if defined[typ] {
+			continue
+		}
+
+		defined[typ] = true
+
+		withRD, ok := r.(meta.ResourceDefinitionProvider)
+		if !ok {
+			continue
+		}
+
+		rd, err := meta.NewResourceDefinition(withRD.ResourceDefinition())
+		if err != nil {
+			return fmt.Errorf("defining resource type %s: %w", typ, err)
+		}
+
+		if err := st.Create(ctx, rd); err != nil && !state.IsConflictError(err) {
+			return fmt.Errorf("defining resource type %s: %w", typ, err)
 		}
 	}
 
-	return credentials.NewTLS(&tls.Config{
-		Certificates: []tls.Certificate{*kp.Certificate},
-		ClientCAs:    pool,
-		ClientAuth:   tls.RequireAndVerifyClientCert,
-		MinVersion:   tls.VersionTLS12,
-	}), nil
+	return nil
 }
 
-// Serve serves the Talos API on lis until ctx is done.
+// State is the node's COSI state, served to clients: the simulator keeps
+// its resources (addresses, hostname) current through it.
+func (n *Node) State() state.State { return n.state }
+
+// Serve serves the Talos API on lis until ctx is done; calls in flight then
+// get a short grace to finish.
 func (n *Node) Serve(ctx context.Context, lis net.Listener) error {
-	srv := grpc.NewServer(grpc.Creds(n.creds),
-		grpc.ChainUnaryInterceptor(n.routeUnary), grpc.ChainStreamInterceptor(n.routeStream))
+	creds := credentials.NewTLS(&tls.Config{
+		MinVersion: tls.VersionTLS12,
+		GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
+			return n.serverTLS.Load(), nil
+		},
+	})
+
+	srv := grpc.NewServer(grpc.Creds(creds),
+		grpc.ChainUnaryInterceptor(n.routeUnary, authorizeUnary), grpc.ChainStreamInterceptor(n.routeStream, authorizeStream))
 	machine.RegisterMachineServiceServer(srv, n)
 	v1alpha1.RegisterStateServer(srv, server.NewState(n.state))
 
@@ -257,7 +417,19 @@ func (n *Node) Serve(ctx context.Context, lis net.Listener) error {
 
 	go func() {
 		<-ctx.Done()
-		srv.Stop()
+
+		stopped := make(chan struct{})
+
+		go func() {
+			srv.GracefulStop()
+			close(stopped)
+		}()
+
+		select {
+		case <-stopped:
+		case <-time.After(gracefulStop):
+			srv.Stop()
+		}
 	}()
 
 	if err := srv.Serve(lis); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
@@ -289,7 +461,7 @@ func (n *Node) metadata() *common.Metadata { return &common.Metadata{Hostname: n
 func (n *Node) Version(context.Context, *emptypb.Empty) (*machine.VersionResponse, error) {
 	return &machine.VersionResponse{Messages: []*machine.Version{{
 		Metadata: n.metadata(),
-		Version:  &machine.VersionInfo{Tag: talosVersion, Arch: "amd64", Os: "Talos"},
+		Version:  &machine.VersionInfo{Tag: talosVersion, Arch: n.opts.Arch, Os: "Talos"},
 		Platform: &machine.PlatformInfo{Name: "metal", Mode: "metal"},
 	}}}, nil
 }

@@ -1,0 +1,14 @@
+// Package machines holds the end-to-end story of sovra's machines (issue
+// 12) against the built binaries over the wire: bin/sovrad on SQLite with
+// its boot server, and simulated Talos machines (tests/talosfake/bootsim),
+// each in its own network namespace with its own swtpm, running the real
+// bin/sovra-agent as the extension service ext-sovra-agent. The machines
+// boot the enrollment configuration from talos.config=, seal their volumes
+// with sovrad's KMS, enroll and attest, and appear as hosts; the operator
+// accepts them and applies a Cluster with bin/kubectl; each machine gets
+// exactly its own Machine's configuration, reboots into it, re-attests and
+// unseals; scaling the MachineDeployment down wipes a host and shreds its
+// keys, scaling up reuses it. The attacks (an enrollment-configuration
+// fetch for a claimed machine, credentials of another host, an earlier
+// boot or an earlier record, a host that is not claimed) get nothing.
+package machines
