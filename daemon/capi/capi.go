@@ -110,15 +110,10 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger) error {
 		log.Info("no controllers selected: serving the API only")
 		return nil
 	}
-	providers, err := crds.Providers()
+	providers, err := Providers()
 	if err != nil {
 		return err
 	}
-	own, err := sovraProvider()
-	if err != nil {
-		return err
-	}
-	providers = append(providers, own)
 	// Cluster API's and controller-runtime's own lines: warnings and errors
 	// only, unless --log-level debug.
 	ctrl.SetLogger(zapr.NewLogger(logging.Library(log)))

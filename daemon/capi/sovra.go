@@ -36,6 +36,21 @@ const (
 	providerLabel = "cluster.x-k8s.io/provider"
 )
 
+// Providers returns the Cluster API providers sovrad serves: the pinned
+// upstream ones and sovra's own. The RBAC of Cluster API's identity and the
+// manager are built from the same list.
+func Providers() ([]crds.Provider, error) {
+	providers, err := crds.Providers()
+	if err != nil {
+		return nil, err
+	}
+	own, err := sovraProvider()
+	if err != nil {
+		return nil, err
+	}
+	return append(providers, own), nil
+}
+
 // sovraProvider is sovra's infrastructure provider as a crds.Provider: its
 // CRDs, labelled with the provider's name, applied with the others, and the
 // registration of the webhook that refuses infrastructure references sovrad

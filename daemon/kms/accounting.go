@@ -71,12 +71,7 @@ func judge(rec *v1alpha1.SovraNode, e v1alpha1.LedgerEntry, others []v1alpha1.Le
 			return judgment{verdict: v1alpha1.VerdictExplained, boot: "a boot before " + b.ID + " that did not attest"}
 		}
 	}
-	var boot *v1alpha1.Boot
-	for i := range rec.Status.Boots {
-		if b := &rec.Status.Boots[i]; !b.Started.Add(-BootSkew).After(at) && (boot == nil || b.Started.After(boot.Started.Time)) {
-			boot = b
-		}
-	}
+	boot := bootAt(rec, at)
 	switch {
 	case boot == nil && late:
 		return judgment{verdict: v1alpha1.VerdictUnexpected, reason: reasonUnexpectedNoBoot,
@@ -102,6 +97,30 @@ func judge(rec *v1alpha1.SovraNode, e v1alpha1.LedgerEntry, others []v1alpha1.Le
 	}
 	return judgment{verdict: v1alpha1.VerdictUnexpected, reason: reasonUnexpectedTwice,
 		detail: fmt.Sprintf("boot %s had the blob released at %s already; this is not a retry of it", boot.ID, first.At.UTC().Format(time.RFC3339))}
+}
+
+// releasedIn is the boot in which e's key went out: the one its verdict
+// names, else the one running at its time.
+func releasedIn(rec *v1alpha1.SovraNode, e v1alpha1.LedgerEntry) *v1alpha1.Boot {
+	if rec == nil {
+		return nil
+	}
+	if b := bootOf(rec, e.Boot); b != nil {
+		return b
+	}
+	return bootAt(rec, e.At.Time)
+}
+
+// bootAt is the boot rec reported that was running at at: the latest that
+// started before it (allowing BootSkew), nil when none did.
+func bootAt(rec *v1alpha1.SovraNode, at time.Time) *v1alpha1.Boot {
+	var boot *v1alpha1.Boot
+	for i := range rec.Status.Boots {
+		if b := &rec.Status.Boots[i]; !b.Started.Add(-BootSkew).After(at) && (boot == nil || b.Started.After(boot.Started.Time)) {
+			boot = b
+		}
+	}
+	return boot
 }
 
 // sourcesAgree reports whether e is the first release of its blob since
@@ -195,7 +214,9 @@ func (s *Service) AccountOnce(ctx context.Context, st Store) {
 			continue // revoked: pruned below
 		}
 		if e.Verdict == v1alpha1.VerdictExplained {
-			if b := bootOf(rec, e.Boot); b != nil && b.Result == v1alpha1.ResultFailed && !quarantined(rec) {
+			// The boot that ran when the key went out, however the release
+			// was explained (a fresh seal is explained by its Seal).
+			if b := releasedIn(rec, e); b != nil && b.Result == v1alpha1.ResultFailed && !quarantined(rec) {
 				failed[rec.Name] = e
 			}
 			continue
@@ -217,7 +238,7 @@ func (s *Service) AccountOnce(ctx context.Context, st Store) {
 		}
 	}
 	for name, e := range failed {
-		b := bootOf(st.Node(name), e.Boot)
+		b := releasedIn(st.Node(name), e)
 		if b == nil {
 			continue
 		}

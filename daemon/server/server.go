@@ -86,7 +86,7 @@ func Run(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 	}
 	var providers []crds.Provider
 	if !selected.Empty() {
-		if providers, err = crds.Providers(); err != nil {
+		if providers, err = capi.Providers(); err != nil {
 			return err
 		}
 	}

@@ -95,7 +95,7 @@ func TestControllersFlag(t *testing.T) {
 		t.Fatalf("an unknown controller was not refused: %v", err)
 	}
 	_, err = runSovrad(t, []string{"SOVRA_CONTROLLERS=all,-gc"}, "--data-dir", filepath.Join(t.TempDir(), "y"))
-	if err == nil || !strings.Contains(err.Error(), `--controllers: unknown controllers ["-gc"]`) {
+	if err == nil || !strings.Contains(err.Error(), `SOVRA_CONTROLLERS: unknown controllers ["-gc"]`) {
 		t.Fatalf("SOVRA_CONTROLLERS with an unknown controller was not refused: %v", err)
 	}
 }

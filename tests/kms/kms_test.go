@@ -84,7 +84,9 @@ func waitEvent(t *testing.T, d *kmsDaemon, name, reason string) string {
 // TestAttacks: each is denied with the uniform PermissionDenied and no data,
 // and its reason reaches the audit trail.
 func TestAttacks(t *testing.T) {
-	d := startKMS(t, "--kms-bind-addresses", "--kms-trusted-proxies", "127.0.0.2/32", "--attest-deadline", "3s")
+	// Every call comes from 127.0.0.1: the per-source limit, which
+	// TestUUIDFlood covers, would refuse the suite's own calls.
+	d := startKMS(t, "--kms-bind-addresses", "--kms-trusted-proxies", "127.0.0.2/32", "--attest-deadline", "3s", "--kms-rate-per-ip", "1000")
 	ctx := context.Background()
 	a, b := newNode(t), newNode(t)
 	for _, n := range []node{a, b} {
