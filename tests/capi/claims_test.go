@@ -5,12 +5,9 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/sovra-dev/sovra/tests/pgtest"
 )
 
 const (
@@ -24,19 +21,7 @@ const (
 // host is claimed twice, every claim is mirrored by its SovraMachine, and
 // the other ten machines say why they wait.
 func TestHostClaimRace(t *testing.T) {
-	pg := pgtest.Start(t)
-	dsn := pg.DSN("sovra")
-	dirA := filepath.Join(t.TempDir(), "a")
-	a := startDaemon(t, dirA, "--datastore", dsn)
-	waitCRDs(t, a)
-	waitFor(t, time.Minute, "replica A to hold the lease", func() (bool, string) {
-		h := holder(a)
-		return strings.Contains(h, a.URL()), "holder " + h
-	})
-	b := startDaemon(t, replicaDir(t, dirA), "--datastore", dsn)
-	waitFor(t, time.Minute, "replica B to try for the lease", func() (bool, string) {
-		return strings.Contains(b.Tail(100000), "attempting to acquire leader lease"), ""
-	})
+	a, b := startReplicas(t)
 
 	// The pool: ten attested nodes, each a host an operator accepted.
 	var pool strings.Builder

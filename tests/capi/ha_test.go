@@ -41,20 +41,7 @@ var sharedKeys = []string{"ca.crt", "ca.key", "sa.key", "sa.pub", "encryption-co
 // within its duration, re-registers the webhooks, and reconciles a change
 // made after the kill.
 func TestLeaderElectionOnPostgres(t *testing.T) {
-	pg := pgtest.Start(t)
-	dsn := pg.DSN("sovra")
-	dirA := filepath.Join(t.TempDir(), "a")
-	a := startDaemon(t, dirA, "--datastore", dsn)
-	waitCRDs(t, a)
-	waitFor(t, time.Minute, "replica A to hold the lease", func() (bool, string) {
-		h := holder(a)
-		return strings.Contains(h, a.URL()), "holder " + h
-	})
-
-	b := startDaemon(t, replicaDir(t, dirA), "--datastore", dsn)
-	waitFor(t, time.Minute, "replica B to try for the lease", func() (bool, string) {
-		return strings.Contains(b.Tail(100000), "attempting to acquire leader lease"), ""
-	})
+	a, b := startReplicas(t)
 
 	// The stand-in infrastructure talks to B, which outlives A.
 	testinfra.Start(t, b)
@@ -142,6 +129,25 @@ func TestLeaderElectionOnPostgres(t *testing.T) {
 		_, workers := bootstrapped(machines(t, b, ns, name))
 		return workers == 1, fmt.Sprintf("%d workers", workers)
 	})
+}
+
+// startReplicas starts two replicas of one deployment on a private
+// PostgreSQL: A holds the controllers' Lease, B stands by.
+func startReplicas(t *testing.T) (a, b *sovradtest.Daemon) {
+	t.Helper()
+	dsn := pgtest.Start(t).DSN("sovra")
+	dirA := filepath.Join(t.TempDir(), "a")
+	a = startDaemon(t, dirA, "--datastore", dsn)
+	waitCRDs(t, a)
+	waitFor(t, time.Minute, "replica A to hold the lease", func() (bool, string) {
+		h := holder(a)
+		return strings.Contains(h, a.URL()), "holder " + h
+	})
+	b = startDaemon(t, replicaDir(t, dirA), "--datastore", dsn)
+	waitFor(t, time.Minute, "replica B to try for the lease", func() (bool, string) {
+		return strings.Contains(b.Tail(100000), "attempting to acquire leader lease"), ""
+	})
+	return a, b
 }
 
 // holder is the identity in the controllers' Lease, empty when unreadable.
