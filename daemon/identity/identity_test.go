@@ -125,6 +125,7 @@ func TestLeastPrivilege(t *testing.T) {
 		{Infrastructure, req("patch", "infrastructure.cluster.x-k8s.io", "sovramachines", "status", "prod", "m"), true},
 		{Infrastructure, req("update", "sovra.dev", "hosts", "", "", "ek-1"), true},
 		{Infrastructure, req("update", "sovra.dev", "sovranodes", "status", "", "ek-1"), true},
+		{Infrastructure, req("watch", "sovra.dev", "sovranodes", "", "", ""), true},
 		{Infrastructure, req("watch", "cluster.x-k8s.io", "machines", "", "", ""), true},
 		{Infrastructure, req("update", "cluster.x-k8s.io", "machines", "", "prod", "m"), false},
 		{Infrastructure, req("get", "", "secrets", "", "prod", "s"), false},

@@ -145,8 +145,9 @@ func Objects(providers []crds.Provider) ([]client.Object, error) {
 		rule(v1alpha1.GroupVersion.Group, []string{"hosts"}, []string{"get", "list", "watch", "update"}),
 		rule(v1alpha1.GroupVersion.Group, []string{"hosts/status"}, []string{"update"}),
 		// Releasing a host replaces its record's key salt and opens a wipe
-		// sealing window (package hosts, Release).
-		rule(v1alpha1.GroupVersion.Group, []string{"sovranodes"}, []string{"get"}),
+		// sealing window (package hosts, Release); records are read through
+		// the provider's cache.
+		rule(v1alpha1.GroupVersion.Group, []string{"sovranodes"}, read),
 		rule(v1alpha1.GroupVersion.Group, []string{"sovranodes/status"}, []string{"update"}),
 		events(),
 	})...)
