@@ -293,11 +293,17 @@ func (s *Service) fail(ctx context.Context, node *v1alpha1.SovraNode, boot *v1al
 // keeps at most MaxBoots.
 func recordBoot(n *v1alpha1.SovraNode, boot *v1alpha1.Boot, result string, now metav1.Time) {
 	b := *boot
-	b.FirstAttested, b.LastAttested, b.Result = now, now, result
+	b.FirstAttested, b.LastAttested, b.Result, b.Passed = now, now, result, nil
+	if result == v1alpha1.ResultPassed {
+		b.Passed = &now
+	}
 	boots := []v1alpha1.Boot{b}
 	for _, old := range n.Status.Boots {
 		if old.ID == b.ID {
 			boots[0].FirstAttested = old.FirstAttested
+			if old.Passed != nil {
+				boots[0].Passed = old.Passed
+			}
 			continue
 		}
 		if len(boots) < v1alpha1.MaxBoots {

@@ -34,11 +34,15 @@ import (
 // UnexpectedUnseal on the record, with an event, and, where the KMS is told
 // to, quarantines the node. A copy of a node's disk opened elsewhere shows
 // up here. Each replica judges the entries of its own ledger, against every
-// replica's ledger; a boot whose attestation failed after it unsealed
-// quarantines the node (that failure is the TPM's word, not a caller's).
+// replica's ledger; a boot that unsealed and then failed its attestation,
+// with none of its attestations ever passing, quarantines the node (that
+// failure is the TPM's word, not a caller's). A boot that passed was sound
+// when it unsealed (the PCRs only grow): its later failure, as under a
+// policy added since, cuts it off (package attestation) but quarantines
+// nothing, so that a policy mistake cannot lock a fleet out of its disks.
 const (
-	// judgeInterval paces the judge and the ledger's writes.
-	judgeInterval = time.Second
+	// JudgeInterval paces the judge and the ledger's writes.
+	JudgeInterval = time.Second
 	// retentionMargin keeps entries a little past the last moment they
 	// can bear on a verdict.
 	retentionMargin = 5 * time.Minute
@@ -162,9 +166,9 @@ func before(a, b v1alpha1.LedgerEntry) bool {
 }
 
 // account judges this replica's releases and writes its ledger every
-// judgeInterval until ctx ends.
+// JudgeInterval until ctx ends.
 func (s *Service) account(ctx context.Context, st Store) {
-	tick := time.NewTicker(judgeInterval)
+	tick := time.NewTicker(JudgeInterval)
 	defer tick.Stop()
 	for {
 		select {
@@ -215,8 +219,9 @@ func (s *Service) AccountOnce(ctx context.Context, st Store) {
 		}
 		if e.Verdict == v1alpha1.VerdictExplained {
 			// The boot that ran when the key went out, however the release
-			// was explained (a fresh seal is explained by its Seal).
-			if b := releasedIn(rec, e); b != nil && b.Result == v1alpha1.ResultFailed && !quarantined(rec) {
+			// was explained (a fresh seal is explained by its Seal), if no
+			// attestation of it ever passed.
+			if b := releasedIn(rec, e); b != nil && failedBoot(b) && !quarantined(rec) {
 				failed[rec.Name] = e
 			}
 			continue
@@ -252,6 +257,11 @@ func (s *Service) AccountOnce(ctx context.Context, st Store) {
 		alive := rec != nil && rec.UID == e.NodeUID
 		return alive && (e.Verdict == v1alpha1.VerdictPending || now.Sub(e.Last.Time) < retention)
 	})
+}
+
+// failedBoot says whether b failed its attestation and never passed one.
+func failedBoot(b *v1alpha1.Boot) bool {
+	return b.Result == v1alpha1.ResultFailed && b.Passed == nil
 }
 
 func knowsAddressString(rec *v1alpha1.SovraNode, source string) bool {

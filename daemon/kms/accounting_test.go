@@ -143,7 +143,9 @@ func TestUnexpectedUnseal(t *testing.T) {
 }
 
 // TestFailedBootQuarantines: a boot that unsealed and then failed its
-// attestation (the TPM's word) quarantines the node.
+// attestation (the TPM's word), with no attestation of it ever passing,
+// quarantines the node; a boot that passed and fails later (a policy added
+// since) does not.
 func TestFailedBootQuarantines(t *testing.T) {
 	s, st, clk := fixture(t, Config{})
 	st.put(attested("ek-a", uuidA, clk.Now(), "10.0.0.1"))
@@ -165,6 +167,17 @@ func TestFailedBootQuarantines(t *testing.T) {
 	n := st.Node("ek-a")
 	n.Status.Boots[0].Result = v1alpha1.ResultFailed
 	st.put(n)
+	s.AccountOnce(ctx, st)
+	if quarantined(st.Node("ek-a")) {
+		t.Fatal("quarantined when a boot that had passed failed later")
+	}
+
+	clk.Advance(time.Hour)
+	if _, err := s.Unseal(from("10.0.0.1"), &kmsapi.Request{NodeUuid: uuidA, Data: sealed.Data}); err != nil {
+		t.Fatal(err)
+	}
+	booted(st, "ek-a", "B3", clk.Now().Add(-time.Minute), v1alpha1.ResultFailed)
+	s.AccountOnce(ctx, st)
 	s.AccountOnce(ctx, st)
 	if c := meta.FindStatusCondition(st.Node("ek-a").Status.Conditions, ConditionQuarantined); c == nil || c.Reason != ReasonFailedAfterUnseal {
 		t.Fatalf("quarantine: %+v", c)

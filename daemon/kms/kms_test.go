@@ -281,7 +281,11 @@ func attested(name, uuid string, at time.Time, addrs ...string) *v1alpha1.SovraN
 // booted records that n reported boot id, started at started, with result.
 func booted(st *memStore, name, id string, started time.Time, result string) {
 	n := st.Node(name)
-	n.Status.Boots = append([]v1alpha1.Boot{{ID: id, Started: metav1.NewTime(started), Result: result}}, n.Status.Boots...)
+	b := v1alpha1.Boot{ID: id, Started: metav1.NewTime(started), Result: result}
+	if result == v1alpha1.ResultPassed {
+		b.Passed = &b.Started
+	}
+	n.Status.Boots = append([]v1alpha1.Boot{b}, n.Status.Boots...)
 	n.Status.LastAttestationResult = result
 	st.put(n)
 }

@@ -32,6 +32,7 @@ import (
 	agentattest "github.com/sovra-dev/sovra/agent/attest"
 	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
 	"github.com/sovra-dev/sovra/daemon/attestation"
+	"github.com/sovra-dev/sovra/daemon/kms"
 	"github.com/sovra-dev/sovra/internal/attest"
 	"github.com/sovra-dev/sovra/internal/claims"
 	pb "github.com/sovra-dev/sovra/internal/nodeapi"
@@ -476,6 +477,12 @@ func (s *story) attacks() {
 				t.Fatalf("no %s warning event about the node since the attack started: %v", at.authenticated, events)
 			}
 			s.requireCutOff(t)
+			// The boot had passed before: it is cut off, not quarantined
+			// (the KMS judges its releases every JudgeInterval).
+			time.Sleep(3 * kms.JudgeInterval)
+			if n := s.d.node(t, s.a.NodeName()); n.Quarantined() {
+				t.Fatalf("a boot that had passed was quarantined by a later failure: %+v", n.Status.Conditions)
+			}
 		})
 	}
 }

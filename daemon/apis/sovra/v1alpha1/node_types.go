@@ -182,6 +182,11 @@ type Boot struct {
 	LastAttested  metav1.Time `json:"lastAttested"`
 	// Result is the result of the boot's last attestation.
 	Result string `json:"result"`
+	// Passed is when an attestation of this boot first passed; unset while
+	// none has. A boot that passed was sound when it unsealed: a later
+	// failure (a policy added since) cuts it off but does not quarantine.
+	// +optional
+	Passed *metav1.Time `json:"passed,omitempty"`
 }
 
 // Sealing is the KMS's record of where it may Seal for a node.
