@@ -74,6 +74,8 @@ type network struct {
 	// that stories of other packages running at once do not collide.
 	prefix string
 	legs   int
+	// leg is the test's own interface on the bridge.
+	leg string
 }
 
 func newNetwork(t testing.TB) *network {
@@ -103,6 +105,7 @@ func newNetwork(t testing.TB) *network {
 	n.ip("-n", n.bridge, "link", "set", "leg0", "up")
 	n.ip("addr", "add", n.addr(legHost).String()+"/24", "dev", leg)
 	n.ip("link", "set", leg, "up")
+	n.leg = leg
 
 	return n
 }

@@ -494,15 +494,17 @@ func (n *Node) Bootstrap(ctx context.Context, _ *machine.BootstrapRequest) (*mac
 		call.Origin = strings.Join(md.Get(originKey), ",")
 	}
 
+	// A call that could not be recorded changed nothing (no etcd data).
 	n.mu.Lock()
 	call.Accepted = !n.etcdData
+	if err := n.record(call); err != nil {
+		n.mu.Unlock()
+
+		return nil, status.Error(codes.Internal, err.Error())
+	}
 	n.calls = append(n.calls, call)
 	n.etcdData = true
 	n.mu.Unlock()
-
-	if err := n.record(call); err != nil {
-		return nil, status.Error(codes.Internal, err.Error())
-	}
 
 	fields := []zap.Field{zap.String("client", call.Client), zap.String("origin", call.Origin)}
 
@@ -524,6 +526,13 @@ func (n *Node) Bootstrap(ctx context.Context, _ *machine.BootstrapRequest) (*mac
 func (n *Node) record(call BootstrapCall) error {
 	if n.opts.StateDir == "" {
 		return nil
+	}
+
+	// /var/lib/etcd: a directory volume Talos makes on a control plane's
+	// EPHEMERAL (block/internal/volumes/volumeconfig/system_volumes.go),
+	// made here when first written to, once EPHEMERAL is mounted.
+	if err := os.MkdirAll(n.opts.StateDir, 0o700); err != nil {
+		return fmt.Errorf("creating the etcd data directory: %w", err)
 	}
 
 	if call.Accepted {
