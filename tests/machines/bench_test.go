@@ -35,7 +35,7 @@ const (
 	poolNS      = "pool"
 	poolCluster = "pool"
 	// Bounds: every claim, and every host's configuration, within these.
-	claimWait    = 5 * time.Minute
+	claimWait    = 10 * time.Minute
 	deliveryWait = 2 * time.Minute
 	// syncRetry is how soon a simulated agent told to wait Syncs again
 	// (the real one waits the answer's retry_seconds).
