@@ -11,4 +11,10 @@
 // keys, scaling up reuses it. The attacks (an enrollment-configuration
 // fetch for a claimed machine, credentials of another host, an earlier
 // boot or an earlier record, a host that is not claimed) get nothing.
+//
+// The benchmarks (`make bench`): BenchmarkProvision times `kubectl apply`
+// of the story's Cluster to every Machine Provisioned on three such
+// machines; BenchmarkHostPool measures claims and configuration releases
+// per second with 50 simulated hosts (attested records whose agents the
+// benchmark plays over mutual TLS).
 package machines

@@ -1,0 +1,115 @@
+package machines
+
+import (
+	"fmt"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/sovra-dev/sovra/tests/swtpmlab"
+	"github.com/sovra-dev/sovra/tests/talosfake/bootsim"
+)
+
+// adoptionWait bounds the wait for the KMS's adoption of the pending
+// records of the enrollment-configuration fetches.
+const adoptionWait = 2 * time.Minute
+
+// The pool steps that the story and the benchmarks share: boot machines
+// on the enrollment configuration until each is an attested host, then
+// accept them with kubectl.
+
+// bootPool starts count machines (numbers 0..count-1) on talos.config= as
+// `sovrad hosts boot-config` prints it, each with its TPM of lab, and waits
+// until every one runs the enrollment configuration, enrolled, attested,
+// and its pending record was adopted. A run whose pending records are not
+// adopted is a skip that names the known defect, as in the story.
+func bootPool(t testing.TB, n *network, d *daemon, lab *swtpmlab.Lab, count int) []*machine {
+	t.Helper()
+
+	url := d.bootArgument(t)
+
+	var ms []*machine
+	for i := range count {
+		ms = append(ms, startMachine(t, n, d, lab.TPMs[i], i, url))
+	}
+
+	for _, m := range ms {
+		m.WaitPhase(1, bootsim.PhaseRunning, bootTimeout)
+	}
+
+	waitFor(t, enrollTimeout, "every machine enrolled and attested", func() (bool, string) {
+		var got []string
+
+		for _, rec := range d.nodes(t) {
+			if rec.Metadata.Labels["kms.sovra.dev/lab-pending"] == "" && rec.Status.LastAttestationResult == "Passed" &&
+				slices.ContainsFunc(ms, func(m *machine) bool { return m.UUID == rec.Spec.UUID }) {
+				got = append(got, rec.Spec.UUID)
+			}
+		}
+
+		return len(got) == count, fmt.Sprintf("attested: %v", got)
+	})
+
+	deadline := time.Now().Add(adoptionWait)
+
+	for {
+		var left []string
+
+		for _, rec := range d.nodes(t) {
+			if rec.Metadata.Labels["kms.sovra.dev/lab-pending"] != "" {
+				left = append(left, rec.Metadata.Name)
+			}
+		}
+
+		if len(left) == 0 {
+			return ms
+		}
+
+		if time.Now().After(deadline) {
+			t.Skipf("KNOWN DEFECT (issue 12): pending records not adopted within %s of enrollment: %v", adoptionWait, left)
+		}
+
+		time.Sleep(pollInterval)
+	}
+}
+
+// acceptPool waits for a Pending host of every machine, accepts each with
+// kubectl and labels it roleLabel=role(i) (i: its index in ms), and waits
+// until all are Available. It returns the host name of each machine's UUID.
+func acceptPool(t testing.TB, d *daemon, ms []*machine, role func(i int) string) map[string]string {
+	t.Helper()
+
+	hostOf := map[string]string{}
+
+	waitFor(t, enrollTimeout, "a Pending host for every machine", func() (bool, string) {
+		hs := d.hosts(t)
+
+		for _, h := range hs {
+			if h.Status.Phase == "Pending" && slices.ContainsFunc(ms, func(m *machine) bool { return m.UUID == h.Status.UUID }) {
+				hostOf[h.Status.UUID] = h.Metadata.Name
+			}
+		}
+
+		return len(hostOf) == len(ms), phases(hs)
+	})
+
+	for i, m := range ms {
+		d.Kubectl("patch", "host", hostOf[m.UUID], "--type", "merge", "-p", `{"spec":{"accepted":true}}`)
+		d.Kubectl("label", "host", hostOf[m.UUID], roleLabel+"="+role(i))
+	}
+
+	waitFor(t, enrollTimeout, "every host Available", func() (bool, string) {
+		hs := d.hosts(t)
+		available := 0
+
+		for _, h := range hs {
+			if h.Status.Phase == "Available" && hostOf[h.Status.UUID] == h.Metadata.Name {
+				available++
+			}
+		}
+
+		return available == len(ms), phases(hs)
+	})
+
+	return hostOf
+}
