@@ -3,7 +3,6 @@ package machines
 import (
 	"bytes"
 	"fmt"
-	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
@@ -281,35 +280,12 @@ func (s *story) enroll(lab *swtpmlab.Lab) {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Skipf("KNOWN DEFECT (issue 12): pending records not adopted within 2 minutes of enrollment: %v\n%s", left, s.adoptionReport(off))
+			t.Skipf("KNOWN DEFECT (issue 12): pending records not adopted within 2 minutes of enrollment: %v\n%s", left, adoptionReport(t, d, s.machines, off))
 		}
 		time.Sleep(pollInterval)
 	}
 
 	s.timed(fmt.Sprintf("%d machines enrolled and attested (pending records adopted)", hostCount), start)
-}
-
-// adoptionReport says, for a run whose pending records were not adopted,
-// what each record of the machines holds and what sovrad logged about them
-// since off: what the next look at the defect needs.
-func (s *story) adoptionReport(off int64) string {
-	var b strings.Builder
-	for _, n := range s.d.nodes(s.t) {
-		fmt.Fprintf(&b, "record %s uuid=%s labels=%v salt=%t uid=%s\n", n.Metadata.Name, n.Spec.UUID, n.Metadata.Labels, len(n.Status.KeySalt) > 0, n.Metadata.UID)
-	}
-	var keys []string
-	for _, m := range s.machines {
-		keys = append(keys, m.UUID)
-	}
-	lines := 0
-	for _, l := range strings.Split(s.d.LogSince(off), "\n") {
-		if lines < 60 && (strings.Contains(l, "lab record") || strings.Contains(l, "pending") || strings.Contains(l, "sweeping") ||
-			slices.ContainsFunc(keys, func(k string) bool { return strings.Contains(l, k) && !strings.Contains(l, "kms decision") })) {
-			b.WriteString(l + "\n")
-			lines++
-		}
-	}
-	return b.String()
 }
 
 // acceptHosts is step 2.
@@ -403,17 +379,12 @@ func (s *story) provision() (cps, ws []*machine) {
 		hs := d.hosts(t)
 		n := 0
 
-		// The operator's load balancer pool: the control planes' hosts.
-		var pool []netip.Addr
 		for _, h := range hs {
 			if h.Status.Phase == "Provisioned" {
 				n++
 			}
-			if strings.HasPrefix(h.Status.Machine, clusterNS+"/"+clusterName+"-control-plane-") {
-				pool = append(pool, s.byUUID(h.Status.UUID).addr)
-			}
 		}
-		lb.setBackends(pool)
+		lb.setBackends(controlPlaneHosts(hs, s.machines))
 
 		return n == hostCount, phases(hs)
 	})
