@@ -15,9 +15,8 @@ import (
 	"testing"
 	"time"
 
-	"k8s.io/apimachinery/pkg/types"
-
 	"github.com/siderolabs/talos/pkg/machinery/constants"
+	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/sovra-dev/sovra/internal/hostapi"
 	"github.com/sovra-dev/sovra/internal/testutil"
