@@ -18,6 +18,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/tools/record"
+	"k8s.io/client-go/util/retry"
 	clusterv1 "sigs.k8s.io/cluster-api/api/v1beta1"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
@@ -101,11 +102,17 @@ func (s *Service) Sync(ctx context.Context, req *hostapi.SyncRequest) (*hostapi.
 	if req.GetMode() == hostapi.Mode_MODE_CONFIGURED {
 		mode = ModeConfigured
 	}
-	host, err := s.ensureHost(ctx, rec, req)
-	if err != nil {
-		return nil, s.unavailable(rec.Name, err)
-	}
-	d, err := s.decide(ctx, host, rec, id.Boot, mode, req.GetGeneration(), req.GetHardware())
+	// The host reconciler writes the same host (a new host's first status,
+	// for one): a write that lost the race is done again on a fresh read.
+	var d decision
+	err = retry.RetryOnConflict(retry.DefaultBackoff, func() error {
+		host, err := s.ensureHost(ctx, rec, req)
+		if err != nil {
+			return err
+		}
+		d, err = s.decide(ctx, host, rec, id.Boot, mode, req.GetGeneration(), req.GetHardware())
+		return err
+	})
 	if err != nil {
 		return nil, s.unavailable(rec.Name, err)
 	}

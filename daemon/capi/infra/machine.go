@@ -24,6 +24,7 @@ import (
 	"sigs.k8s.io/cluster-api/util/predicates"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/controller"
 	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
 	"sigs.k8s.io/controller-runtime/pkg/handler"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
@@ -40,6 +41,9 @@ const (
 	requeueSoon = 5 * time.Second
 	// noHostRetry paces the search for a host when none is available.
 	noHostRetry = 10 * time.Second
+	// machineConcurrency is how many machines reconcile at once, as many
+	// as Cluster API's own controllers in sovrad (daemon/capi).
+	machineConcurrency = 10
 )
 
 // MachineReconciler reconciles SovraMachines: it claims hosts for them and
@@ -61,6 +65,9 @@ func (r *MachineReconciler) SetupWithManager(mgr ctrl.Manager, log logr.Logger) 
 			util.MachineToInfrastructureMapFunc(infrav1.GroupVersion.WithKind("SovraMachine")))).
 		Watches(&v1alpha1.Host{}, handler.EnqueueRequestsFromMapFunc(hostToMachine)).
 		Named("sovramachine").
+		// Claims are resourceVersion-guarded writes of hosts tried in random
+		// order: machines may claim side by side.
+		WithOptions(controller.Options{MaxConcurrentReconciles: machineConcurrency}).
 		Complete(r)
 }
 
