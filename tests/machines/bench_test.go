@@ -108,13 +108,20 @@ func BenchmarkHostPool(b *testing.B) {
 		applied := time.Now()
 		d.Kubectl("apply", "-f", manifest)
 
+		// bootstrapped is when every Machine had its bootstrap data (claims
+		// need none: they may finish first).
 		var bootstrapped time.Duration
-
-		waitFor(b, claimWait, fmt.Sprintf("%d hosts claimed", poolHosts), func() (bool, string) {
-			if bootstrapped == 0 && len(strings.Fields(d.jsonpath("-n", poolNS, "get", "machines.cluster.x-k8s.io", "-o",
-				"jsonpath={range .items[*]}{.spec.bootstrap.dataSecretName}{\"\\n\"}{end}"))) == poolHosts {
+		withData := func() int {
+			n := len(strings.Fields(d.jsonpath("-n", poolNS, "get", "machines.cluster.x-k8s.io", "-o",
+				"jsonpath={range .items[*]}{.spec.bootstrap.dataSecretName}{\"\\n\"}{end}")))
+			if bootstrapped == 0 && n == poolHosts {
 				bootstrapped = time.Since(applied)
 			}
+			return n
+		}
+
+		waitFor(b, claimWait, fmt.Sprintf("%d hosts claimed", poolHosts), func() (bool, string) {
+			withData()
 
 			n := strings.Count(d.jsonpath("get", "hosts.sovra.dev", "-o",
 				"jsonpath={range .items[*]}{.spec.consumerRef.name}{\"\\n\"}{end}"), poolCluster+"-")
@@ -122,6 +129,10 @@ func BenchmarkHostPool(b *testing.B) {
 			return n == poolHosts, fmt.Sprintf("%d claimed", n)
 		})
 		claimed := time.Since(applied)
+		waitFor(b, claimWait, "every Machine's bootstrap data", func() (bool, string) {
+			n := withData()
+			return n == poolHosts, fmt.Sprintf("%d of %d", n, poolHosts)
+		})
 		checkClaims(b, d, pool)
 
 		claims := logTimes(d.LogSince(off), msgClaimed)
