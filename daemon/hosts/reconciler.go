@@ -9,6 +9,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/tools/record"
 	ctrl "sigs.k8s.io/controller-runtime"
@@ -20,10 +21,12 @@ import (
 )
 
 // Reconciler keeps each Host's phase in step with its node's attestation
-// and with the operator's acceptance: a host whose attestation fails is
-// taken out of the pool (Failed, no longer accepted, a condition and an
-// event) and gets no configuration; accepting a Pending host makes it
-// Available; a claim shows as Claimed at once.
+// and with the operator's acceptance: a host whose attestation fails, or
+// whose node is quarantined, is taken out of the pool (Failed, no longer
+// accepted, a condition and an event) and gets no configuration; it is
+// Pending again once it attests and is not quarantined, and an operator
+// accepts it again; accepting a Pending host makes it Available; a claim
+// shows as Claimed at once.
 type Reconciler struct {
 	Client client.Client
 	Events record.EventRecorder
@@ -53,7 +56,7 @@ func (r *Reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 	}
 	now := time.Now()
 	st := host.Status.DeepCopy()
-	failed := rec.Status.LastAttestationResult == v1alpha1.ResultFailed
+	failed, reason, why := failure(&rec)
 	switch {
 	case failed && st.Phase != v1alpha1.HostFailed:
 		if host.Spec.Accepted {
@@ -63,8 +66,8 @@ func (r *Reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 			}
 		}
 		st.Phase = v1alpha1.HostFailed
-		msg := fmt.Sprintf("the node's attestation failed (%s: %s): out of the pool, no configuration; accept it again once it attests", rec.Status.Reason, rec.Status.Message)
-		r.Logger.Warn("host failed attestation: out of the pool", zap.String("host", host.Name), zap.String("reason", rec.Status.Reason))
+		msg := why + ": out of the pool, no configuration; accept it again once it attests"
+		r.Logger.Warn("host failed attestation: out of the pool", zap.String("host", host.Name), zap.String("reason", reason))
 		r.event(&host, corev1.EventTypeWarning, ReasonHostFailed, msg)
 	case !failed && st.Phase == v1alpha1.HostFailed && rec.AttestedOK():
 		st.Phase = v1alpha1.HostPending
@@ -90,6 +93,23 @@ func (r *Reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 		}
 	}
 	return ctrl.Result{}, nil
+}
+
+// failure reports whether rec keeps its host out of the pool, and why: its
+// last attestation failed, or the KMS quarantined it (a boot that unsealed
+// and then failed attestation, or an unexpected key release where the KMS
+// is told to quarantine). A quarantined node's credential is refused and it
+// cannot unseal, so a claim of its host could never be served: it stays
+// Failed, even once it attests again, until an operator clears the
+// quarantine.
+func failure(rec *v1alpha1.SovraNode) (failed bool, reason, msg string) {
+	if c := meta.FindStatusCondition(rec.Status.Conditions, v1alpha1.ConditionQuarantined); c != nil && c.Status == metav1.ConditionTrue {
+		return true, c.Reason, fmt.Sprintf("the node is quarantined (%s: %s); clear the quarantine", c.Reason, c.Message)
+	}
+	if rec.Status.LastAttestationResult == v1alpha1.ResultFailed {
+		return true, rec.Status.Reason, fmt.Sprintf("the node's attestation failed (%s: %s)", rec.Status.Reason, rec.Status.Message)
+	}
+	return false, "", ""
 }
 
 // ignoreConflict requeues a conflicting write instead of failing it.

@@ -26,8 +26,9 @@ const (
 	// HostReleasing: its machine is gone; it is being wiped and returns to
 	// the pool once it attests on the enrollment configuration again.
 	HostReleasing HostPhase = "Releasing"
-	// HostFailed: its attestation failed; it is out of the pool and never
-	// receives a configuration until it attests again and an operator accepts it.
+	// HostFailed: its attestation failed or its node is quarantined; it is
+	// out of the pool and never receives a configuration until it attests
+	// again, is not quarantined, and an operator accepts it.
 	HostFailed HostPhase = "Failed"
 )
 
