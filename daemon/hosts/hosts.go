@@ -72,6 +72,7 @@ const (
 	// Why a configuration was refused (metrics and log lines).
 	reasonAttestationTooOld = "AttestationTooOld"
 	reasonConfigInvalid     = "ConfigInvalid"
+	reasonNotAccepted       = "NotAccepted"
 )
 
 // ErrNotReady is why a claimed host cannot get its configuration yet.

@@ -264,10 +264,19 @@ func pooled(host *v1alpha1.Host) v1alpha1.HostPhase {
 }
 
 // claimed handles a host a machine holds: it releases the machine's
-// configuration, once, to a recent passing attestation of this boot.
+// configuration, once, to a recent passing attestation of this boot, while
+// the host is accepted.
 func (s *Service) claimed(ctx context.Context, host *v1alpha1.Host, st *v1alpha1.HostStatus, rec *v1alpha1.SovraNode, mode string, running int64, now time.Time) (decision, error) {
 	ref := host.Spec.ConsumerRef
 	st.Machine = ref.Namespace + "/" + ref.Name
+	if !host.Spec.Accepted {
+		// Only an accepted host is claimed; the reconciler withdraws the
+		// acceptance when its attestation fails (or its node is
+		// quarantined), and it stays withdrawn after the node attests again:
+		// nothing is released until an operator accepts the host again.
+		s.refuse(host, reasonNotAccepted, "host %s is not accepted (its attestation failed since it was claimed): no configuration until an operator accepts it again", host.Name)
+		return wait("not accepted: a configuration is released only to an accepted host"), nil
+	}
 	if st.Phase == v1alpha1.HostPending || st.Phase == v1alpha1.HostAvailable || st.Phase == "" {
 		st.Phase = v1alpha1.HostClaimed
 	}
