@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"regexp"
 	"slices"
 	"time"
@@ -66,8 +67,7 @@ func (s *Service) BeginEnrollment(ctx context.Context, req EnrollRequest) (_ *En
 	}
 	name := NodeName(ek.Hash)
 	if err := s.cfg.EK.Admit(ek, s.clock.Now()); err != nil {
-		s.deny(name, "EnrollmentDenied", err)
-		return nil, nil, fmt.Errorf("%w: %w", ErrRefused, err)
+		return nil, nil, s.refuseEnrollment(ctx, req, name, err)
 	}
 	method = ek.Method
 	if ek.Method == attest.EKByTOFU {
@@ -76,12 +76,47 @@ func (s *Service) BeginEnrollment(ctx context.Context, req EnrollRequest) (_ *En
 	secret, ec, err := attest.Challenge(ek, req.AK, nil)
 	if err != nil {
 		if errors.Is(err, attest.ErrAKMalformed) {
-			s.deny(name, "EnrollmentDenied", err)
-			return nil, nil, fmt.Errorf("%w: %w", ErrRefused, err)
+			return nil, nil, s.refuseEnrollment(ctx, req, name, err)
 		}
 		return nil, nil, fmt.Errorf("challenging AK of node %s: %w", name, err)
 	}
 	return &Enrollment{req: req, ek: ek, secret: secret, Node: name}, ec, nil
+}
+
+// refuseEnrollment refuses the TPM of req (node is the name its EK would
+// have): a log line, and an event on the pending record of the machine that
+// asked.
+func (s *Service) refuseEnrollment(ctx context.Context, req EnrollRequest, node string, err error) error {
+	s.deny(node, "EnrollmentDenied", err)
+	s.auditPending(ctx, req, err)
+	return fmt.Errorf("%w: %w", ErrRefused, err)
+}
+
+// auditPending records a refused enrollment as a Warning event on the
+// pending record of the machine that asked: the record its fetch of the
+// enrollment configuration made for the UUID (package kms), when the
+// request comes from the address that fetched. The operator who booted the
+// machine sees there why it never becomes a host; the log line alone names
+// only the EK. A refusal makes no other state, and this much is bounded: it
+// needs a pending record (the boot server bounds them) and its address, and
+// makes at most one event per UUID and pendingDenialEvery.
+func (s *Service) auditPending(ctx context.Context, req EnrollRequest, err error) {
+	host, _, perr := net.SplitHostPort(req.Peer)
+	from, aerr := netip.ParseAddr(host)
+	if req.UUID == "" || perr != nil || aerr != nil || !s.pendingDenials.Allow(req.UUID, s.clock.Now()) {
+		return
+	}
+	c, cerr := s.store.GetClaim(ctx, req.UUID)
+	if cerr != nil {
+		return
+	}
+	rec, gerr := s.store.GetNode(ctx, c.Spec.Node)
+	if gerr != nil || !isLabRecord(rec) || rec.UID != c.Spec.NodeUID || !slices.Contains(rec.Spec.Addresses, from.Unmap().String()) {
+		return
+	}
+	s.store.Event(ctx, rec, true, "EnrollmentDenied", fmt.Sprintf(
+		"the machine that fetched the enrollment configuration from %s was refused enrollment: %v; it gets no configuration and will not become a host",
+		from.Unmap(), err))
 }
 
 // FinishEnrollment checks the node's answer and, when it matches, binds its

@@ -16,10 +16,15 @@ import (
 // node's refusals for one reason.
 const denialLogEvery = 10 * time.Second
 
+// pendingDenialEvery is the shortest time between two events about refused
+// enrollments on one pending record.
+const pendingDenialEvery = time.Minute
+
 // deny logs a refusal of an unauthenticated call (enrollment, or an
 // attestation whose evidence the node's AK did not sign): nothing is
-// recorded in the API, so no caller can make state by failing. The log line
-// is throttled per node and reason.
+// recorded in the API, so no caller can make state by failing (but for the
+// bounded event of refuseEnrollment on a machine's pending record). The log
+// line is throttled per node and reason.
 func (s *Service) deny(node, reason string, err error) {
 	if reason == v1alpha1.ReasonEvidenceRejected {
 		countVerdict(resultRejected, reason)

@@ -83,13 +83,15 @@ func (c Config) Validate() error {
 }
 
 // Service enrolls and attests nodes. It is safe for concurrent use; all its
-// state is in the Store, except the throttle of refusal log lines.
+// state is in the Store, except the throttles of refusal log lines and events.
 type Service struct {
 	cfg      Config
 	store    Store
 	clock    Clock
 	logger   *zap.Logger
 	throttle *ratelimit.Keyed
+	// pendingDenials paces the events of refused enrollments per UUID.
+	pendingDenials *ratelimit.Keyed
 	// nonceKey MACs nonces; derived from the node CA key.
 	nonceKey []byte
 }
@@ -124,7 +126,8 @@ func New(cfg Config, store Store, clock Clock, logger *zap.Logger) (*Service, er
 		logger.Warn("EK trust on first use is ON: any TPM that presents no verifiable certificate can enroll; use it in labs only")
 	}
 	return &Service{cfg: cfg, store: store, clock: clock, logger: logger, nonceKey: key,
-		throttle: ratelimit.New(rate.Every(denialLogEvery), 1, 0, 0)}, nil
+		throttle:       ratelimit.New(rate.Every(denialLogEvery), 1, 0, 0),
+		pendingDenials: ratelimit.New(rate.Every(pendingDenialEvery), 1, 0, 0)}, nil
 }
 
 // NodeName is the SovraNode name of an EK hash: "ek-" and its first 32 hex
