@@ -11,6 +11,10 @@
 // keys, scaling up reuses it. The attacks (an enrollment-configuration
 // fetch for a claimed machine, credentials of another host, an earlier
 // boot or an earlier record, a host that is not claimed) get nothing.
+// TestHostRefusals: a machine whose EK is not accepted, and a host whose
+// attestation fails the policy (Available, then claimed), get nothing
+// either, and a failed host returns to the pool only when an operator
+// accepts it again.
 //
 // The benchmarks (`make bench`): BenchmarkProvision times `kubectl apply`
 // of the story's Cluster to every Machine Provisioned on three such

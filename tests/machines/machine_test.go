@@ -32,8 +32,9 @@ type machine struct {
 // startMachine boots machine number i (address .10+i) with the kernel
 // argument talos.config=url; the Talos machine's built-in roots are the
 // node CA (the stand-in for a public CA that signs the boot server's
-// certificate).
-func startMachine(t testing.TB, n *network, d *daemon, tpm swtpmlab.TPM, i int, url string) *machine {
+// certificate). extra are more bootsim flags (e.g. "--environment",
+// "KEY=VALUE": a talos.environment= kernel argument for the agent).
+func startMachine(t testing.TB, n *network, d *daemon, tpm swtpmlab.TPM, i int, url string, extra ...string) *machine {
 	t.Helper()
 
 	ns := n.addNamespace(firstMachine + i)
@@ -58,6 +59,7 @@ func startMachine(t testing.TB, n *network, d *daemon, tpm swtpmlab.TPM, i int, 
 	// talos.environment= kernel argument instead.
 	uuid := bootsimtest.NewUUID(t)
 	args = append(args, "--environment", "SOVRA_NODE_UUID="+uuid)
+	args = append(args, extra...)
 
 	m := bootsimtest.Start(t, bootsimtest.Options{Netns: ns, UUID: uuid, Args: args})
 
