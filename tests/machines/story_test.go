@@ -633,9 +633,10 @@ func (s *story) attacks(m *machine) {
 	})
 
 	t.Run("another host's record with this host's boot gets nothing", func(t *testing.T) {
-		// A credential naming the control-plane host's record and this
-		// worker's boot, from this worker's address.
-		other := s.hostOf[s.machines[0].UUID]
+		// A credential naming another host's record and this worker's
+		// boot, from this worker's address.
+		i := slices.IndexFunc(s.machines, func(o *machine) bool { return o != m })
+		other := s.hostOf[s.machines[i].UUID]
 		orec := d.nodeByName(t, other)
 
 		resp, err := d.sync(t, m.ns, d.credential(t, other, orec.Metadata.UID, rec.currentBoot()), &hostapi.SyncRequest{Mode: hostapi.Mode_MODE_ENROLLMENT})
