@@ -31,14 +31,6 @@ import (
 	"github.com/sovra-dev/sovra/tests/swtpmlab"
 )
 
-// The attacker of these stories is on the node network with no credential:
-// it knows a node's UUID and record name (neither is secret) and calls from
-// an address of its own (127.0.0.2 or 127.0.0.3; the node is 127.0.0.1).
-const (
-	attackerAddr = "127.0.0.2"
-	elsewhere    = "127.0.0.3"
-)
-
 // realNode is a node with a TPM (the reference simulator) that enrolls and
 // attests with the agent's code against sovrad's node API.
 type realNode struct {

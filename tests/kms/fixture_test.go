@@ -37,6 +37,14 @@ import (
 	"github.com/sovra-dev/sovra/tests/sovradtest"
 )
 
+// The attacker of the stories is on the node network with no credential:
+// it knows a node's UUID and record name (neither is secret) and calls from
+// an address of its own (127.0.0.2 or 127.0.0.3; the node is 127.0.0.1).
+const (
+	attackerAddr = "127.0.0.2"
+	elsewhere    = "127.0.0.3"
+)
+
 const (
 	// talosTimeout is the deadline Talos gives every KMS call.
 	talosTimeout = 10 * time.Second
