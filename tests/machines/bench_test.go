@@ -573,17 +573,7 @@ func BenchmarkProvision(b *testing.B) {
 
 		var ms []*machine
 
-		b.Cleanup(func() {
-			if b.Failed() {
-				for _, m := range ms {
-					st := m.Status()
-					b.Logf("=== machine %s (%s) %+v\n%s\n--- agent, boot %d:\n%s", m.UUID, m.addr, st, m.Tail(25), st.Boot, tail(m.agentLog(st.Boot), 25))
-				}
-
-				b.Logf("=== sovrad:\n%s", d.Tail(60))
-				b.Logf("=== hosts:\n%s", d.jsonpath("get", "hosts.sovra.dev", "-o", "wide"))
-			}
-		})
+		b.Cleanup(func() { dumpParties(b, d, ms) })
 
 		ms = bootPool(b, n, d, lab, hostCount)
 		acceptPool(b, d, ms)

@@ -150,3 +150,19 @@ func controlPlaneHosts(hs []host, ms []*machine) []netip.Addr {
 	}
 	return pool
 }
+
+// dumpParties logs what each party said (the machines ms, sovrad, the
+// hosts), when t failed.
+func dumpParties(t testing.TB, d *daemon, ms []*machine) {
+	if !t.Failed() {
+		return
+	}
+
+	for _, m := range ms {
+		st := m.Status()
+		t.Logf("=== machine %s (%s) %+v\n%s\n--- agent, boot %d:\n%s", m.UUID, m.addr, st, m.Tail(25), st.Boot, tail(m.agentLog(st.Boot), 25))
+	}
+
+	t.Logf("=== sovrad:\n%s", d.Tail(60))
+	t.Logf("=== hosts:\n%s", d.jsonpath("get", "hosts.sovra.dev", "-o", "wide"))
+}

@@ -135,7 +135,7 @@ func TestHostRefusals(t *testing.T) {
 	r := &refusals{t: t, net: n, d: d, url: d.bootArgument(t), dir: t.TempDir()}
 	r.timed("sovrad ready, 2 swtpm manufactured", start)
 
-	t.Cleanup(r.dump)
+	t.Cleanup(func() { dumpParties(t, r.d, r.machines) })
 
 	t.Run("EK not accepted", func(t *testing.T) { r.ekNotAccepted(t, rogue.TPMs[0]) })
 	r.policyViolated(lab.TPMs[0])
@@ -758,21 +758,6 @@ func (r *refusals) waitLog(t *testing.T, off int64, match ...string) string {
 	})
 
 	return line
-}
-
-// dump logs what each party said, when the test failed.
-func (r *refusals) dump() {
-	if !r.t.Failed() {
-		return
-	}
-
-	for _, m := range r.machines {
-		st := m.Status()
-		r.t.Logf("=== machine %s (%s) %+v\n%s\n--- agent, boot %d:\n%s", m.UUID, m.addr, st, m.Tail(20), st.Boot, tail(m.agentLog(st.Boot), 25))
-	}
-
-	r.t.Logf("=== sovrad:\n%s", r.d.Tail(60))
-	r.t.Logf("=== hosts:\n%s", r.d.jsonpath("get", "hosts.sovra.dev", "-o", "wide"))
 }
 
 // refusalsClusterYAML is a cluster of one control plane whose machine

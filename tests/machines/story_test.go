@@ -101,21 +101,6 @@ func (s *story) byUUID(uuid string) *machine {
 	return nil
 }
 
-// dump logs what each party said, when the story failed.
-func (s *story) dump() {
-	if !s.t.Failed() {
-		return
-	}
-
-	for _, m := range s.machines {
-		st := m.Status()
-		s.t.Logf("=== machine %s (%s) %+v\n%s\n--- agent, boot %d:\n%s", m.UUID, m.addr, st, m.Tail(25), st.Boot, tail(m.agentLog(st.Boot), 25))
-	}
-
-	s.t.Logf("=== sovrad:\n%s", s.d.Tail(60))
-	s.t.Logf("=== hosts:\n%s", s.d.jsonpath("get", "hosts.sovra.dev", "-o", "wide"))
-}
-
 func tail(s string, n int) string {
 	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
 	if len(lines) > n {
@@ -168,7 +153,7 @@ func TestMachinesStory(t *testing.T) {
 	s.d = startDaemon(t, s.net, lab, "--kms-bind-addresses")
 	s.timed(fmt.Sprintf("sovrad ready, %d swtpm manufactured", hostCount), start)
 
-	t.Cleanup(s.dump)
+	t.Cleanup(func() { dumpParties(t, s.d, s.machines) })
 
 	s.attacker = s.net.addNamespace(attackerHost)
 
