@@ -7,6 +7,7 @@ import (
 
 	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/util/retry"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
@@ -47,18 +48,16 @@ func InstallCRDs(ctx context.Context, c client.Client) error {
 	return nil
 }
 
-// WaitForCRDs waits until every sovra.dev CRD is Established or ctx ends.
+// WaitForCRDs waits until every sovra.dev CRD is Established and its kind
+// is served by discovery, or ctx ends. Discovery serves a CRD a moment after
+// it is established, and a cache created in between cannot map the kind.
 func WaitForCRDs(ctx context.Context, c client.Client) error {
 	crds, err := v1alpha1.CRDs()
 	if err != nil {
 		return fmt.Errorf("waiting for CRDs: %w", err)
 	}
 	for _, crd := range crds {
-		for {
-			var cur apiextensionsv1.CustomResourceDefinition
-			if err := c.Get(ctx, client.ObjectKey{Name: crd.Name}, &cur); err == nil && established(&cur) {
-				break
-			}
+		for !served(ctx, c, crd) {
 			select {
 			case <-ctx.Done():
 				return fmt.Errorf("waiting for CRD %s to be established: %w", crd.Name, ctx.Err())
@@ -67,6 +66,22 @@ func WaitForCRDs(ctx context.Context, c client.Client) error {
 		}
 	}
 	return nil
+}
+
+// served reports whether crd is established and c maps its kind. c's
+// mapper asks discovery again for a kind it does not know.
+func served(ctx context.Context, c client.Client, crd *apiextensionsv1.CustomResourceDefinition) bool {
+	var cur apiextensionsv1.CustomResourceDefinition
+	if err := c.Get(ctx, client.ObjectKey{Name: crd.Name}, &cur); err != nil || !established(&cur) {
+		return false
+	}
+	gk := schema.GroupKind{Group: crd.Spec.Group, Kind: crd.Spec.Names.Kind}
+	for _, v := range crd.Spec.Versions {
+		if _, err := c.RESTMapper().RESTMapping(gk, v.Name); err != nil {
+			return false
+		}
+	}
+	return true
 }
 
 func established(crd *apiextensionsv1.CustomResourceDefinition) bool {

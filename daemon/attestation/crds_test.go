@@ -6,6 +6,7 @@ import (
 	"time"
 
 	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
+	"k8s.io/apimachinery/pkg/api/meta/testrestmapper"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/client/fake"
 	"sigs.k8s.io/controller-runtime/pkg/client/interceptor"
@@ -18,7 +19,7 @@ func TestInstallCRDs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := fake.NewClientBuilder().WithScheme(s).Build()
+	c := fake.NewClientBuilder().WithScheme(s).WithRESTMapper(testrestmapper.TestOnlyStaticRESTMapper(s)).Build()
 	ctx := context.Background()
 	for range 2 { // install, then update in place
 		if err := InstallCRDs(ctx, c); err != nil {
@@ -45,11 +46,28 @@ func TestInstallCRDs(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// Established, but discovery does not serve the kinds yet.
+	unserved := fake.NewClientBuilder().WithScheme(s).WithObjects(objects(list.Items)...).Build()
+	shortAgain, cancelAgain := context.WithTimeout(ctx, 50*time.Millisecond)
+	defer cancelAgain()
+	if err := WaitForCRDs(shortAgain, unserved); err == nil {
+		t.Fatal("WaitForCRDs passed before discovery served the kinds")
+	}
 	wait, cancelWait := context.WithTimeout(ctx, 5*time.Second)
 	defer cancelWait()
 	if err := WaitForCRDs(wait, c); err != nil {
 		t.Fatal(err)
 	}
+}
+
+func objects(crds []apiextensionsv1.CustomResourceDefinition) []client.Object {
+	out := make([]client.Object, len(crds))
+	for i := range crds {
+		crd := crds[i].DeepCopy()
+		crd.ResourceVersion = ""
+		out[i] = crd
+	}
+	return out
 }
 
 // TestInstallCRDsLosesRace: another installer (the node API, the KMS or the

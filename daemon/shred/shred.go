@@ -37,7 +37,6 @@ import (
 	"time"
 
 	"go.uber.org/zap"
-	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
@@ -61,11 +60,6 @@ const (
 	DefaultSettle = 5 * time.Second
 	// DefaultInterval paces the periodic compaction.
 	DefaultInterval = time.Minute
-
-	// nodeCRD is the SovraNode CRD the shredder waits for: the node API or
-	// the KMS (of this replica or another) installs it.
-	nodeCRD         = "sovranodes.sovra.dev"
-	crdPollInterval = time.Second
 
 	// retryBase and retryMax bound the backoff of a record whose finalizer
 	// work failed (a conflict, the API unavailable): short, since the
@@ -143,10 +137,13 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger) error {
 	wg.Add(1)
 	go func() { defer wg.Done(); f.run(ctx) }()
 
-	if !waitForCRD(ctx, c) {
-		return nil
+	// The cache looks the kind up when it is created: after the CRDs.
+	if err := attestation.WaitForCRDs(ctx, c); err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
+		return err
 	}
-	// The cache looks the kind up when it is created: after the CRD.
 	ca, err := cache.New(kcfg, cache.Options{Scheme: scheme, ByObject: map[client.Object]cache.ByObject{
 		&v1alpha1.SovraNode{}: {Transform: slim},
 	}})
@@ -181,28 +178,6 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger) error {
 	<-ctx.Done()
 	s.queue.ShutDown()
 	return nil
-}
-
-// waitForCRD waits until the SovraNode CRD is established and reports
-// whether it was before ctx ended.
-func waitForCRD(ctx context.Context, c client.Client) bool {
-	t := time.NewTicker(crdPollInterval)
-	defer t.Stop()
-	for {
-		var crd apiextensionsv1.CustomResourceDefinition
-		if err := c.Get(ctx, client.ObjectKey{Name: nodeCRD}, &crd); err == nil {
-			for _, cond := range crd.Status.Conditions {
-				if cond.Type == apiextensionsv1.Established && cond.Status == apiextensionsv1.ConditionTrue {
-					return true
-				}
-			}
-		}
-		select {
-		case <-ctx.Done():
-			return false
-		case <-t.C:
-		}
-	}
 }
 
 // saltMarker stands in the cache for a salt: the shredder's cache never
