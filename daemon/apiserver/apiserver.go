@@ -155,6 +155,13 @@ func New(ctx context.Context, c Config, log *zap.Logger) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("preparing the API server: %w", err)
 	}
+	// The configuration holds the OpenAPI definitions of every Kubernetes
+	// type (kubelet, apps, batch, ...), about 5 MB of heap, from which
+	// PrepareRun built the OpenAPI v3 documents of the groups served here. The
+	// documents keep what they use; nothing reads the rest, and a builder
+	// that finds no definitions generates them again (builder3), so the
+	// configuration lets them go (see also releaseOpenAPIBuilders).
+	done.ControlPlane.Generic.OpenAPIV3Config.Definitions = nil
 	return &Server{prepared: prepared, Loopback: rest.CopyConfig(done.ControlPlane.Generic.LoopbackClientConfig)}, nil
 }
 
@@ -175,6 +182,7 @@ func newConfig(opts options.CompletedOptions) (*genericsample.Config, error) {
 	if err != nil {
 		return nil, err
 	}
+	releaseOpenAPIBuilders(genericConfig)
 	resolver := webhook.NewDefaultServiceResolver()
 	kubeAPIs, pluginInitializer, err := controlplaneapiserver.CreateConfig(opts, genericConfig, informers, storageFactory, resolver, nil)
 	if err != nil {

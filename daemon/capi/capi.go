@@ -137,6 +137,8 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger) error {
 		return err
 	}
 
+	// The managers need no more of the CRDs than their names and conversion.
+	providers = crds.WithoutSchemas(providers)
 	for {
 		err := runManager(ctx, cfg, restCfg, scheme, providers, hooks, log)
 		if ctx.Err() != nil {

@@ -101,11 +101,11 @@ func installHostKinds(ctx context.Context, c client.Client) error {
 
 // setupSovra registers sovra's infrastructure provider (SovraCluster,
 // SovraMachine), the release of deleted Clusters whose infrastructure kind
-// is missing (package infraref) and the host pool's reconciler. They run in mgr, on the
-// leader, but each reads, writes and records events as its own user (package
-// identity): the provider as cfg.Infrastructure, the reconciler as
-// cfg.Hosts, each through a cache of its own; the release acts as Cluster
-// API's manager, whose Clusters it finishes deleting.
+// is missing (package infraref) and the host pool's reconciler. They run in
+// mgr, on the leader, and each writes, reads uncached and records events as
+// its own user (package identity): the provider as cfg.Infrastructure, the
+// reconciler as cfg.Hosts (see asComponent for their cached reads); the
+// release acts as Cluster API's manager, whose Clusters it finishes deleting.
 func setupSovra(mgr ctrl.Manager, cfg Config, log *zap.Logger) error {
 	infraMgr, err := asComponent(mgr, cfg.Infrastructure)
 	if err != nil {
@@ -136,29 +136,50 @@ func setupSovra(mgr ctrl.Manager, cfg Config, log *zap.Logger) error {
 	}).SetupWithManager(hostsMgr)
 }
 
-// component is a manager whose client side (client, cache, API reader,
-// event recorder) is that of another user: controllers built on it are
-// added to, and run by, the manager it wraps, but act as that user.
+// component is a manager whose client side (client, API reader, event
+// recorder) is that of another user: controllers built on it are added to,
+// and run by, the manager it wraps, but act as that user.
 type component struct {
 	ctrl.Manager
 	cluster cluster.Cluster
 }
 
-// asComponent returns mgr acting as the user of cfg, with a cache of its
-// own that mgr starts and syncs before its controllers.
+// asComponent returns mgr acting as the user of cfg for what the API
+// authorizes per request: writes, uncached reads (the API reader, and the
+// kinds clientOptions keeps out of the cache) and events, so that the audit
+// log names the component and its RBAC bounds what it can change. Its
+// cached reads and watches come from mgr's cache, which mgr fills as
+// Cluster API's user, and so does its REST mapper: a cache of its own would
+// hold a second copy of the same kinds (Clusters, Machines, Hosts,
+// SovraNodes), with its own watches, connection and discovery, for nothing
+// (tests/daemon BenchmarkDaemon). Cluster API's user may therefore read what
+// the components read from their caches (package identity grants it); the
+// components' own read rules still bound their uncached reads.
 func asComponent(mgr ctrl.Manager, cfg *rest.Config) (*component, error) {
 	c, err := cluster.New(clientConfig(cfg), func(o *cluster.Options) {
 		o.Scheme = mgr.GetScheme()
-		o.Cache = cacheOptions()
+		o.MapperProvider = func(*rest.Config, *http.Client) (meta.RESTMapper, error) { return mgr.GetRESTMapper(), nil }
+		o.NewCache = func(*rest.Config, cache.Options) (cache.Cache, error) { return sharedCache{mgr.GetCache()}, nil }
 		o.Client = clientOptions()
 	})
 	if err != nil {
 		return nil, err
 	}
+	// mgr runs the component's event recorder until it stops.
 	if err := mgr.Add(c); err != nil {
 		return nil, err
 	}
 	return &component{Manager: mgr, cluster: c}, nil
+}
+
+// sharedCache is a manager's cache lent to a component: the manager starts
+// and syncs it; the component's Start only waits for the manager to stop.
+type sharedCache struct{ cache.Cache }
+
+// Start waits until ctx ends.
+func (sharedCache) Start(ctx context.Context) error {
+	<-ctx.Done()
+	return nil
 }
 
 func (m *component) GetHTTPClient() *http.Client          { return m.cluster.GetHTTPClient() }

@@ -111,6 +111,10 @@ func TestLeastPrivilege(t *testing.T) {
 		{CAPI, req("update", "coordination.k8s.io", "leases", "", Namespace, "sovrad-controllers"), true},
 		{CAPI, req("list", "sovra.dev", "sovranodes", "", "", ""), true},
 		{CAPI, req("update", "sovra.dev", "sovranodes", "status", "", "ek-1"), false},
+		// The manager's cache serves the host pool's and the provider's cached reads.
+		{CAPI, req("watch", "sovra.dev", "hosts", "", "", ""), true},
+		{CAPI, req("update", "sovra.dev", "hosts", "", "", "ek-1"), false},
+		{CAPI, req("update", "sovra.dev", "hosts", "status", "", "ek-1"), false},
 		{CAPI, req("create", "admissionregistration.k8s.io", "validatingwebhookconfigurations", "", "", "evil"), false},
 		{CAPI, req("create", "rbac.authorization.k8s.io", "clusterrolebindings", "", "", ""), false},
 		{Hosts, req("create", "sovra.dev", "hosts", "", "", "ek-1"), true},

@@ -156,8 +156,11 @@ func Objects(providers []crds.Provider) ([]client.Object, error) {
 	if err != nil {
 		return nil, err
 	}
+	// The manager's cache, which Cluster API's user fills, serves the cached
+	// reads of the infrastructure provider and the host pool too (package
+	// capi, asComponent): Hosts and SovraNodes besides Cluster API's kinds.
 	objs = append(objs, clusterRole(CAPI, append(capiRules, events(), sovraNS,
-		rule(v1alpha1.GroupVersion.Group, []string{"sovranodes"}, read)))...)
+		rule(v1alpha1.GroupVersion.Group, []string{"sovranodes", "hosts"}, read)))...)
 	objs = append(objs, role(CAPI, []rbacv1.PolicyRule{leases})...)
 	for _, p := range providers {
 		objs = append(objs, clusterRole(capiProviderRole+p.Name, p.ManagerRules, CAPI)...)

@@ -108,6 +108,29 @@ func CRDNames(providers []Provider) []string {
 	return names
 }
 
+// WithoutSchemas returns providers with each CRD cut down to its name and
+// its conversion settings: what the webhooks' registrar needs once Install
+// has run. The CRDs' schemas are most of the manifests' size (about 2 MB of
+// heap); the daemon keeps the providers for as long as it runs.
+func WithoutSchemas(providers []Provider) []Provider {
+	out := make([]Provider, len(providers))
+	for i, p := range providers {
+		p.CRDs = make([]*unstructured.Unstructured, len(providers[i].CRDs))
+		for j, crd := range providers[i].CRDs {
+			slim := &unstructured.Unstructured{Object: map[string]any{}}
+			slim.SetAPIVersion(crd.GetAPIVersion())
+			slim.SetKind(crd.GetKind())
+			slim.SetName(crd.GetName())
+			if conv, ok, _ := unstructured.NestedMap(crd.Object, "spec", "conversion"); ok {
+				_ = unstructured.SetNestedMap(slim.Object, conv, "spec", "conversion")
+			}
+			p.CRDs[j] = slim
+		}
+		out[i] = p
+	}
+	return out
+}
+
 func load(name string) (Provider, error) {
 	dir := path.Join(generatedDir, name)
 	p := Provider{Name: name}

@@ -149,3 +149,40 @@ func skipUnlessGenerated(t *testing.T, err error) {
 		t.Skip("manifests not generated: run `go generate ./daemon/capi/crds`")
 	}
 }
+
+// TestWithoutSchemasKeepsWhatTheRegistrarNeeds: the providers the daemon
+// keeps after Install have every CRD by name with its conversion settings
+// (the registrar points the conversion at the leader), and no schema.
+func TestWithoutSchemasKeepsWhatTheRegistrarNeeds(t *testing.T) {
+	providers, err := Providers()
+	skipUnlessGenerated(t, err)
+	if err != nil {
+		t.Fatal(err)
+	}
+	slim := WithoutSchemas(providers)
+	if !slices.Equal(CRDNames(slim), CRDNames(providers)) {
+		t.Fatalf("CRD names %v, want %v", CRDNames(slim), CRDNames(providers))
+	}
+	for i, p := range slim {
+		if len(p.Validating) != len(providers[i].Validating) || len(p.Mutating) != len(providers[i].Mutating) {
+			t.Errorf("%s lost its webhook configurations", p.Name)
+		}
+		for j, crd := range p.CRDs {
+			full := providers[i].CRDs[j]
+			if HasConversionWebhook(crd) != HasConversionWebhook(full) {
+				t.Errorf("%s: conversion webhook %v, want %v", crd.GetName(), HasConversionWebhook(crd), HasConversionWebhook(full))
+			}
+			want, _, _ := unstructured.NestedStringSlice(full.Object, "spec", "conversion", "webhook", "conversionReviewVersions")
+			got, _, _ := unstructured.NestedStringSlice(crd.Object, "spec", "conversion", "webhook", "conversionReviewVersions")
+			if !slices.Equal(got, want) {
+				t.Errorf("%s: conversion review versions %v, want %v", crd.GetName(), got, want)
+			}
+			if _, ok, _ := unstructured.NestedSlice(crd.Object, "spec", "versions"); ok {
+				t.Errorf("%s still holds its versions' schemas", crd.GetName())
+			}
+		}
+		if _, ok, _ := unstructured.NestedSlice(providers[i].CRDs[0].Object, "spec", "versions"); !ok {
+			t.Errorf("%s: WithoutSchemas changed the providers it was given", p.Name)
+		}
+	}
+}

@@ -118,7 +118,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}()
 
 	// Go's default collector settings: GOGC=200 takes about a sixth off the
-	// CPU per Unseal in a boot storm but costs about 80 MB of idle memory
+	// CPU per Unseal in a boot storm but costs about 60 MB of idle memory
 	// (tests/kms BenchmarkBootStorm, tests/daemon BenchmarkDaemon); an
 	// operator chooses it in the environment.
 	gogc := os.Getenv("GOGC")
