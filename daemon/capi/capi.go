@@ -37,6 +37,7 @@ import (
 	"github.com/sovra-dev/sovra/daemon/capi/kubecontrollers"
 	"github.com/sovra-dev/sovra/daemon/capi/webhooks"
 	"github.com/sovra-dev/sovra/daemon/logging"
+	"github.com/sovra-dev/sovra/daemon/machineconfig"
 	"github.com/sovra-dev/sovra/daemon/pki"
 )
 
@@ -82,6 +83,10 @@ type Config struct {
 	// (SovraCluster, SovraMachine), Hosts that of the host pool's
 	// reconciler: they run in the manager but read and write as themselves.
 	Infrastructure, Hosts *rest.Config
+	// HostsDaemon is how machines reach sovrad (package machineconfig):
+	// the host reconciler builds the configurations it applies to workers
+	// with it. Zero when this replica has no node API.
+	HostsDaemon machineconfig.Daemon
 	// CA is the daemon's CA: it issues the webhook serving certificate and
 	// verifies it for the API server, and the root CA publisher publishes it.
 	CA *pki.CA

@@ -132,7 +132,8 @@ func setupSovra(mgr ctrl.Manager, cfg Config, log *zap.Logger) error {
 		return err
 	}
 	return (&hosts.Reconciler{
-		Client: hostsMgr.GetClient(), Events: hostsMgr.GetEventRecorderFor("sovra-hosts"), Logger: log.Named("hosts"),
+		Client: hostsMgr.GetClient(), APIReader: hostsMgr.GetAPIReader(), Events: hostsMgr.GetEventRecorderFor("sovra-hosts"),
+		Logger: log.Named("hosts"), Daemon: cfg.HostsDaemon,
 	}).SetupWithManager(hostsMgr)
 }
 

@@ -18,6 +18,8 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
 	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
+	"github.com/sovra-dev/sovra/daemon/hosts/talosadmin"
+	"github.com/sovra-dev/sovra/daemon/machineconfig"
 )
 
 // Reconciler keeps each Host's phase in step with its node's attestation
@@ -26,11 +28,46 @@ import (
 // accepted, a condition and an event) and gets no configuration; it is
 // Pending again once it attests and is not quarantined, and an operator
 // accepts it again; accepting a Pending host makes it Available; a claim
-// shows as Claimed at once.
+// shows as Claimed at once. It also makes the calls on a worker's Talos API
+// that need os:admin, which the worker's agent does not hold: a new
+// configuration generation, and the reset of a released worker
+// (daemonaction.go). It runs on the leader only.
 type Reconciler struct {
 	Client client.Client
-	Events record.EventRecorder
-	Logger *zap.Logger
+	// APIReader reads what must be current (the host before recording an
+	// action's outcome, bootstrap data, talosconfigs); nil means Client.
+	APIReader client.Reader
+	Events    record.EventRecorder
+	Logger    *zap.Logger
+	// Daemon is how machines reach sovrad, for the configurations sovrad
+	// applies to workers; zero when this replica has no node API (such an
+	// apply is retried, with a condition, until a leader that has one).
+	Daemon machineconfig.Daemon
+	// Talos calls workers' Talos APIs; nil means talosadmin.Client{}.
+	Talos TalosAdmin
+	// Clock tells the time; nil means the system clock.
+	Clock Clock
+}
+
+func (r *Reconciler) now() time.Time {
+	if r.Clock == nil {
+		return time.Now()
+	}
+	return r.Clock.Now()
+}
+
+func (r *Reconciler) reader() client.Reader {
+	if r.APIReader == nil {
+		return r.Client
+	}
+	return r.APIReader
+}
+
+func (r *Reconciler) talos() TalosAdmin {
+	if r.Talos == nil {
+		return talosadmin.Client{}
+	}
+	return r.Talos
 }
 
 // SetupWithManager registers the reconciler; it also watches SovraNodes.
@@ -54,7 +91,7 @@ func (r *Reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 	if err := r.Client.Get(ctx, req.NamespacedName, &rec); err != nil {
 		return ctrl.Result{}, client.IgnoreNotFound(err) // revoked: the host goes with its owner
 	}
-	now := time.Now()
+	now := r.now()
 	st := host.Status.DeepCopy()
 	failed, reason, why := failure(&rec)
 	switch {
@@ -82,17 +119,14 @@ func (r *Reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 		st.Machine = host.Spec.ConsumerRef.Namespace + "/" + host.Spec.ConsumerRef.Name
 	}
 	setAttested(st, &rec, now)
-	if equalStatus(&host.Status, st) {
-		return ctrl.Result{}, nil
-	}
-	if meta.IsStatusConditionTrue(st.Conditions, v1alpha1.HostConditionAttested) != meta.IsStatusConditionTrue(host.Status.Conditions, v1alpha1.HostConditionAttested) ||
-		st.Phase != host.Status.Phase {
+	if !equalStatus(&host.Status, st) && (st.Phase != host.Status.Phase ||
+		meta.IsStatusConditionTrue(st.Conditions, v1alpha1.HostConditionAttested) != meta.IsStatusConditionTrue(host.Status.Conditions, v1alpha1.HostConditionAttested)) {
 		host.Status = *st
 		if err := r.Client.Status().Update(ctx, &host); err != nil {
 			return ctrl.Result{}, ignoreConflict(err)
 		}
 	}
-	return ctrl.Result{}, nil
+	return r.act(ctx, &host, &rec, now)
 }
 
 // failure reports whether rec keeps its host out of the pool, and why: its

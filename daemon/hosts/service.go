@@ -232,6 +232,7 @@ func (s *Service) unclaimed(host *v1alpha1.Host, st *v1alpha1.HostStatus, mode s
 		// It wiped itself and booted the enrollment configuration again.
 		st.Phase, st.Cluster, st.Machine = pooled(host), "", ""
 		st.ReleasedGeneration, st.RunningGeneration, st.ConfigHash, st.ReleaseRequested, st.ReleaseBoot = 0, 0, "", nil, ""
+		st.TalosActor, st.DaemonAction = "", nil
 		meta.SetStatusCondition(&st.Conditions, metav1.Condition{Type: v1alpha1.HostConditionReset, Status: metav1.ConditionFalse,
 			Reason: ReasonHostReturned, Message: "the host was wiped and attested on the enrollment configuration", LastTransitionTime: metav1.NewTime(now)})
 		s.logger.Info("host returned to the pool", zap.String("host", host.Name))
@@ -241,6 +242,14 @@ func (s *Service) unclaimed(host *v1alpha1.Host, st *v1alpha1.HostStatus, mode s
 		// Released, or running a configuration nobody holds: wipe it.
 		if st.Phase != v1alpha1.HostReleasing {
 			st.Phase, st.ReleaseRequested, st.ReleaseBoot = v1alpha1.HostReleasing, &metav1.Time{Time: now}, st.Boot
+		}
+		if daemonResets(st) {
+			// A configured worker's agent cannot reset it (os:reader):
+			// sovrad's host reconciler does (daemonaction.go).
+			requestReset(st, now)
+			meta.SetStatusCondition(&st.Conditions, metav1.Condition{Type: v1alpha1.HostConditionReset, Status: metav1.ConditionTrue,
+				Reason: ReasonHostReleased, Message: "sovrad wipes STATE and EPHEMERAL through the host's Talos API", LastTransitionTime: metav1.NewTime(now)})
+			return wait("released: sovrad resets this machine through its Talos API (wipes STATE and EPHEMERAL, reboots into the enrollment configuration)")
 		}
 		meta.SetStatusCondition(&st.Conditions, metav1.Condition{Type: v1alpha1.HostConditionReset, Status: metav1.ConditionTrue,
 			Reason: ReasonHostReleased, Message: "wiping STATE and EPHEMERAL", LastTransitionTime: metav1.NewTime(now)})
@@ -280,7 +289,7 @@ func (s *Service) claimed(ctx context.Context, host *v1alpha1.Host, st *v1alpha1
 	if st.Phase == v1alpha1.HostPending || st.Phase == v1alpha1.HostAvailable || st.Phase == "" {
 		st.Phase = v1alpha1.HostClaimed
 	}
-	bootstrap, cluster, err := s.bootstrapData(ctx, ref)
+	bootstrap, cluster, err := bootstrapData(ctx, s.client, ref)
 	st.Cluster = cluster
 	if errors.Is(err, ErrNotReady) {
 		return wait("claimed by %s: %v", st.Machine, err), nil
@@ -296,24 +305,43 @@ func (s *Service) claimed(ctx context.Context, host *v1alpha1.Host, st *v1alpha1
 	}
 	if mode == ModeConfigured && running == st.ReleasedGeneration {
 		st.Phase = v1alpha1.HostProvisioned
+		if a := st.DaemonAction; a != nil && a.Type == v1alpha1.DaemonActionApply && a.Generation <= running {
+			st.DaemonAction = nil // applied: the host runs it
+		}
 		return decision{action: hostapi.Action_ACTION_NONE, message: "running generation " + fmt.Sprint(running)}, nil
 	}
 	if age := rec.Status.LastAttestationTime; !rec.AttestedOK() || age == nil || now.Sub(age.Time) > s.cfg.MaxAttestationAge {
 		s.refuse(host, reasonAttestationTooOld, "the host's last passing attestation is older than %s: attest again", s.cfg.MaxAttestationAge)
 		return wait("attest again: a configuration is released only to an attestation younger than %s", s.cfg.MaxAttestationAge), nil
 	}
-	ca, err := s.agentCAFor(ctx, host, ref.Namespace, cluster, bootstrap)
-	if err != nil {
-		return decision{}, err
-	}
-	merged, err := machineconfig.Merge(bootstrap, machineconfig.Released{
-		Daemon: s.cfg.Daemon, ProviderID: ProviderID(host.Name), Generation: st.ReleasedGeneration, AgentCA: ca,
-	})
-	if err != nil {
+	merged, worker, err := releasedConfig(ctx, s.client, s.cfg.Daemon, host, ref.Namespace, cluster, bootstrap, st.ReleasedGeneration, now)
+	if errors.Is(err, errConfigInvalid) {
 		s.refuse(host, reasonConfigInvalid, "the machine's configuration does not merge: %v", err)
 		return wait("the machine's configuration is not valid; see the host's events"), nil
 	}
+	if err != nil {
+		return decision{}, err
+	}
 	st.Phase = v1alpha1.HostProvisioning
+	st.TalosActor = v1alpha1.TalosActorAgent
+	if worker {
+		st.TalosActor = v1alpha1.TalosActorDaemon
+	}
+	if worker && mode == ModeConfigured {
+		// A configured worker's agent holds an os:reader certificate:
+		// sovrad's host reconciler applies the new generation with the
+		// cluster's talosconfig (daemonaction.go).
+		if a := st.DaemonAction; a == nil || a.Type != v1alpha1.DaemonActionApply || a.Generation != st.ReleasedGeneration || a.Boot != st.Boot {
+			st.DaemonAction = &v1alpha1.HostDaemonAction{Type: v1alpha1.DaemonActionApply, Generation: st.ReleasedGeneration, Boot: st.Boot, Requested: metav1.NewTime(now)}
+			s.logger.Info("configuration released to sovrad: it applies it through the worker's Talos API", zap.String("host", host.Name),
+				zap.String("machine", st.Machine), zap.Int64("generation", st.ReleasedGeneration), zap.String("boot", st.Boot))
+			s.event(host, corev1.EventTypeNormal, ReasonConfigReleased, fmt.Sprintf("configuration generation %d of machine %s released to sovrad, which applies it through the worker's Talos API (boot %s)", st.ReleasedGeneration, st.Machine, st.Boot))
+			metrics.ConfigReleases.WithLabelValues("released", ReasonConfigReleased).Inc()
+		}
+		meta.SetStatusCondition(&st.Conditions, metav1.Condition{Type: v1alpha1.HostConditionConfigReleased, Status: metav1.ConditionTrue,
+			Reason: ReasonConfigReleased, Message: fmt.Sprintf("generation %d released to sovrad, which applies it through the host's Talos API", st.ReleasedGeneration), LastTransitionTime: metav1.NewTime(now)})
+		return wait("sovrad applies generation %d of %s through this machine's Talos API", st.ReleasedGeneration, st.Machine), nil
+	}
 	meta.SetStatusCondition(&st.Conditions, metav1.Condition{Type: v1alpha1.HostConditionConfigReleased, Status: metav1.ConditionTrue,
 		Reason: ReasonConfigReleased, Message: fmt.Sprintf("generation %d released to boot %s", st.ReleasedGeneration, st.Boot), LastTransitionTime: metav1.NewTime(now)})
 	return decision{action: hostapi.Action_ACTION_APPLY, config: merged, gen: st.ReleasedGeneration, message: "apply the configuration of " + st.Machine}, nil
@@ -329,9 +357,9 @@ func (s *Service) refuse(host *v1alpha1.Host, reason, format string, a ...any) {
 
 // bootstrapData follows a claim to its Machine's bootstrap data: the
 // SovraMachine, the Machine that owns it, the Secret it names.
-func (s *Service) bootstrapData(ctx context.Context, ref *corev1.ObjectReference) ([]byte, string, error) {
+func bootstrapData(ctx context.Context, c client.Reader, ref *corev1.ObjectReference) ([]byte, string, error) {
 	var sm infrav1.SovraMachine
-	if err := s.client.Get(ctx, client.ObjectKey{Namespace: ref.Namespace, Name: ref.Name}, &sm); err != nil {
+	if err := c.Get(ctx, client.ObjectKey{Namespace: ref.Namespace, Name: ref.Name}, &sm); err != nil {
 		if apierrors.IsNotFound(err) {
 			return nil, "", fmt.Errorf("%w: machine %s/%s is gone", ErrNotReady, ref.Namespace, ref.Name)
 		}
@@ -351,14 +379,14 @@ func (s *Service) bootstrapData(ctx context.Context, ref *corev1.ObjectReference
 		return nil, cluster, fmt.Errorf("%w: no Machine owns %s/%s yet", ErrNotReady, ref.Namespace, ref.Name)
 	}
 	var m clusterv1.Machine
-	if err := s.client.Get(ctx, client.ObjectKey{Namespace: ref.Namespace, Name: owner}, &m); err != nil {
+	if err := c.Get(ctx, client.ObjectKey{Namespace: ref.Namespace, Name: owner}, &m); err != nil {
 		return nil, cluster, fmt.Errorf("reading Machine %s/%s: %w", ref.Namespace, owner, err)
 	}
 	if m.Spec.Bootstrap.DataSecretName == nil {
 		return nil, cluster, fmt.Errorf("%w: waiting for the bootstrap data of Machine %s", ErrNotReady, owner)
 	}
 	var sec corev1.Secret
-	if err := s.client.Get(ctx, client.ObjectKey{Namespace: ref.Namespace, Name: *m.Spec.Bootstrap.DataSecretName}, &sec); err != nil {
+	if err := c.Get(ctx, client.ObjectKey{Namespace: ref.Namespace, Name: *m.Spec.Bootstrap.DataSecretName}, &sec); err != nil {
 		return nil, cluster, fmt.Errorf("reading the bootstrap data of Machine %s: %w", owner, err)
 	}
 	data := sec.Data["value"]
@@ -368,47 +396,74 @@ func (s *Service) bootstrapData(ctx context.Context, ref *corev1.ObjectReference
 	return data, cluster, nil
 }
 
+// errConfigInvalid marks a bootstrap data that does not merge.
+var errConfigInvalid = errors.New("invalid configuration")
+
+// releasedConfig is the configuration of generation gen released to host:
+// its Machine's bootstrap data merged with what sovra needs on the node.
+// worker reports a worker's configuration, whose agent gets an os:reader
+// certificate of the cluster's Talos CA (agentCAFor).
+func releasedConfig(ctx context.Context, c client.Client, d machineconfig.Daemon, host *v1alpha1.Host, ns, cluster string,
+	bootstrap []byte, gen int64, now time.Time,
+) (merged []byte, worker bool, err error) {
+	ca, worker, err := agentCAFor(ctx, c, host, ns, cluster, bootstrap, now)
+	if err != nil {
+		return nil, false, err
+	}
+	merged, err = machineconfig.Merge(bootstrap, machineconfig.Released{
+		Daemon: d, ProviderID: ProviderID(host.Name), Generation: gen, AgentCA: ca, AgentReadOnly: worker,
+	})
+	if err != nil {
+		return nil, worker, fmt.Errorf("%w: %w", errConfigInvalid, err)
+	}
+	return merged, worker, nil
+}
+
 // agentCAFor returns the CA that signs the agent's client certificate for
-// its machine's Talos API. A control-plane node's apid accepts
-// machine.acceptedCAs, so that is the host's own agent CA. A worker's apid
-// accepts only the CA trustd returned with its certificate, the cluster's
-// Talos CA (secrets/api.go, generateWorker), so a worker's agent gets a
-// certificate of that CA, from the secrets bundle the Talos bootstrap
-// provider keeps for the cluster; it is valid on every node of the cluster.
-func (s *Service) agentCAFor(ctx context.Context, host *v1alpha1.Host, ns, cluster string, bootstrap []byte) (*x509.PEMEncodedCertificateAndKey, error) {
+// its machine's Talos API, and whether that certificate must be read-only.
+// A control-plane node's apid accepts machine.acceptedCAs, so that is the
+// host's own agent CA, and the certificate is os:admin on this host alone.
+// A worker's apid accepts only the CA trustd returned with its certificate,
+// the cluster's Talos CA (Talos's secrets/api.go, generateWorker), so a
+// worker's agent gets a certificate of that CA, from the secrets bundle the
+// Talos bootstrap provider keeps for the cluster; valid on every node of
+// the cluster, it is os:reader (worker is true), and what needs os:admin on
+// the worker sovrad does (daemonaction.go).
+func agentCAFor(ctx context.Context, c client.Client, host *v1alpha1.Host, ns, cluster string, bootstrap []byte, now time.Time) (*x509.PEMEncodedCertificateAndKey, bool, error) {
 	cfg, err := configloader.NewFromBytes(bootstrap)
 	if err != nil || cfg.Machine() == nil || cfg.Machine().Type() != machine.TypeWorker {
-		return s.agentCA(ctx, host) // Merge reports a bootstrap data that does not load
+		ca, err := agentCA(ctx, c, host, now) // Merge reports a bootstrap data that does not load
+		return ca, false, err
 	}
 	var sec corev1.Secret
-	if err := s.client.Get(ctx, client.ObjectKey{Namespace: ns, Name: cluster + clusterSecretsSuffix}, &sec); err != nil {
-		return nil, fmt.Errorf("reading the Talos secrets of cluster %s/%s: %w", ns, cluster, err)
+	if err := c.Get(ctx, client.ObjectKey{Namespace: ns, Name: cluster + clusterSecretsSuffix}, &sec); err != nil {
+		return nil, true, fmt.Errorf("reading the Talos secrets of cluster %s/%s: %w", ns, cluster, err)
 	}
 	var bundle secrets.Bundle
 	if err := yaml.Unmarshal(sec.Data[clusterSecretsKey], &bundle); err != nil || bundle.Certs == nil || bundle.Certs.OS == nil {
-		return nil, fmt.Errorf("reading the Talos secrets of cluster %s/%s: no Talos CA in them", ns, cluster)
+		return nil, true, fmt.Errorf("reading the Talos secrets of cluster %s/%s: no Talos CA in them", ns, cluster)
 	}
-	return bundle.Certs.OS, nil
+	return bundle.Certs.OS, true, nil
 }
 
 // agentCA returns the CA of the host's agent client certificates, making it
 // on the first release; a Secret the host owns.
-func (s *Service) agentCA(ctx context.Context, host *v1alpha1.Host) (*x509.PEMEncodedCertificateAndKey, error) {
+func agentCA(ctx context.Context, c client.Client, host *v1alpha1.Host, now time.Time) (*x509.PEMEncodedCertificateAndKey, error) {
 	name := agentCASecretPrefix + host.Name
 	var sec corev1.Secret
-	err := s.client.Get(ctx, client.ObjectKey{Namespace: Namespace, Name: name}, &sec)
+	err := c.Get(ctx, client.ObjectKey{Namespace: Namespace, Name: name}, &sec)
 	if apierrors.IsNotFound(err) {
-		ca, err := machineconfig.NewAgentCA(s.clock.Now())
+		ca, err := machineconfig.NewAgentCA(now)
 		if err != nil {
 			return nil, err
 		}
 		sec = corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: Namespace, Name: name,
 			OwnerReferences: []metav1.OwnerReference{{APIVersion: v1alpha1.GroupVersion.String(), Kind: "Host", Name: host.Name, UID: host.UID}}},
 			Type: corev1.SecretTypeTLS, Data: map[string][]byte{corev1.TLSCertKey: ca.Crt, corev1.TLSPrivateKeyKey: ca.Key}}
-		if err := s.client.Create(ctx, &sec); err != nil && !apierrors.IsAlreadyExists(err) {
+		if err := c.Create(ctx, &sec); err != nil && !apierrors.IsAlreadyExists(err) {
 			return nil, fmt.Errorf("storing the agent CA of host %s: %w", host.Name, err)
 		}
-		if err := s.client.Get(ctx, client.ObjectKey{Namespace: Namespace, Name: name}, &sec); err != nil {
+		if err := c.Get(ctx, client.ObjectKey{Namespace: Namespace, Name: name}, &sec); err != nil {
 			return nil, fmt.Errorf("reading the agent CA of host %s: %w", host.Name, err)
 		}
 	} else if err != nil {

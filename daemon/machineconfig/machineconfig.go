@@ -229,9 +229,20 @@ type Released struct {
 	// back once the machine runs it.
 	Generation int64
 	// AgentCA signs the agent's client certificate for the machine's own
-	// Talos API; the configuration lists it in machine.acceptedCAs, so only
-	// this machine accepts that certificate.
+	// Talos API. Unless AgentReadOnly, the configuration lists it in
+	// machine.acceptedCAs, so only this machine accepts that certificate,
+	// and the certificate is os:admin.
 	AgentCA *x509.PEMEncodedCertificateAndKey
+	// AgentReadOnly makes the agent's certificate os:reader, and leaves
+	// machine.acceptedCAs as it is: for a worker, whose Talos API accepts
+	// only the cluster's Talos CA (Talos's secrets/api.go, generateWorker),
+	// so that AgentCA is that CA and a certificate of it is valid on every
+	// node of the cluster. os:reader is what the agent's calls need there:
+	// COSI Get and List of non-sensitive resources, SystemStat, Memory,
+	// Version (Talos's machined.go rules); what needs os:admin on a worker
+	// (ApplyConfiguration, Reset) sovrad does with the cluster's
+	// talosconfig.
+	AgentReadOnly bool
 }
 
 // Merge returns the bootstrap data of a Machine (the Talos provider's
@@ -254,7 +265,11 @@ func Merge(bootstrap []byte, r Released) ([]byte, error) {
 	if osCA == nil || osCA.MachineCA == nil || len(osCA.MachineCA.Crt) == 0 {
 		return nil, errors.New("merging the machine configuration: the bootstrap data has no Talos CA (machine.ca)")
 	}
-	tc, err := agentTalosconfig(r.AgentCA, osCA.MachineCA.Crt)
+	roles := role.MakeSet(role.Admin)
+	if r.AgentReadOnly {
+		roles = role.MakeSet(role.Reader)
+	}
+	tc, err := agentTalosconfig(r.AgentCA, roles, osCA.MachineCA.Crt)
 	if err != nil {
 		return nil, err
 	}
@@ -269,8 +284,10 @@ func Merge(bootstrap []byte, r Released) ([]byte, error) {
 			c.MachineConfig.MachineKubelet.KubeletExtraArgs = v1alpha1.Args{}
 		}
 		c.MachineConfig.MachineKubelet.KubeletExtraArgs[ProviderIDArg] = v1alpha1.NewArgValue(r.ProviderID, nil)
-		c.MachineConfig.MachineAcceptedCAs = append(c.MachineConfig.MachineAcceptedCAs,
-			&x509.PEMEncodedCertificate{Crt: r.AgentCA.Crt})
+		if !r.AgentReadOnly {
+			c.MachineConfig.MachineAcceptedCAs = append(c.MachineConfig.MachineAcceptedCAs,
+				&x509.PEMEncodedCertificate{Crt: r.AgentCA.Crt})
+		}
 		return nil
 	})
 	if err != nil {
@@ -341,13 +358,13 @@ func replaces(ours []coreconfig.Document, doc coreconfig.Document) bool {
 }
 
 // agentTalosconfig is the agent's client configuration for its own
-// machine's Talos API: a certificate of the machine's agent CA, and the
-// machine's Talos CA (serverCA), which signs apid's certificate.
-func agentTalosconfig(ca *x509.PEMEncodedCertificateAndKey, serverCA []byte) ([]byte, error) {
+// machine's Talos API: a certificate of ca with roles, and the machine's
+// Talos CA (serverCA), which signs apid's certificate.
+func agentTalosconfig(ca *x509.PEMEncodedCertificateAndKey, roles role.Set, serverCA []byte) ([]byte, error) {
 	if ca == nil {
 		return nil, errors.New("merging the machine configuration: no agent CA")
 	}
-	cert, err := secrets.NewAdminCertificateAndKey(time.Now(), ca, role.MakeSet(role.Admin), agentCertTTL)
+	cert, err := secrets.NewAdminCertificateAndKey(time.Now(), ca, roles, agentCertTTL)
 	if err != nil {
 		return nil, fmt.Errorf("issuing the agent's Talos API certificate: %w", err)
 	}

@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	stdx509 "crypto/x509"
 	"encoding/base64"
+	"encoding/pem"
 	"net"
 	"testing"
 	"time"
@@ -15,6 +16,7 @@ import (
 	"github.com/siderolabs/talos/pkg/machinery/config/generate"
 	"github.com/siderolabs/talos/pkg/machinery/config/generate/secrets"
 	"github.com/siderolabs/talos/pkg/machinery/config/machine"
+	"github.com/siderolabs/talos/pkg/machinery/role"
 )
 
 // agentTalosconfigOf returns the talosconfig the agent's service mounts.
@@ -149,5 +151,91 @@ func TestAgentReachesItsTalosAPI(t *testing.T) {
 	}
 	if err := handshake(t, agentTalosconfigOf(t, released), bundle.Certs.OS, bundle.Certs.OS.Crt, agentCA.Crt); err != nil {
 		t.Fatalf("released configuration: %v", err)
+	}
+}
+
+// rolesOf returns the roles of the client certificate in a talosconfig
+// (Talos reads them from the subject's organizations, pkg/machinery/role).
+func rolesOf(t *testing.T, talosconfig []byte) role.Set {
+	t.Helper()
+	tc, err := clientconfig.FromBytes(talosconfig)
+	if err != nil {
+		t.Fatal(err)
+	}
+	crt, err := base64.StdEncoding.DecodeString(tc.Contexts[tc.Context].Crt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	block, _ := pem.Decode(crt)
+	if block == nil {
+		t.Fatal("the agent's certificate is not PEM")
+	}
+	cert, err := stdx509.ParseCertificate(block.Bytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	roles, unknown := role.Parse(cert.Subject.Organization)
+	if len(unknown) > 0 {
+		t.Fatalf("unknown roles %v in the agent's certificate", unknown)
+	}
+	return roles
+}
+
+// TestWorkerAgentIsReader: with AgentReadOnly (a worker, whose agent's
+// certificate is of the cluster's Talos CA), the agent's certificate is
+// os:reader only and still reaches the worker's apid, which accepts only
+// the cluster's Talos CA; the CA is not added to machine.acceptedCAs.
+// Without it (a control plane), the certificate is os:admin of the host's
+// own agent CA, which machine.acceptedCAs lists.
+func TestWorkerAgentIsReader(t *testing.T) {
+	bundle, err := secrets.NewBundle(secrets.NewFixedClock(time.Now()), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	in, err := generate.NewInput("prod", "https://10.0.0.100:6443", "1.32.6", generate.WithSecretsBundle(bundle))
+	if err != nil {
+		t.Fatal(err)
+	}
+	worker, err := in.Config(machine.TypeWorker)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bootstrap, err := worker.EncodeBytes()
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	merged, err := Merge(bootstrap, Released{Daemon: daemon, ProviderID: "sovra://ek-abc", Generation: 1, AgentCA: bundle.Certs.OS, AgentReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	released, err := Load(merged)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tc := agentTalosconfigOf(t, released)
+	if got := rolesOf(t, tc); !got.Includes(role.Reader) || got.IncludesAny(role.MakeSet(role.Admin, role.Operator, role.Impersonator, role.EtcdBackup)) {
+		t.Fatalf("a worker's agent certificate has roles %v, want os:reader only", got.Strings())
+	}
+	if n := len(released.RawV1Alpha1().MachineConfig.MachineAcceptedCAs); n != 0 {
+		t.Fatalf("the worker's machine.acceptedCAs has %d CAs, want none added", n)
+	}
+	if err := handshake(t, tc, bundle.Certs.OS, bundle.Certs.OS.Crt); err != nil {
+		t.Fatalf("the worker's apid refused its agent: %v", err)
+	}
+
+	agentCA, err := NewAgentCA(time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	merged, err = Merge(bootstrap, Released{Daemon: daemon, ProviderID: "sovra://ek-abc", Generation: 1, AgentCA: agentCA})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if released, err = Load(merged); err != nil {
+		t.Fatal(err)
+	}
+	if got := rolesOf(t, agentTalosconfigOf(t, released)); !got.Includes(role.Admin) {
+		t.Fatalf("a control plane's agent certificate has roles %v, want os:admin", got.Strings())
 	}
 }

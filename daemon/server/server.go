@@ -33,6 +33,7 @@ import (
 	"github.com/sovra-dev/sovra/daemon/datastore"
 	"github.com/sovra-dev/sovra/daemon/identity"
 	"github.com/sovra-dev/sovra/daemon/kms"
+	"github.com/sovra-dev/sovra/daemon/machineconfig"
 	"github.com/sovra-dev/sovra/daemon/nodeapi"
 	"github.com/sovra-dev/sovra/daemon/shred"
 	"github.com/sovra-dev/sovra/internal/version"
@@ -125,12 +126,12 @@ func Run(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 	var nodes *nodeapi.Server
 	var boot *bootconfig.Server
 	var bootLis net.Listener
+	var machines machineconfig.Daemon
 	if cfg.NodeAPI.Listen != "" {
 		if nodes, err = newNodeAPI(cfg, files, ids.NodeAPI, auth, log); err != nil {
 			return err
 		}
-		machines, err := machineDaemon(cfg, files)
-		if err != nil {
+		if machines, err = machineDaemon(cfg, files); err != nil {
 			return err
 		}
 		pool, err := newHostService(cfg, machines, ids.Hosts, log)
@@ -241,6 +242,7 @@ func Run(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 			KubeControllers: ids.Controllers,
 			Infrastructure:  ids.Infrastructure,
 			Hosts:           ids.Hosts,
+			HostsDaemon:     machines,
 			CA:              files.CA,
 			DataDir:         files.Dir,
 			WebhookIP:       files.AdvertiseIP,

@@ -160,6 +160,9 @@ func TestMachinesStory(t *testing.T) {
 	s.enroll(lab)
 	s.acceptHosts()
 	cps, ws := s.provision()
+	for _, m := range ws {
+		workerAgentIsReader(t, m)
+	}
 	s.bootstrappedOnce(cps)
 	s.attacks(ws[0])
 	s.scaleDownAndUp(ws)
@@ -658,7 +661,7 @@ func (s *story) scaleDownAndUp(ws []*machine) {
 		boots[m.UUID] = m.Status().Boot
 	}
 
-	start := time.Now()
+	start, off := time.Now(), d.LogSize()
 	d.Kubectl("-n", clusterNS, "scale", "machinedeployment", workers, "--replicas=1")
 
 	var released *machine
@@ -696,6 +699,12 @@ func (s *story) scaleDownAndUp(ws []*machine) {
 	})
 	s.timed("scale 2->1: host reset, wiped, re-attested, Available", start)
 
+	// The worker's agent holds an os:reader certificate only: sovrad reset
+	// it, with the cluster's talosconfig.
+	if log := d.LogSince(off); !strings.Contains(log, "through the worker's Talos API") || !strings.Contains(log, name) {
+		t.Fatalf("sovrad did not log its reset of worker %s through the Talos API:\n%s", name, tail(log, 20))
+	}
+
 	// The old tenancy's STATE blob opens no more, even from the machine's
 	// own address; the new one does.
 	if _, err := d.kms(t, released.ns, false, released.UUID, blobs[released.UUID]); err == nil {
@@ -723,4 +732,5 @@ func (s *story) scaleDownAndUp(ws []*machine) {
 	s.timed("scale 1->2: the same host claimed and Provisioned", start)
 
 	s.checkProvisioned()
+	workerAgentIsReader(t, released)
 }

@@ -41,7 +41,66 @@ const (
 	HostConditionConfigReleased = "ConfigReleased"
 	// HostConditionReset is True while the host is being wiped.
 	HostConditionReset = "Reset"
+	// HostConditionDaemonAction reports what sovrad last did to the host
+	// through its Talos API (status.daemonAction): True once done, False
+	// while a failed call is retried.
+	HostConditionDaemonAction = "DaemonAction"
 )
+
+// TalosActor is who changes a host's Talos through its API (applies a
+// configuration, resets it) while it runs its machine's configuration.
+// +kubebuilder:validation:Enum=Agent;Daemon
+type TalosActor string
+
+// Talos actors.
+const (
+	// TalosActorAgent: the host's agent (a control-plane node, whose agent
+	// holds an os:admin certificate of a CA of this host alone, which its
+	// machine.acceptedCAs lists).
+	TalosActorAgent TalosActor = "Agent"
+	// TalosActorDaemon: sovrad, with its cluster's talosconfig (a worker,
+	// whose Talos API accepts only the cluster's Talos CA: its agent holds
+	// an os:reader certificate of that CA and can change nothing).
+	TalosActorDaemon TalosActor = "Daemon"
+)
+
+// DaemonActionType is what sovrad does through a host's Talos API.
+// +kubebuilder:validation:Enum=Apply;Reset
+type DaemonActionType string
+
+// Daemon actions.
+const (
+	// DaemonActionApply applies a new generation of the host's
+	// configuration (ApplyConfiguration, with a reboot).
+	DaemonActionApply DaemonActionType = "Apply"
+	// DaemonActionReset wipes STATE and EPHEMERAL and reboots into the
+	// enrollment configuration.
+	DaemonActionReset DaemonActionType = "Reset"
+)
+
+// HostDaemonAction is one action of sovrad on a host's Talos API,
+// recorded before every call so that it is done once per boot of the host
+// and retried with backoff, by the host reconciler of the leader only.
+type HostDaemonAction struct {
+	// Type is Apply or Reset.
+	Type DaemonActionType `json:"type"`
+	// Generation is the configuration generation an Apply applies.
+	// +optional
+	Generation int64 `json:"generation,omitempty"`
+	// Boot is the host's boot the action is for.
+	Boot string `json:"boot"`
+	// Requested is when it was decided.
+	Requested metav1.Time `json:"requested"`
+	// Attempts counts the calls started; LastAttempt is when the last one
+	// started.
+	// +optional
+	Attempts int32 `json:"attempts,omitempty"`
+	// +optional
+	LastAttempt *metav1.Time `json:"lastAttempt,omitempty"`
+	// Done is when a call succeeded: it is not made again.
+	// +optional
+	Done *metav1.Time `json:"done,omitempty"`
+}
 
 // Labels a Host carries from its hardware, for host selectors.
 const (
@@ -140,10 +199,20 @@ type HostStatus struct {
 	ReleaseRequested *metav1.Time `json:"releaseRequested,omitempty"`
 	// +optional
 	ReleaseBoot string `json:"releaseBoot,omitempty"`
+	// TalosActor is who changes the host's Talos through its API while it
+	// runs its machine's configuration: Agent (a control plane) or Daemon
+	// (a worker); empty on the enrollment configuration.
+	// +optional
+	TalosActor TalosActor `json:"talosActor,omitempty"`
+	// DaemonAction is what sovrad does, or did, to the host through its
+	// Talos API (a worker's new configuration generation, its reset on
+	// release); nil when nothing.
+	// +optional
+	DaemonAction *HostDaemonAction `json:"daemonAction,omitempty"`
 	// LastSync is when the host's agent last reported.
 	// +optional
 	LastSync *metav1.Time `json:"lastSync,omitempty"`
-	// Conditions: Attested, ConfigReleased, Reset.
+	// Conditions: Attested, ConfigReleased, Reset, DaemonAction.
 	// +optional
 	// +listType=map
 	// +listMapKey=type
