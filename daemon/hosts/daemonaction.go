@@ -17,6 +17,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
+	"github.com/sovra-dev/sovra/daemon/hosts/talosadmin"
 )
 
 // What sovrad does through a worker's Talos API.
@@ -41,8 +42,8 @@ const (
 // talosconfig; talosadmin.Client implements it. Its errors carry neither
 // the configuration nor key material.
 type TalosAdmin interface {
-	ApplyConfiguration(ctx context.Context, talosconfig []byte, addresses []string, config []byte) error
-	Reset(ctx context.Context, talosconfig []byte, addresses []string) error
+	ApplyConfiguration(ctx context.Context, talosconfig []byte, node talosadmin.Node, config []byte) error
+	Reset(ctx context.Context, talosconfig []byte, node talosadmin.Node) error
 }
 
 // daemonResets reports whether sovrad, not the host's agent, resets a
@@ -161,7 +162,7 @@ func (r *Reconciler) call(ctx context.Context, host *v1alpha1.Host, a *v1alpha1.
 		return err
 	}
 	if a.Type == v1alpha1.DaemonActionReset {
-		return r.talos().Reset(ctx, talosconfig, host.Status.Addresses)
+		return r.talos().Reset(ctx, talosconfig, talosNode(host))
 	}
 	if err := r.Daemon.Validate(); err != nil {
 		return errors.New("this sovrad has no node API, so it cannot build the configuration: a leader with --node-listen applies it")
@@ -180,7 +181,13 @@ func (r *Reconciler) call(ctx context.Context, host *v1alpha1.Host, a *v1alpha1.
 	if !worker {
 		return errors.New("the machine is not a worker: its agent applies its configuration")
 	}
-	return r.talos().ApplyConfiguration(ctx, talosconfig, host.Status.Addresses, merged)
+	return r.talos().ApplyConfiguration(ctx, talosconfig, talosNode(host), merged)
+}
+
+// talosNode is the host as sovrad calls it: the SMBIOS UUID its record
+// holds (the machine proved it at enrollment) and the addresses it reported.
+func talosNode(host *v1alpha1.Host) talosadmin.Node {
+	return talosadmin.Node{UUID: host.Status.UUID, Addresses: host.Status.Addresses}
 }
 
 // clusterTalosconfig reads the cluster's talosconfig. Its content never

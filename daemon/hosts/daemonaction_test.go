@@ -20,6 +20,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client/fake"
 
 	"github.com/sovra-dev/sovra/daemon/apis/sovra/v1alpha1"
+	"github.com/sovra-dev/sovra/daemon/hosts/talosadmin"
 )
 
 // fakeTalos records the calls sovrad makes on workers' Talos APIs.
@@ -29,14 +30,14 @@ type fakeTalos struct {
 	fail   error
 }
 
-func (f *fakeTalos) ApplyConfiguration(context.Context, []byte, []string, []byte) error {
+func (f *fakeTalos) ApplyConfiguration(context.Context, []byte, talosadmin.Node, []byte) error {
 	return errors.New("unexpected apply")
 }
 
-func (f *fakeTalos) Reset(_ context.Context, talosconfig []byte, addresses []string) error {
+func (f *fakeTalos) Reset(_ context.Context, talosconfig []byte, node talosadmin.Node) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	f.resets = append(f.resets, string(talosconfig)+" "+addresses[0])
+	f.resets = append(f.resets, string(talosconfig)+" "+node.UUID+" "+node.Addresses[0])
 	return f.fail
 }
 
@@ -63,7 +64,7 @@ func releasedHost(t *testing.T, actor v1alpha1.TalosActor) (client.Client, *reco
 	}
 	host := &v1alpha1.Host{ObjectMeta: metav1.ObjectMeta{Name: "h1"}, Spec: v1alpha1.HostSpec{Accepted: true},
 		Status: v1alpha1.HostStatus{
-			Phase: v1alpha1.HostReleasing, Mode: ModeConfigured, Boot: "boot-2", Addresses: []string{"10.0.0.21"},
+			Phase: v1alpha1.HostReleasing, Mode: ModeConfigured, Boot: "boot-2", UUID: "uuid-h1", Addresses: []string{"10.0.0.21"},
 			Cluster: "prod", Machine: "prod/prod-workers-abc", TalosActor: actor, ReleasedGeneration: 1, RunningGeneration: 1,
 		}}
 	rec := &v1alpha1.SovraNode{ObjectMeta: metav1.ObjectMeta{Name: "h1"}}
@@ -102,7 +103,7 @@ func TestDaemonResetsReleasedWorker(t *testing.T) {
 	r := &Reconciler{Client: c, Events: events, Logger: zap.NewNop(), Talos: talos, Clock: clock}
 
 	reconcileHost(t, r)
-	if talos.calls() != 1 || talos.resets[0] != "cluster-talosconfig 10.0.0.21" {
+	if talos.calls() != 1 || talos.resets[0] != "cluster-talosconfig uuid-h1 10.0.0.21" {
 		t.Fatalf("resets %v, want one with the cluster's talosconfig at the host's address", talos.resets)
 	}
 	h := getHost(t, c)

@@ -7,7 +7,12 @@
 // agent, which holds an os:reader certificate only, cannot make.
 //
 // It is the Talos machinery client, as the Talos control-plane provider
-// reaches control-plane nodes from sovrad. Its errors never contain the
+// reaches control-plane nodes from sovrad. The addresses are what the host
+// reported, so before it calls, it reads the system UUID the node at an
+// address publishes (hardware.SystemInformation: the SMBIOS UUID, or META's
+// override, as Talos's controllers/hardware/system.go sets it; the UUID the
+// node's KMS calls name) and calls only a node that is the host: a host that reports another node's address cannot have
+// that node reset or given its configuration. Its errors never contain the
 // configuration or key material: a refused call is reported by its gRPC
 // code, a connection failure by its cause.
 package talosadmin
@@ -18,12 +23,16 @@ import (
 	"fmt"
 	"net"
 	"strconv"
+	"strings"
 	"time"
+
+	"github.com/cosi-project/runtime/pkg/safe"
 
 	"github.com/siderolabs/talos/pkg/machinery/api/machine"
 	talosclient "github.com/siderolabs/talos/pkg/machinery/client"
 	clientconfig "github.com/siderolabs/talos/pkg/machinery/client/config"
 	"github.com/siderolabs/talos/pkg/machinery/constants"
+	"github.com/siderolabs/talos/pkg/machinery/resources/hardware"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -37,6 +46,13 @@ const (
 	ephemeralPartition = "EPHEMERAL"
 )
 
+// Node is the host sovrad calls: its SMBIOS UUID and the addresses it
+// reported.
+type Node struct {
+	UUID      string
+	Addresses []string
+}
+
 // Client calls a node's Talos API.
 type Client struct {
 	// Port is apid's port; zero means 50000.
@@ -45,20 +61,20 @@ type Client struct {
 	Timeout time.Duration
 }
 
-// ApplyConfiguration hands config to the Talos of the node at addresses,
-// which stores it and reboots into it.
-func (c Client) ApplyConfiguration(ctx context.Context, talosconfig []byte, addresses []string, config []byte) error {
-	return c.call(ctx, talosconfig, addresses, "ApplyConfiguration", func(ctx context.Context, cl *talosclient.Client) error {
+// ApplyConfiguration hands config to the Talos of node, which stores it
+// and reboots into it.
+func (c Client) ApplyConfiguration(ctx context.Context, talosconfig []byte, node Node, config []byte) error {
+	return c.call(ctx, talosconfig, node, "ApplyConfiguration", func(ctx context.Context, cl *talosclient.Client) error {
 		_, err := cl.ApplyConfiguration(ctx, &machine.ApplyConfigurationRequest{Data: config, Mode: machine.ApplyConfigurationRequest_REBOOT})
 		return err
 	})
 }
 
-// Reset makes the Talos of the node at addresses wipe STATE and EPHEMERAL
-// on its system disk and reboot, without leaving etcd first (a worker has
-// no etcd member; its cluster has let it go).
-func (c Client) Reset(ctx context.Context, talosconfig []byte, addresses []string) error {
-	return c.call(ctx, talosconfig, addresses, "Reset", func(ctx context.Context, cl *talosclient.Client) error {
+// Reset makes the Talos of node wipe STATE and EPHEMERAL on its system disk
+// and reboot, without leaving etcd first (a worker has no etcd member; its
+// cluster has let it go).
+func (c Client) Reset(ctx context.Context, talosconfig []byte, node Node) error {
+	return c.call(ctx, talosconfig, node, "Reset", func(ctx context.Context, cl *talosclient.Client) error {
 		return cl.ResetGeneric(ctx, &machine.ResetRequest{
 			Graceful: false,
 			Reboot:   true,
@@ -71,8 +87,9 @@ func (c Client) Reset(ctx context.Context, talosconfig []byte, addresses []strin
 	})
 }
 
-func (c Client) call(ctx context.Context, talosconfig []byte, addresses []string, method string, f func(context.Context, *talosclient.Client) error) error {
-	if len(addresses) == 0 {
+// call makes f on the first of node's addresses whose Talos is node.
+func (c Client) call(ctx context.Context, talosconfig []byte, node Node, method string, f func(context.Context, *talosclient.Client) error) error {
+	if len(node.Addresses) == 0 {
 		return fmt.Errorf("calling Talos %s: the node has no address", method)
 	}
 	cfg, err := clientconfig.FromBytes(talosconfig)
@@ -83,23 +100,47 @@ func (c Client) call(ctx context.Context, talosconfig []byte, addresses []string
 	if port == 0 {
 		port = constants.ApidPort
 	}
-	endpoints := make([]string, 0, len(addresses))
-	for _, a := range addresses {
-		endpoints = append(endpoints, net.JoinHostPort(a, strconv.Itoa(port)))
-	}
 	timeout := c.Timeout
 	if timeout <= 0 {
 		timeout = DefaultTimeout
 	}
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	cl, err := talosclient.New(ctx, talosclient.WithConfig(cfg), talosclient.WithEndpoints(endpoints...))
+	var errs []error
+	for _, a := range node.Addresses {
+		err := c.callAt(ctx, cfg, net.JoinHostPort(a, strconv.Itoa(port)), node.UUID, f)
+		if err == nil {
+			return nil
+		}
+		errs = append(errs, fmt.Errorf("%s: %w", a, err))
+		if !errors.Is(err, errNotThisNode) && !errors.Is(err, errUnreachable) {
+			break // the node answered and refused: another address reaches the same node
+		}
+	}
+	return fmt.Errorf("calling Talos %s: %w", method, errors.Join(errs...))
+}
+
+var (
+	errNotThisNode = errors.New("the node there is not this host")
+	errUnreachable = errors.New("unreachable")
+)
+
+// callAt makes f on the node at endpoint if its SMBIOS UUID is uuid.
+func (c Client) callAt(ctx context.Context, cfg *clientconfig.Config, endpoint, uuid string, f func(context.Context, *talosclient.Client) error) error {
+	cl, err := talosclient.New(ctx, talosclient.WithConfig(cfg), talosclient.WithEndpoints(endpoint))
 	if err != nil {
-		return fmt.Errorf("connecting to the Talos API of %v: %w", addresses, err)
+		return fmt.Errorf("%w: %w", errUnreachable, err)
 	}
 	defer cl.Close() //nolint:errcheck
+	si, err := safe.StateGetByID[*hardware.SystemInformation](ctx, cl.COSI, hardware.SystemInformationID)
+	if err != nil {
+		return fmt.Errorf("%w: reading its system information: %w", errUnreachable, describe(err))
+	}
+	if got := si.TypedSpec().UUID; !strings.EqualFold(got, uuid) {
+		return fmt.Errorf("%w: it is machine %s", errNotThisNode, got)
+	}
 	if err := f(ctx, cl); err != nil {
-		return fmt.Errorf("calling Talos %s on %v: %w", method, addresses, describe(err))
+		return describe(err)
 	}
 	return nil
 }
