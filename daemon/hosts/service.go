@@ -298,9 +298,9 @@ func (s *Service) claimed(ctx context.Context, host *v1alpha1.Host, st *v1alpha1
 		st.Phase = v1alpha1.HostProvisioned
 		return decision{action: hostapi.Action_ACTION_NONE, message: "running generation " + fmt.Sprint(running)}, nil
 	}
-	if age := rec.Status.LastAttestationTime; !rec.AttestedOK() || age == nil || now.Sub(age.Time) > s.cfg.MaxAttestationAge {
-		s.refuse(host, reasonAttestationTooOld, "the host's last passing attestation is older than %s: attest again", s.cfg.MaxAttestationAge)
-		return wait("attest again: a configuration is released only to an attestation younger than %s", s.cfg.MaxAttestationAge), nil
+	if reason, why := attestationRefusal(rec, now, s.cfg.MaxAttestationAge); reason != "" {
+		s.refuse(host, reason, "%s", why)
+		return wait("%s", why), nil
 	}
 	ca, err := s.agentCAFor(ctx, host, ref.Namespace, cluster, bootstrap)
 	if err != nil {
