@@ -49,6 +49,9 @@ const (
 	// claimWatch is how long a SovraMachine is watched not claiming a
 	// host: more than two of its claim rounds (10 s apart).
 	claimWatch = 25 * time.Second
+	// hostFailedWatch is how long a transition to Failed is watched for
+	// a second announcement.
+	hostFailedWatch = 5 * time.Second
 	// enrollWatch is how long a refused machine is watched after the
 	// refusal.
 	enrollWatch = 10 * time.Second
@@ -433,6 +436,8 @@ func (r *refusals) failOutOfPool(t *testing.T, m *machine, name string) {
 		t.Errorf("HostFailed event: %s %q, want a Warning naming PolicyViolation", ev.Type, ev.Message)
 	}
 
+	r.failedOnce(t, off, mark, name)
+
 	// The agent was told (it stops syncing until it attests again); a Sync
 	// with a credential of its current boot is refused.
 	if log := m.agentLog(1); !strings.Contains(log, "policy violated: "+strictPolicy) {
@@ -542,14 +547,19 @@ func (r *refusals) claimedFails(t *testing.T, m *machine, name string) {
 
 	r.waitLog(t, off, msgHostFailed, `"host":"`+name+`"`, `"reason":"PolicyViolation"`)
 	d.waitEvent(t, mark, "Host", name, reasonHostFailed, time.Minute)
+	r.failedOnce(t, off, mark, name)
 
-	// Its SovraMachine says why (and so its Machine and clusterctl).
+	// Its SovraMachine says why (and so its Machine and clusterctl), in
+	// its conditions: not as a failureReason, which the Cluster API takes
+	// for a terminal failure (the Machine would stay Failed after the host
+	// recovers).
 	waitFor(t, time.Minute, "the SovraMachine to report HostFailed", func() (bool, string) {
 		sm := d.machineStates(t)[0]
 		c := sm.condition("HostProvisioned")
 
-		return sm.Status.FailureReason != nil && *sm.Status.FailureReason == "HostFailed" && c.Reason == "HostFailed", fmt.Sprintf("%+v", c)
+		return c.Reason == "HostFailed" && sm.condition("Ready").Reason == "HostFailed", fmt.Sprintf("%+v", c)
 	})
+	r.notTerminal(t)
 
 	r.refusedSync(t, m, name, &hostapi.SyncRequest{Mode: hostapi.Mode_MODE_CONFIGURED, Generation: before.Status.RunningGeneration})
 	r.nothingReleased(t, off, mark, name, before)
@@ -659,6 +669,7 @@ func (r *refusals) rebootRefused(t *testing.T, m *machine, name string) {
 	r.waitPhase(name, "Failed", time.Minute)
 	d.waitEvent(t, mark, "Host", name, reasonHostFailed, time.Minute)
 	r.waitLog(t, off, msgHostFailed, `"host":"`+name+`"`)
+	r.failedOnce(t, off, mark, name)
 	r.timed("policy applied, power cycle -> quarantined, host Failed", start)
 
 	// The policy goes and the node attests again, but quarantined its host
@@ -701,6 +712,24 @@ func (r *refusals) rebootRefused(t *testing.T, m *machine, name string) {
 	}
 
 	r.timed("cleared, accepted again -> the waiting generation released", start)
+
+	// Accepted again, its Machine never failed for good.
+	r.notTerminal(t)
+}
+
+// notTerminal checks that the cluster's SovraMachine and Machine carry no
+// failureReason: a failed host is recoverable.
+func (r *refusals) notTerminal(t *testing.T) {
+	t.Helper()
+
+	if sm := r.d.machineStates(t)[0]; sm.Status.FailureReason != nil {
+		t.Errorf("the SovraMachine's failureReason is %q: a terminal failure, for a host that recovers", *sm.Status.FailureReason)
+	}
+
+	if m := r.d.jsonpath("-n", refusalsNS, "get", "machines.cluster.x-k8s.io", "-o",
+		"jsonpath={.items[0].status.phase} {.items[0].status.failureReason}"); strings.TrimSpace(m) == "Failed" || strings.Contains(m, "HostFailed") {
+		t.Errorf("the Machine is %q (phase, failureReason): failed for good", m)
+	}
 }
 
 // touchBootstrapData changes the bootstrap data of the cluster's Machine (a
@@ -769,6 +798,31 @@ func (r *refusals) refusedSync(t *testing.T, m *machine, name string, req *hosta
 	}
 
 	t.Logf("Sync refused: %v\n  audited: %s", err, line)
+}
+
+// failedOnce checks that the host's one transition to Failed since off and
+// mark was logged and evented once: a reconcile that reads a cache its
+// status write has not reached yet must not tell it again.
+func (r *refusals) failedOnce(t *testing.T, off int64, mark eventMark, name string) {
+	t.Helper()
+
+	time.Sleep(hostFailedWatch)
+
+	if lines := logLines(r.d.LogSince(off), msgHostFailed, `"host":"`+name+`"`); len(lines) != 1 {
+		t.Errorf("the host's transition to Failed was logged %d times, want once:\n%s", len(lines), strings.Join(lines, "\n"))
+	}
+
+	var n int32
+
+	for _, e := range r.d.eventsSince(t, mark, "Host", name) {
+		if e.Reason == reasonHostFailed {
+			n += e.times() - mark[e.Metadata.UID]
+		}
+	}
+
+	if n != 1 {
+		t.Errorf("the host's transition to Failed made %d HostFailed events, want one", n)
+	}
 }
 
 // nothingReleased checks that since off and mark no configuration was
