@@ -117,9 +117,10 @@ func (r *refusals) timed(what string, start time.Time) {
 //     Provisioned. (The node is not quarantined: its boot had passed
 //     when it unsealed.)
 //  5. The claimed, provisioned host's attestation then fails: Failed, still
-//     held by its SovraMachine (HostFailed, its failureReason), a Sync of
-//     its current boot refused, no generation released. The boot had
-//     passed when it unsealed STATE, so it is cut off, not quarantined.
+//     held by its SovraMachine (HostFailed in its conditions, no terminal
+//     failureReason), each transition told once, a Sync of its current
+//     boot refused, no generation released. The boot had passed when it
+//     unsealed STATE, so it is cut off, not quarantined.
 //  6. The policy is removed and the node attests again: its host is
 //     Pending, still claimed, not accepted. Its Machine's bootstrap data
 //     changes (a new generation waits); its agent's Syncs get nothing
