@@ -71,6 +71,8 @@ const (
 	ReasonAccepted       = "HostAccepted"
 	// Why a configuration was refused (metrics and log lines).
 	reasonAttestationTooOld = "AttestationTooOld"
+	reasonAttestationFailed = "AttestationFailed"
+	reasonNotAttested       = "NotAttested"
 	reasonConfigInvalid     = "ConfigInvalid"
 	reasonNotAccepted       = "NotAccepted"
 )
@@ -161,4 +163,21 @@ const maxDisks = 64
 func bootstrapHash(data []byte) string {
 	sum := sha256.Sum256(data)
 	return hex.EncodeToString(sum[:])
+}
+
+// attestationRefusal says why no configuration is released on rec's
+// attestation at now (reason and message), or "" when one may be: its last
+// attestation failed, or none passed since it enrolled, or its last passing
+// one is older than maxAge.
+func attestationRefusal(rec *v1alpha1.SovraNode, now time.Time, maxAge time.Duration) (reason, msg string) {
+	at := rec.Status.LastAttestationTime
+	switch {
+	case rec.Status.LastAttestationResult == v1alpha1.ResultFailed:
+		return reasonAttestationFailed, fmt.Sprintf("the host's last attestation failed (%s): a configuration is released only to a passing attestation", rec.Status.Reason)
+	case !rec.AttestedOK() || at == nil:
+		return reasonNotAttested, "the host has not attested since it enrolled: a configuration is released only to a passing attestation"
+	case now.Sub(at.Time) > maxAge:
+		return reasonAttestationTooOld, fmt.Sprintf("the host's last passing attestation is older than %s: attest again", maxAge)
+	}
+	return "", ""
 }

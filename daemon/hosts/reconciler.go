@@ -94,6 +94,11 @@ func (r *Reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 	now := r.now()
 	st := host.Status.DeepCopy()
 	failed, reason, why := failure(&rec)
+	// announce tells of the transition once its status write went
+	// through: a reconcile that reads a cache the write has not reached
+	// yet (the spec update below starts one) makes the same transition,
+	// and its write conflicts.
+	var announce func()
 	switch {
 	case failed && st.Phase != v1alpha1.HostFailed:
 		if host.Spec.Accepted {
@@ -104,14 +109,18 @@ func (r *Reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 		}
 		st.Phase = v1alpha1.HostFailed
 		msg := why + ": out of the pool, no configuration; accept it again once it attests"
-		r.Logger.Warn("host failed attestation: out of the pool", zap.String("host", host.Name), zap.String("reason", reason))
-		r.event(&host, corev1.EventTypeWarning, ReasonHostFailed, msg)
+		announce = func() {
+			r.Logger.Warn("host failed attestation: out of the pool", zap.String("host", host.Name), zap.String("reason", reason))
+			r.event(&host, corev1.EventTypeWarning, ReasonHostFailed, msg)
+		}
 	case !failed && st.Phase == v1alpha1.HostFailed && rec.AttestedOK():
 		st.Phase = v1alpha1.HostPending
 	case st.Phase == v1alpha1.HostPending && host.Spec.Accepted && host.Spec.ConsumerRef == nil:
 		st.Phase = v1alpha1.HostAvailable
-		r.Logger.Info("host accepted", zap.String("host", host.Name))
-		r.event(&host, corev1.EventTypeNormal, ReasonAccepted, "accepted: available to be claimed")
+		announce = func() {
+			r.Logger.Info("host accepted", zap.String("host", host.Name))
+			r.event(&host, corev1.EventTypeNormal, ReasonAccepted, "accepted: available to be claimed")
+		}
 	case st.Phase == v1alpha1.HostAvailable && !host.Spec.Accepted:
 		st.Phase = v1alpha1.HostPending
 	case st.Phase == v1alpha1.HostAvailable && host.Spec.ConsumerRef != nil:
@@ -124,6 +133,9 @@ func (r *Reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 		host.Status = *st
 		if err := r.Client.Status().Update(ctx, &host); err != nil {
 			return ctrl.Result{}, ignoreConflict(err)
+		}
+		if announce != nil {
+			announce()
 		}
 	}
 	return r.act(ctx, &host, &rec, now)

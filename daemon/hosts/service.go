@@ -310,9 +310,9 @@ func (s *Service) claimed(ctx context.Context, host *v1alpha1.Host, st *v1alpha1
 		}
 		return decision{action: hostapi.Action_ACTION_NONE, message: "running generation " + fmt.Sprint(running)}, nil
 	}
-	if age := rec.Status.LastAttestationTime; !rec.AttestedOK() || age == nil || now.Sub(age.Time) > s.cfg.MaxAttestationAge {
-		s.refuse(host, reasonAttestationTooOld, "the host's last passing attestation is older than %s: attest again", s.cfg.MaxAttestationAge)
-		return wait("attest again: a configuration is released only to an attestation younger than %s", s.cfg.MaxAttestationAge), nil
+	if reason, why := attestationRefusal(rec, now, s.cfg.MaxAttestationAge); reason != "" {
+		s.refuse(host, reason, "%s", why)
+		return wait("%s", why), nil
 	}
 	merged, worker, err := releasedConfig(ctx, s.client, s.cfg.Daemon, host, ref.Namespace, cluster, bootstrap, st.ReleasedGeneration, now)
 	if errors.Is(err, errConfigInvalid) {

@@ -36,7 +36,9 @@ import (
 // up here. Each replica judges the entries of its own ledger, against every
 // replica's ledger; a boot that unsealed and then failed its attestation,
 // with none of its attestations ever passing, quarantines the node (that
-// failure is the TPM's word, not a caller's). A boot that passed was sound
+// failure is the TPM's word, not a caller's). The releases of a pending
+// record count as its adopter's (rebookAdopted): a machine's first boot
+// unseals before it enrolls. A boot that passed was sound
 // when it unsealed (the PCRs only grow): its later failure, as under a
 // policy added since, cuts it off (package attestation) but quarantines
 // nothing, so that a policy mistake cannot lock a fleet out of its disks.
@@ -195,6 +197,9 @@ func (s *Service) AccountOnce(ctx context.Context, st Store) {
 	if len(own) == 0 {
 		return
 	}
+	if s.rebookAdopted(st, own) {
+		own = s.ledger.snapshot()
+	}
 	view := map[viewKey][]v1alpha1.LedgerEntry{}
 	for _, e := range own {
 		k := viewKey{e.NodeUID, e.Blob}
@@ -257,6 +262,41 @@ func (s *Service) AccountOnce(ctx context.Context, st Store) {
 		alive := rec != nil && rec.UID == e.NodeUID
 		return alive && (e.Verdict == v1alpha1.VerdictPending || now.Sub(e.Last.Time) < retention)
 	})
+}
+
+// rebookAdopted books this replica's entries of pending records that
+// enrolled records adopted (sweep.go, Sealing.AdoptedFrom) to their
+// adopters, and reports whether it moved any. A machine that fetched the
+// enrollment configuration unseals its first volumes under its pending
+// record, in a boot its agent then reports as the enrolled node's: booked
+// to the adopter, such a release is judged with the node's boots, so that
+// this boot, failing its attestation, quarantines the node like any other.
+// Entries whose record is gone and that nobody adopted are pruned.
+func (s *Service) rebookAdopted(st Store, own []v1alpha1.LedgerEntry) bool {
+	var adopters map[types.UID]*v1alpha1.SovraNode
+	moved := false
+	for _, e := range own {
+		if rec := st.Node(e.Node); rec != nil && rec.UID == e.NodeUID {
+			continue
+		}
+		if adopters == nil {
+			adopters = map[types.UID]*v1alpha1.SovraNode{}
+			for _, n := range st.List() {
+				if sl := n.Status.Sealing; sl != nil && sl.AdoptedFrom != nil {
+					adopters[sl.AdoptedFrom.UID] = n
+				}
+			}
+		}
+		n := adopters[e.NodeUID]
+		if n == nil {
+			continue
+		}
+		s.ledger.rebook(e.ID, n.Name, n.UID)
+		moved = true
+		s.logger.Info("key release of an adopted pending record booked to its node",
+			zap.String("node", n.Name), zap.String("pending_record", e.Node), zap.String("blob", e.Blob), zap.Time("at", e.At.Time))
+	}
+	return moved
 }
 
 // failedBoot says whether b failed its attestation and never passed one.

@@ -2,6 +2,7 @@ package kms
 
 import (
 	"context"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -249,5 +250,57 @@ func TestLedgerSurvivesRestart(t *testing.T) {
 	restarted.flush(ctx, st)
 	if segs, _ := st.OwnLedgers(ctx, "r1"); len(segs) != 0 {
 		t.Fatalf("%d segments left past the retention", len(segs))
+	}
+}
+
+// TestAdoptedReleasesCount: the key a machine's pending record released in
+// its first boot counts as its enrolled record's once that record adopted
+// the pending one: that boot failing its attestation quarantines the node,
+// and passing it does not.
+func TestAdoptedReleasesCount(t *testing.T) {
+	for _, result := range []string{v1alpha1.ResultFailed, v1alpha1.ResultPassed} {
+		s, st, clk := fixture(t, Config{})
+		ctx := context.Background()
+		started := clk.Now()
+		if got, err := s.Expect(ctx, uuidA, netip.MustParseAddr("10.0.0.1"), 0, 0); err != nil || got != ExpectCreated {
+			t.Fatalf("Expect: %v %v", got, err)
+		}
+		clk.Advance(time.Minute)
+		sealed, err := s.Seal(from("10.0.0.1"), &kmsapi.Request{NodeUuid: uuidA, Data: make([]byte, 32)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.Unseal(from("10.0.0.1"), &kmsapi.Request{NodeUuid: uuidA, Data: sealed.Data}); err != nil {
+			t.Fatal(err)
+		}
+		s.AccountOnce(ctx, st)
+
+		// The machine enrolls (the claim is passed on) and the sweep adopts
+		// the pending record.
+		clk.Advance(time.Minute)
+		n := attested("ek-a", uuidA, clk.Now(), "10.0.0.1")
+		n.Status.LastAttestationResult, n.Status.LastAttestationTime = "", nil
+		st.put(n)
+		c := st.Claim(uuidA).DeepCopy()
+		c.Spec = v1alpha1.UUIDClaimSpec{Node: "ek-a", NodeUID: st.Node("ek-a").UID}
+		if err := st.UpdateClaim(ctx, c); err != nil {
+			t.Fatal(err)
+		}
+		s.SweepOnce(ctx, st)
+		if st.Node(pendingNamePrefix+uuidA) != nil || len(st.Node("ek-a").Status.KeySalt) == 0 {
+			t.Fatal("the pending record was not adopted")
+		}
+
+		// Its first boot, which unsealed under the pending record, attests.
+		booted(st, "ek-a", "B1", started, result)
+		s.AccountOnce(ctx, st)
+		s.AccountOnce(ctx, st)
+		c2 := meta.FindStatusCondition(st.Node("ek-a").Status.Conditions, ConditionQuarantined)
+		switch {
+		case result == v1alpha1.ResultFailed && (c2 == nil || c2.Status != metav1.ConditionTrue || c2.Reason != ReasonFailedAfterUnseal):
+			t.Fatalf("a first boot that unsealed and failed: quarantine %+v, want %s", c2, ReasonFailedAfterUnseal)
+		case result == v1alpha1.ResultPassed && quarantined(st.Node("ek-a")):
+			t.Fatalf("a first boot that passed is quarantined: %+v", c2)
+		}
 	}
 }

@@ -125,6 +125,25 @@ func (l *ledger) setVerdict(id, verdict, boot string) {
 	}
 }
 
+// rebook moves entry id to the record name with uid: the record that
+// adopted its record (accounting.go, rebookAdopted).
+func (l *ledger) rebook(id, name string, uid types.UID) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	e := l.byID[id]
+	if e == nil {
+		return
+	}
+	if old := (entryKey{uid: e.NodeUID, blob: e.Blob, source: e.Source}); l.byKey[old] == e {
+		delete(l.byKey, old)
+	}
+	e.Node, e.NodeUID = name, uid
+	if k := (entryKey{uid: uid, blob: e.Blob, source: e.Source}); l.byKey[k] == nil {
+		l.byKey[k] = e
+	}
+	e.seg.dirty = true
+}
+
 // prune drops the entries that keep is false for.
 func (l *ledger) prune(keep func(v1alpha1.LedgerEntry) bool) {
 	l.mu.Lock()

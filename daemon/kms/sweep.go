@@ -222,6 +222,11 @@ func (s *Service) sweepLab(ctx context.Context, st Store, lab *v1alpha1.SovraNod
 		}
 		fresh.Status.KeySalt = bytes.Clone(lab.Status.KeySalt)
 		fresh.Status.Sealing = lab.Status.Sealing.DeepCopy()
+		if fresh.Status.Sealing == nil {
+			fresh.Status.Sealing = &v1alpha1.Sealing{}
+		}
+		// The pending record's key releases are this node's (accounting.go).
+		fresh.Status.Sealing.AdoptedFrom = &v1alpha1.AdoptedRecord{Name: lab.Name, UID: lab.UID, At: metav1.NewTime(now)}
 		if err := st.UpdateStatus(ctx, fresh); err != nil {
 			return err
 		}

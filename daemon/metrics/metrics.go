@@ -129,7 +129,7 @@ var (
 	ConfigReleases = k8smetrics.NewCounterVec(&k8smetrics.CounterOpts{
 		Namespace: namespace, Name: "config_releases_total",
 		Help: "Decisions on a claimed host's machine configuration, by decision (released, refused) and reason " +
-			"(ConfigReleased, AttestationTooOld, ConfigInvalid, NotAccepted).",
+			"(ConfigReleased, AttestationFailed, NotAttested, AttestationTooOld, ConfigInvalid, NotAccepted).",
 	}, []string{"decision", "reason"})
 
 	// HostClaims counts the claims of hosts by machines.

@@ -37,6 +37,14 @@ type machine struct {
 func startMachine(t testing.TB, n *network, d *daemon, tpm swtpmlab.TPM, i int, url string, extra ...string) *machine {
 	t.Helper()
 
+	return startMachineUUID(t, n, d, tpm, i, url, bootsimtest.NewUUID(t), extra...)
+}
+
+// startMachineUUID is startMachine with the machine's SMBIOS UUID given
+// (to select it in a policy before it boots).
+func startMachineUUID(t testing.TB, n *network, d *daemon, tpm swtpmlab.TPM, i int, url, uuid string, extra ...string) *machine {
+	t.Helper()
+
 	ns := n.addNamespace(firstMachine + i)
 	addr := n.addr(firstMachine + i)
 	spec := filepath.Join(testutil.RepoRoot(t), "extension", "sovra-agent.yaml")
@@ -57,7 +65,6 @@ func startMachine(t testing.TB, n *network, d *daemon, tpm swtpmlab.TPM, i int, 
 	// the machine running the tests may have no DMI table, and a
 	// container's sysfs cannot be given one: the UUID is passed as a
 	// talos.environment= kernel argument instead.
-	uuid := bootsimtest.NewUUID(t)
 	args = append(args, "--environment", "SOVRA_NODE_UUID="+uuid)
 	args = append(args, extra...)
 

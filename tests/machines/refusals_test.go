@@ -18,6 +18,7 @@ import (
 	"github.com/sovra-dev/sovra/internal/testutil"
 	"github.com/sovra-dev/sovra/tests/swtpmlab"
 	"github.com/sovra-dev/sovra/tests/talosfake/bootsim"
+	"github.com/sovra-dev/sovra/tests/talosfake/bootsimtest"
 )
 
 const (
@@ -30,7 +31,10 @@ const (
 	// strictPolicy is the AttestationPolicy the host violates: an Enforce
 	// rule on PCR 11 (the Talos UKI's) that no booted swtpm holds.
 	strictPolicy = "refusals-strict"
-	violatedPCR  = 11
+	// firstBootPolicy is strictPolicy's rule for a machine that breaks it
+	// from its first boot.
+	firstBootPolicy = "refusals-first-boot"
+	violatedPCR     = 11
 	// agentAttestInterval is the agent's SOVRA_ATTEST_INTERVAL (its
 	// minimum): a policy applied now is judged at the next attestation.
 	agentAttestInterval = "1m"
@@ -45,6 +49,9 @@ const (
 	// claimWatch is how long a SovraMachine is watched not claiming a
 	// host: more than two of its claim rounds (10 s apart).
 	claimWatch = 25 * time.Second
+	// hostFailedWatch is how long a transition to Failed is watched for
+	// a second announcement.
+	hostFailedWatch = 5 * time.Second
 	// enrollWatch is how long a refused machine is watched after the
 	// refusal.
 	enrollWatch = 10 * time.Second
@@ -53,6 +60,7 @@ const (
 	msgCredRefused    = `"msg":"denied: node credential refused"`
 	msgHostFailed     = `"msg":"host failed attestation: out of the pool"`
 	msgAttestFailed   = `"msg":"attestation failed"`
+	msgQuarantined    = `"msg":"node quarantined"`
 	msgConfigReleased = `"msg":"configuration released"`
 	msgConfigRefused  = `"msg":"configuration not released"`
 	reasonHostFailed  = "HostFailed"
@@ -109,13 +117,21 @@ func (r *refusals) timed(what string, start time.Time) {
 //     Provisioned. (The node is not quarantined: its boot had passed
 //     when it unsealed.)
 //  5. The claimed, provisioned host's attestation then fails: Failed, still
-//     held by its SovraMachine (HostFailed, its failureReason), a Sync of
-//     its current boot refused, no generation released. The boot had
-//     passed when it unsealed STATE, so it is cut off, not quarantined.
+//     held by its SovraMachine (HostFailed in its conditions, no terminal
+//     failureReason), each transition told once, a Sync of its current
+//     boot refused, no generation released. The boot had passed when it
+//     unsealed STATE, so it is cut off, not quarantined.
 //  6. The policy is removed and the node attests again: its host is
 //     Pending, still claimed, not accepted. Its Machine's bootstrap data
 //     changes (a new generation waits); its agent's Syncs get nothing
 //     (ConfigRefused, NotAccepted: audited).
+//  0. A machine whose very first attestation fails (a policy selects its
+//     UUID before it boots): it fetched the enrollment configuration,
+//     sealed and opened STATE under its pending record, enrolled (the
+//     pending record adopted), and its boot then failed: the KMS
+//     quarantines the node (AttestationFailedAfterUnseal), as it does an
+//     enrolled node's boot that unsealed and never passed: the releases
+//     booked to the pending record count as the node's.
 //  7. Right after a passing attestation the policy is applied again and
 //     the machine power-cycled: the new boot unseals STATE and fails its
 //     first attestation, so the KMS quarantines the node, and its host is
@@ -129,7 +145,7 @@ func TestHostRefusals(t *testing.T) {
 	n := newNetwork(t)
 	start := time.Now()
 	leg := n.addr(legHost).String()
-	lab := swtpmlab.New(t, 1, leg)   // the manufacturer sovrad trusts
+	lab := swtpmlab.New(t, 2, leg)   // the manufacturer sovrad trusts
 	rogue := swtpmlab.New(t, 1, leg) // another CA: its EKs are not accepted
 	d := startDaemon(t, n, lab, "--kms-bind-addresses")
 	r := &refusals{t: t, net: n, d: d, url: d.bootArgument(t), dir: t.TempDir()}
@@ -138,6 +154,7 @@ func TestHostRefusals(t *testing.T) {
 	t.Cleanup(func() { dumpParties(t, r.d, r.machines) })
 
 	t.Run("EK not accepted", func(t *testing.T) { r.ekNotAccepted(t, rogue.TPMs[0]) })
+	t.Run("first boot failing its first attestation after unsealing is quarantined", func(t *testing.T) { r.firstBootFails(t, lab.TPMs[1]) })
 	r.policyViolated(lab.TPMs[0])
 
 	t.Logf("timings:\n%s", strings.Join(r.timings, "\n"))
@@ -225,6 +242,83 @@ func (r *refusals) ekNotAccepted(t *testing.T, tpm swtpmlab.TPM) {
 	}
 
 	r.waitLog(t, credOff, msgCredRefused, `"node":"`+pending[0].Metadata.Name+`"`, `"code":"NotEnrolled"`)
+}
+
+// firstBootFails is attack 0.
+func (r *refusals) firstBootFails(t *testing.T, tpm swtpmlab.TPM) {
+	d := r.d
+	start, off, mark := time.Now(), d.LogSize(), d.markEvents(t)
+	uuid := bootsimtest.NewUUID(t)
+
+	r.applyPolicyNamed(t, firstBootPolicy, uuid)
+	defer d.Kubectl("delete", "attestationpolicy", firstBootPolicy)
+
+	m := startMachineUUID(t, r.net, d, tpm, 2, r.url, uuid)
+	r.machines = append(r.machines, m)
+	defer m.Stop() // its work is done: the cores go to the next attack
+
+	m.WaitPhase(1, bootsim.PhaseRunning, refusalBootWait)
+
+	// It sealed and opened its volumes under its pending record.
+	var pending string
+
+	waitFor(t, refusalEnrollWait, "the pending record's key release", func() (bool, string) {
+		lines := logLines(d.LogSince(off), `"msg":"kms decision"`, `"op":"Unseal"`, `"decision":"allowed"`, `"node_uuid":"`+uuid+`"`, `"node":"boot-`)
+		if len(lines) == 0 {
+			return false, "no key released"
+		}
+
+		var line struct{ Node string }
+		if err := json.Unmarshal([]byte(lines[0]), &line); err != nil {
+			t.Fatalf("the release's log line %s: %v", lines[0], err)
+		}
+
+		pending = line.Node
+
+		return true, ""
+	})
+
+	// It enrolled, the pending record was adopted, and its attestation
+	// failed.
+	var name string
+
+	waitFor(t, refusalEnrollWait, "the machine to enroll and fail its attestation", func() (bool, string) {
+		recs := d.recordsOf(t, uuid)
+		if len(recs) != 1 || recs[0].Metadata.Labels[labelPending] != "" || recs[0].Status.LastAttestationResult != "Failed" {
+			return false, fmt.Sprint(names(recs))
+		}
+
+		name = recs[0].Metadata.Name
+
+		return true, ""
+	})
+	r.timed("first boot: enrolled, pending record adopted, attestation failed", start)
+
+	if rec := d.record(t, name); rec.Status.Reason != "PolicyViolation" || len(rec.Status.Boots) != 1 {
+		t.Fatalf("the node's attestation: %s, %d boot(s); want PolicyViolation in its first boot", rec.Status.Reason, len(rec.Status.Boots))
+	}
+
+	// Its boot unsealed (under the pending record) and never passed: the
+	// node is quarantined, audited.
+	waitFor(t, refusalVerdictWait, "the node to be quarantined", func() (bool, string) {
+		rec := d.record(t, name)
+
+		return rec.quarantined(), fmt.Sprintf("%s %+v", rec.Status.LastAttestationResult, rec.condition("Quarantined"))
+	})
+	r.timed("first boot failed after unsealing -> quarantined", start)
+
+	if c := d.record(t, name).condition("Quarantined"); c.Reason != "AttestationFailedAfterUnseal" {
+		t.Errorf("quarantined for %s, want AttestationFailedAfterUnseal", c.Reason)
+	}
+
+	line := r.waitLog(t, off, msgQuarantined, `"node":"`+name+`"`, `"reason":"AttestationFailedAfterUnseal"`)
+	ev := d.waitEvent(t, mark, "SovraNode", name, "Quarantined", time.Minute)
+	t.Logf("quarantined (releases of %s): %s\n  event: %s", pending, line, ev.Message)
+
+	// Quarantined, it opens nothing more.
+	if _, err := d.kms(t, m.ns, false, uuid, m.stateBlob(t)); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("Unseal of the quarantined node's STATE: %v, want PermissionDenied", err)
+	}
 }
 
 // policyViolated is attacks 2 to 7, on one machine.
@@ -343,6 +437,8 @@ func (r *refusals) failOutOfPool(t *testing.T, m *machine, name string) {
 		t.Errorf("HostFailed event: %s %q, want a Warning naming PolicyViolation", ev.Type, ev.Message)
 	}
 
+	r.failedOnce(t, off, mark, name)
+
 	// The agent was told (it stops syncing until it attests again); a Sync
 	// with a credential of its current boot is refused.
 	if log := m.agentLog(1); !strings.Contains(log, "policy violated: "+strictPolicy) {
@@ -452,14 +548,19 @@ func (r *refusals) claimedFails(t *testing.T, m *machine, name string) {
 
 	r.waitLog(t, off, msgHostFailed, `"host":"`+name+`"`, `"reason":"PolicyViolation"`)
 	d.waitEvent(t, mark, "Host", name, reasonHostFailed, time.Minute)
+	r.failedOnce(t, off, mark, name)
 
-	// Its SovraMachine says why (and so its Machine and clusterctl).
+	// Its SovraMachine says why (and so its Machine and clusterctl), in
+	// its conditions: not as a failureReason, which the Cluster API takes
+	// for a terminal failure (the Machine would stay Failed after the host
+	// recovers).
 	waitFor(t, time.Minute, "the SovraMachine to report HostFailed", func() (bool, string) {
 		sm := d.machineStates(t)[0]
 		c := sm.condition("HostProvisioned")
 
-		return sm.Status.FailureReason != nil && *sm.Status.FailureReason == "HostFailed" && c.Reason == "HostFailed", fmt.Sprintf("%+v", c)
+		return c.Reason == "HostFailed" && sm.condition("Ready").Reason == "HostFailed", fmt.Sprintf("%+v", c)
 	})
+	r.notTerminal(t)
 
 	r.refusedSync(t, m, name, &hostapi.SyncRequest{Mode: hostapi.Mode_MODE_CONFIGURED, Generation: before.Status.RunningGeneration})
 	r.nothingReleased(t, off, mark, name, before)
@@ -569,6 +670,7 @@ func (r *refusals) rebootRefused(t *testing.T, m *machine, name string) {
 	r.waitPhase(name, "Failed", time.Minute)
 	d.waitEvent(t, mark, "Host", name, reasonHostFailed, time.Minute)
 	r.waitLog(t, off, msgHostFailed, `"host":"`+name+`"`)
+	r.failedOnce(t, off, mark, name)
 	r.timed("policy applied, power cycle -> quarantined, host Failed", start)
 
 	// The policy goes and the node attests again, but quarantined its host
@@ -611,6 +713,24 @@ func (r *refusals) rebootRefused(t *testing.T, m *machine, name string) {
 	}
 
 	r.timed("cleared, accepted again -> the waiting generation released", start)
+
+	// Accepted again, its Machine never failed for good.
+	r.notTerminal(t)
+}
+
+// notTerminal checks that the cluster's SovraMachine and Machine carry no
+// failureReason: a failed host is recoverable.
+func (r *refusals) notTerminal(t *testing.T) {
+	t.Helper()
+
+	if sm := r.d.machineStates(t)[0]; sm.Status.FailureReason != nil {
+		t.Errorf("the SovraMachine's failureReason is %q: a terminal failure, for a host that recovers", *sm.Status.FailureReason)
+	}
+
+	if m := r.d.jsonpath("-n", refusalsNS, "get", "machines.cluster.x-k8s.io", "-o",
+		"jsonpath={.items[0].status.phase} {.items[0].status.failureReason}"); strings.TrimSpace(m) == "Failed" || strings.Contains(m, "HostFailed") {
+		t.Errorf("the Machine is %q (phase, failureReason): failed for good", m)
+	}
 }
 
 // touchBootstrapData changes the bootstrap data of the cluster's Machine (a
@@ -631,7 +751,12 @@ func (r *refusals) touchBootstrapData(t *testing.T) {
 // applyPolicy applies the policy whose Enforce PCR rule the machine with
 // uuid breaks (its record's UUID label selects it).
 func (r *refusals) applyPolicy(t *testing.T, uuid string) {
-	manifest := filepath.Join(r.dir, "policy.yaml")
+	r.applyPolicyNamed(t, strictPolicy, uuid)
+}
+
+// applyPolicyNamed is applyPolicy under the policy's name.
+func (r *refusals) applyPolicyNamed(t *testing.T, name, uuid string) {
+	manifest := filepath.Join(r.dir, name+".yaml")
 	policy := fmt.Sprintf(`apiVersion: sovra.dev/v1alpha1
 kind: AttestationPolicy
 metadata:
@@ -644,7 +769,7 @@ spec:
     - index: %d
       values: ["%s"]
       mode: Enforce
-`, strictPolicy, uuid, violatedPCR, strings.Repeat("0", 64))
+`, name, uuid, violatedPCR, strings.Repeat("0", 64))
 
 	if err := os.WriteFile(manifest, []byte(policy), 0o600); err != nil {
 		t.Fatal(err)
@@ -674,6 +799,31 @@ func (r *refusals) refusedSync(t *testing.T, m *machine, name string, req *hosta
 	}
 
 	t.Logf("Sync refused: %v\n  audited: %s", err, line)
+}
+
+// failedOnce checks that the host's one transition to Failed since off and
+// mark was logged and evented once: a reconcile that reads a cache its
+// status write has not reached yet must not tell it again.
+func (r *refusals) failedOnce(t *testing.T, off int64, mark eventMark, name string) {
+	t.Helper()
+
+	time.Sleep(hostFailedWatch)
+
+	if lines := logLines(r.d.LogSince(off), msgHostFailed, `"host":"`+name+`"`); len(lines) != 1 {
+		t.Errorf("the host's transition to Failed was logged %d times, want once:\n%s", len(lines), strings.Join(lines, "\n"))
+	}
+
+	var n int32
+
+	for _, e := range r.d.eventsSince(t, mark, "Host", name) {
+		if e.Reason == reasonHostFailed {
+			n += e.times() - mark[e.Metadata.UID]
+		}
+	}
+
+	if n != 1 {
+		t.Errorf("the host's transition to Failed made %d HostFailed events, want one", n)
+	}
 }
 
 // nothingReleased checks that since off and mark no configuration was

@@ -162,15 +162,22 @@ func (r *MachineReconciler) reconcileNormal(ctx context.Context, sm *infrav1.Sov
 	for _, a := range host.Status.Addresses {
 		sm.Status.Addresses = append(sm.Status.Addresses, clusterv1.MachineAddress{Type: clusterv1.MachineInternalIP, Address: a})
 	}
+	if r := sm.Status.FailureReason; r != nil && *r == infrav1.HostFailedReason {
+		// Set by an earlier sovrad for a failed host: recoverable, so no
+		// failure of the contract's kind.
+		sm.Status.FailureReason, sm.Status.FailureMessage = nil, nil
+	}
 	switch host.Status.Phase {
 	case v1alpha1.HostProvisioned:
 		sm.Status.Ready = true
 		conditions.MarkTrue(sm, infrav1.HostProvisionedCondition)
 		return ctrl.Result{}, nil
 	case v1alpha1.HostFailed:
-		reason, msg := infrav1.HostFailedReason, "host "+host.Name+" failed attestation; it gets no configuration"
-		sm.Status.FailureReason, sm.Status.FailureMessage = &reason, &msg
-		conditions.MarkFalse(sm, infrav1.HostProvisionedCondition, infrav1.HostFailedReason, clusterv1.ConditionSeverityError, "%s", msg)
+		// Not a failureReason: by the Cluster API contract that is a
+		// terminal failure (the Machine stays Failed until it is deleted),
+		// and a host that attests again and is accepted again recovers.
+		conditions.MarkFalse(sm, infrav1.HostProvisionedCondition, infrav1.HostFailedReason, clusterv1.ConditionSeverityError,
+			"host %s failed attestation; it gets no configuration until it attests again and is accepted again", host.Name)
 		return ctrl.Result{}, nil
 	}
 	conditions.MarkFalse(sm, infrav1.HostProvisionedCondition, infrav1.WaitingForHostReason, clusterv1.ConditionSeverityInfo,

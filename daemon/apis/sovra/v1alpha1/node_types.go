@@ -2,6 +2,7 @@ package v1alpha1
 
 import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 )
 
 // LabelUUID labels a SovraNode with the SMBIOS UUID it enrolled with, so
@@ -209,6 +210,22 @@ type Sealing struct {
 	// was wiped): every blob sealed before is dead.
 	// +optional
 	SaltReplaced *metav1.Time `json:"saltReplaced,omitempty"`
+	// AdoptedFrom is the pending record whose salt and seals this record
+	// adopted (its machine sealed, and opened, its volumes before it
+	// enrolled). The KMS books that record's key releases to this one, so
+	// that a boot which unsealed under it and then failed its attestation
+	// quarantines this node as any other boot would.
+	// +optional
+	AdoptedFrom *AdoptedRecord `json:"adoptedFrom,omitempty"`
+}
+
+// AdoptedRecord names a pending record another record adopted.
+type AdoptedRecord struct {
+	// Name and UID are the pending record's.
+	Name string    `json:"name"`
+	UID  types.UID `json:"uid"`
+	// At is when it was adopted.
+	At metav1.Time `json:"at"`
 }
 
 // SealingWindow is a time in which the KMS Seals for a node.
