@@ -32,7 +32,11 @@ type sovraNode struct {
 		Addresses []string `json:"addresses"`
 	} `json:"spec"`
 	Status struct {
-		LastAttestationResult string `json:"lastAttestationResult"`
+		LastAttestationResult string      `json:"lastAttestationResult"`
+		LastAttestationTime   string      `json:"lastAttestationTime"`
+		Reason                string      `json:"reason"`
+		Message               string      `json:"message"`
+		Conditions            []condition `json:"conditions"`
 		Boots                 []struct {
 			ID     string `json:"id"`
 			Result string `json:"result"`
@@ -87,12 +91,16 @@ type host struct {
 		Boot               string   `json:"boot"`
 		ReleasedGeneration int64    `json:"releasedGeneration"`
 		RunningGeneration  int64    `json:"runningGeneration"`
+		ConfigHash         string   `json:"configHash"`
 		Hardware           *struct {
 			CPUs      int32 `json:"cpus"`
 			MemoryMiB int64 `json:"memoryMiB"`
 		} `json:"hardware"`
+		Conditions []condition `json:"conditions"`
 	} `json:"status"`
 }
+
+func (h host) condition(typ string) condition { return conditionOf(h.Status.Conditions, typ) }
 
 type sovraMachine struct {
 	Metadata objectMeta `json:"metadata"`
@@ -108,8 +116,12 @@ type sovraMachine struct {
 		HostRef *struct {
 			Name string `json:"name"`
 		} `json:"hostRef"`
+		FailureReason *string     `json:"failureReason"`
+		Conditions    []condition `json:"conditions"`
 	} `json:"status"`
 }
+
+func (m sovraMachine) condition(typ string) condition { return conditionOf(m.Status.Conditions, typ) }
 
 type capiMachine struct {
 	Metadata objectMeta `json:"metadata"`
@@ -143,6 +155,15 @@ func (d *daemon) hosts(t testing.TB) []host {
 	d.get(t, &list, "hosts.sovra.dev")
 
 	return list.Items
+}
+
+func (d *daemon) hostByName(t testing.TB, name string) host {
+	t.Helper()
+
+	var h host
+	d.get(t, &h, "host", name)
+
+	return h
 }
 
 func (d *daemon) hostByUUID(t testing.TB, uuid string) (host, bool) {

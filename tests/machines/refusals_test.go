@@ -294,20 +294,20 @@ func (r *refusals) firstBootFails(t *testing.T, tpm swtpmlab.TPM) {
 	})
 	r.timed("first boot: enrolled, pending record adopted, attestation failed", start)
 
-	if rec := d.record(t, name); rec.Status.Reason != "PolicyViolation" || len(rec.Status.Boots) != 1 {
+	if rec := d.nodeByName(t, name); rec.Status.Reason != "PolicyViolation" || len(rec.Status.Boots) != 1 {
 		t.Fatalf("the node's attestation: %s, %d boot(s); want PolicyViolation in its first boot", rec.Status.Reason, len(rec.Status.Boots))
 	}
 
 	// Its boot unsealed (under the pending record) and never passed: the
 	// node is quarantined, audited.
 	waitFor(t, refusalVerdictWait, "the node to be quarantined", func() (bool, string) {
-		rec := d.record(t, name)
+		rec := d.nodeByName(t, name)
 
 		return rec.quarantined(), fmt.Sprintf("%s %+v", rec.Status.LastAttestationResult, rec.condition("Quarantined"))
 	})
 	r.timed("first boot failed after unsealing -> quarantined", start)
 
-	if c := d.record(t, name).condition("Quarantined"); c.Reason != "AttestationFailedAfterUnseal" {
+	if c := d.nodeByName(t, name).condition("Quarantined"); c.Reason != "AttestationFailedAfterUnseal" {
 		t.Errorf("quarantined for %s, want AttestationFailedAfterUnseal", c.Reason)
 	}
 
@@ -406,13 +406,13 @@ func (r *refusals) enrolled(m *machine) string {
 func (r *refusals) failOutOfPool(t *testing.T, m *machine, name string) {
 	d := r.d
 	start, off, mark := time.Now(), d.LogSize(), d.markEvents(t)
-	before := d.hostState(t, name)
+	before := d.hostByName(t, name)
 
 	r.applyPolicy(t, m.UUID)
 	r.waitPhase(name, "Failed", refusalVerdictWait)
 	r.timed("policy applied -> Available host Failed", start)
 
-	h := d.hostState(t, name)
+	h := d.hostByName(t, name)
 	if h.Spec.Accepted || h.Spec.ConsumerRef != nil {
 		t.Errorf("the Failed host is still accepted (%v) or claimed (%+v)", h.Spec.Accepted, h.Spec.ConsumerRef)
 	}
@@ -421,7 +421,7 @@ func (r *refusals) failOutOfPool(t *testing.T, m *machine, name string) {
 		t.Errorf("the Failed host's Attested condition: %+v, want False PolicyViolation", c)
 	}
 
-	rec := d.record(t, name)
+	rec := d.nodeByName(t, name)
 	if rec.Status.LastAttestationResult != "Failed" || rec.Status.Reason != "PolicyViolation" ||
 		!strings.Contains(rec.Status.Message, fmt.Sprintf("%s pcr[%d]", strictPolicy, violatedPCR)) {
 		t.Errorf("the record's attestation: %s %s %q, want Failed PolicyViolation naming PCR %d",
@@ -453,7 +453,7 @@ func (r *refusals) failOutOfPool(t *testing.T, m *machine, name string) {
 func (r *refusals) neverClaimed(t *testing.T, m *machine, name string) {
 	d := r.d
 	start, off, mark := time.Now(), d.LogSize(), d.markEvents(t)
-	before := d.hostState(t, name)
+	before := d.hostByName(t, name)
 
 	manifest := filepath.Join(r.dir, "cluster.yaml")
 	if err := os.WriteFile(manifest, []byte(refusalsClusterYAML(m.addr.String())), 0o600); err != nil {
@@ -463,7 +463,7 @@ func (r *refusals) neverClaimed(t *testing.T, m *machine, name string) {
 	d.Kubectl("apply", "-f", manifest)
 
 	waitFor(t, refusalProvisionWait, "the control plane's SovraMachine to look for a host", func() (bool, string) {
-		sms := d.machineStates(t)
+		sms := d.sovraMachines(t, refusalsNS)
 		if len(sms) != 1 {
 			return false, fmt.Sprintf("%d SovraMachines", len(sms))
 		}
@@ -482,12 +482,12 @@ func (r *refusals) neverClaimed(t *testing.T, m *machine, name string) {
 func (r *refusals) returnsToPool(t *testing.T, m *machine, name string) {
 	d := r.d
 	start := time.Now()
-	failedAt := d.record(t, name).Status.LastAttestationTime
+	failedAt := d.nodeByName(t, name).Status.LastAttestationTime
 
 	d.Kubectl("delete", "attestationpolicy", strictPolicy)
 
 	waitFor(t, refusalVerdictWait, "the node to attest again without the policy", func() (bool, string) {
-		rec := d.record(t, name)
+		rec := d.nodeByName(t, name)
 
 		return rec.Status.LastAttestationResult == "Passed" && rec.Status.LastAttestationTime != failedAt, rec.Status.LastAttestationResult
 	})
@@ -495,7 +495,7 @@ func (r *refusals) returnsToPool(t *testing.T, m *machine, name string) {
 
 	// Not quarantined: the boot had passed when it unsealed (and its
 	// Unseals were the pending record's).
-	if rec := d.record(t, name); rec.quarantined() {
+	if rec := d.nodeByName(t, name); rec.quarantined() {
 		t.Fatalf("the node is quarantined: %+v", rec.condition("Quarantined"))
 	}
 
@@ -525,13 +525,13 @@ func (r *refusals) claimedFails(t *testing.T, m *machine, name string) {
 	st := m.Status()
 
 	waitFor(t, time.Minute, "the record to show the configured boot", func() (bool, string) {
-		rec := d.record(t, name)
+		rec := d.nodeByName(t, name)
 
 		return rec.currentBoot() == st.BootID && rec.Status.LastAttestationResult == "Passed", rec.currentBoot()
 	})
 
 	start, off, mark := time.Now(), d.LogSize(), d.markEvents(t)
-	before := d.hostState(t, name)
+	before := d.hostByName(t, name)
 
 	if before.Spec.ConsumerRef == nil || before.Status.ReleasedGeneration == 0 {
 		t.Fatalf("the host is not claimed and provisioned: %+v", before)
@@ -541,7 +541,7 @@ func (r *refusals) claimedFails(t *testing.T, m *machine, name string) {
 	r.waitPhase(name, "Failed", refusalVerdictWait)
 	r.timed("policy applied -> claimed host Failed", start)
 
-	h := d.hostState(t, name)
+	h := d.hostByName(t, name)
 	if h.Spec.ConsumerRef == nil || h.Spec.ConsumerRef.UID != before.Spec.ConsumerRef.UID || h.Spec.Accepted {
 		t.Errorf("the Failed host: consumer %+v accepted %v; want still held by its machine, not accepted", h.Spec.ConsumerRef, h.Spec.Accepted)
 	}
@@ -555,7 +555,7 @@ func (r *refusals) claimedFails(t *testing.T, m *machine, name string) {
 	// for a terminal failure (the Machine would stay Failed after the host
 	// recovers).
 	waitFor(t, time.Minute, "the SovraMachine to report HostFailed", func() (bool, string) {
-		sm := d.machineStates(t)[0]
+		sm := d.sovraMachines(t, refusalsNS)[0]
 		c := sm.condition("HostProvisioned")
 
 		return c.Reason == "HostFailed" && sm.condition("Ready").Reason == "HostFailed", fmt.Sprintf("%+v", c)
@@ -570,7 +570,7 @@ func (r *refusals) claimedFails(t *testing.T, m *machine, name string) {
 	// disks (daemon/kms accounting.go, failedBoot).
 	time.Sleep(3 * kmsJudgeInterval)
 
-	if rec := d.record(t, name); rec.quarantined() {
+	if rec := d.nodeByName(t, name); rec.quarantined() {
 		t.Fatalf("a boot that had passed is quarantined: %+v", rec.condition("Quarantined"))
 	}
 }
@@ -579,13 +579,13 @@ func (r *refusals) claimedFails(t *testing.T, m *machine, name string) {
 func (r *refusals) claimedReturns(t *testing.T, m *machine, name string) {
 	d := r.d
 	start, off, mark := time.Now(), d.LogSize(), d.markEvents(t)
-	before := d.hostState(t, name)
-	failedAt := d.record(t, name).Status.LastAttestationTime
+	before := d.hostByName(t, name)
+	failedAt := d.nodeByName(t, name).Status.LastAttestationTime
 
 	d.Kubectl("delete", "attestationpolicy", strictPolicy)
 
 	waitFor(t, refusalVerdictWait, "the node to attest again without the policy", func() (bool, string) {
-		rec := d.record(t, name)
+		rec := d.nodeByName(t, name)
 
 		return rec.AttestedOK() && rec.Status.LastAttestationTime != failedAt, rec.Status.LastAttestationResult
 	})
@@ -610,7 +610,7 @@ func (r *refusals) claimedReturns(t *testing.T, m *machine, name string) {
 			}
 		}
 
-		return false, d.hostState(t, name).Status.Phase
+		return false, d.hostByName(t, name).Status.Phase
 	})
 
 	line := r.waitLog(t, off, msgConfigRefused, `"host":"`+name+`"`)
@@ -621,7 +621,7 @@ func (r *refusals) claimedReturns(t *testing.T, m *machine, name string) {
 
 	r.nothingReleased(t, off, mark, name, before)
 
-	if h := d.hostState(t, name); h.Spec.Accepted || h.Spec.ConsumerRef == nil || h.Status.Phase != "Pending" {
+	if h := d.hostByName(t, name); h.Spec.Accepted || h.Spec.ConsumerRef == nil || h.Status.Phase != "Pending" {
 		t.Fatalf("the host: %s accepted %v consumer %+v; want Pending, not accepted, still claimed", h.Status.Phase, h.Spec.Accepted, h.Spec.ConsumerRef)
 	}
 }
@@ -633,16 +633,16 @@ func (r *refusals) rebootRefused(t *testing.T, m *machine, name string) {
 	// Right after a passing attestation (the next is a minute away) the
 	// policy is applied and the machine power-cycled: its new boot unseals
 	// STATE while the record's last attestation passed.
-	prev := d.record(t, name).Status.LastAttestationTime
+	prev := d.nodeByName(t, name).Status.LastAttestationTime
 
 	waitFor(t, refusalVerdictWait, "a fresh passing attestation", func() (bool, string) {
-		rec := d.record(t, name)
+		rec := d.nodeByName(t, name)
 
 		return rec.AttestedOK() && rec.Status.LastAttestationTime != prev, rec.Status.LastAttestationTime
 	})
 
 	start, off, mark := time.Now(), d.LogSize(), d.markEvents(t)
-	before := d.hostState(t, name)
+	before := d.hostByName(t, name)
 	oldBoot := m.Status().BootID
 
 	r.applyPolicy(t, m.UUID)
@@ -658,12 +658,12 @@ func (r *refusals) rebootRefused(t *testing.T, m *machine, name string) {
 	// Its first attestation fails: a boot that unsealed and never passed
 	// quarantines the node, and its host is out of the pool.
 	waitFor(t, refusalVerdictWait, "the node to be quarantined", func() (bool, string) {
-		rec := d.record(t, name)
+		rec := d.nodeByName(t, name)
 
 		return rec.quarantined(), fmt.Sprintf("%s %+v", rec.Status.LastAttestationResult, rec.condition("Quarantined"))
 	})
 
-	if c := d.record(t, name).condition("Quarantined"); c.Reason != "AttestationFailedAfterUnseal" {
+	if c := d.nodeByName(t, name).condition("Quarantined"); c.Reason != "AttestationFailedAfterUnseal" {
 		t.Errorf("quarantined for %s, want AttestationFailedAfterUnseal", c.Reason)
 	}
 
@@ -676,19 +676,19 @@ func (r *refusals) rebootRefused(t *testing.T, m *machine, name string) {
 	// The policy goes and the node attests again, but quarantined its host
 	// stays out of the pool, and its credential gets nothing.
 	start = time.Now()
-	failedAt := d.record(t, name).Status.LastAttestationTime
+	failedAt := d.nodeByName(t, name).Status.LastAttestationTime
 
 	d.Kubectl("delete", "attestationpolicy", strictPolicy)
 
 	waitFor(t, refusalVerdictWait, "the quarantined node to attest again", func() (bool, string) {
-		rec := d.record(t, name)
+		rec := d.nodeByName(t, name)
 
 		return rec.AttestedOK() && rec.Status.LastAttestationTime != failedAt, rec.Status.LastAttestationResult
 	})
 	r.timed("policy deleted -> the quarantined node attests again", start)
 
 	for range 5 {
-		if h := d.hostState(t, name); h.Status.Phase != "Failed" || h.Spec.Accepted {
+		if h := d.hostByName(t, name); h.Status.Phase != "Failed" || h.Spec.Accepted {
 			t.Fatalf("the host of a quarantined node is %s (accepted %v), want Failed", h.Status.Phase, h.Spec.Accepted)
 		}
 
@@ -708,7 +708,7 @@ func (r *refusals) rebootRefused(t *testing.T, m *machine, name string) {
 	d.waitEvent(t, mark, "Host", name, reasonReleased, 3*time.Minute)
 	r.waitLog(t, off, msgConfigReleased, `"host":"`+name+`"`)
 
-	if h := d.hostState(t, name); h.Status.ReleasedGeneration != before.Status.ReleasedGeneration+1 {
+	if h := d.hostByName(t, name); h.Status.ReleasedGeneration != before.Status.ReleasedGeneration+1 {
 		t.Fatalf("released generation %d after the acceptance, want %d", h.Status.ReleasedGeneration, before.Status.ReleasedGeneration+1)
 	}
 
@@ -723,7 +723,7 @@ func (r *refusals) rebootRefused(t *testing.T, m *machine, name string) {
 func (r *refusals) notTerminal(t *testing.T) {
 	t.Helper()
 
-	if sm := r.d.machineStates(t)[0]; sm.Status.FailureReason != nil {
+	if sm := r.d.sovraMachines(t, refusalsNS)[0]; sm.Status.FailureReason != nil {
 		t.Errorf("the SovraMachine's failureReason is %q: a terminal failure, for a host that recovers", *sm.Status.FailureReason)
 	}
 
@@ -785,7 +785,7 @@ func (r *refusals) refusedSync(t *testing.T, m *machine, name string, req *hosta
 	t.Helper()
 
 	d := r.d
-	rec := d.record(t, name)
+	rec := d.nodeByName(t, name)
 	off := d.LogSize()
 
 	resp, err := d.sync(t, m.ns, d.credential(t, name, rec.Metadata.UID, rec.currentBoot()), req)
@@ -828,7 +828,7 @@ func (r *refusals) failedOnce(t *testing.T, off int64, mark eventMark, name stri
 
 // nothingReleased checks that since off and mark no configuration was
 // released to the host and its generations did not change.
-func (r *refusals) nothingReleased(t *testing.T, off int64, mark eventMark, name string, before hostState) {
+func (r *refusals) nothingReleased(t *testing.T, off int64, mark eventMark, name string, before host) {
 	t.Helper()
 
 	d := r.d
@@ -843,7 +843,7 @@ func (r *refusals) nothingReleased(t *testing.T, off int64, mark eventMark, name
 		}
 	}
 
-	h := d.hostState(t, name)
+	h := d.hostByName(t, name)
 	if h.Status.ReleasedGeneration != before.Status.ReleasedGeneration || h.Status.RunningGeneration != before.Status.RunningGeneration ||
 		h.Status.ConfigHash != before.Status.ConfigHash && before.Status.ConfigHash != "" {
 		t.Fatalf("the host's generations changed: released %d -> %d, running %d -> %d",
@@ -860,12 +860,12 @@ func (r *refusals) notClaimed(t *testing.T, name, phase string) {
 	deadline := time.Now().Add(claimWatch)
 
 	for time.Now().Before(deadline) {
-		h := d.hostState(t, name)
+		h := d.hostByName(t, name)
 		if h.Spec.ConsumerRef != nil || h.Status.Phase != phase {
 			t.Fatalf("the %s host was claimed or changed: phase %s consumer %+v", phase, h.Status.Phase, h.Spec.ConsumerRef)
 		}
 
-		for _, sm := range d.machineStates(t) {
+		for _, sm := range d.sovraMachines(t, refusalsNS) {
 			if sm.Status.HostRef != nil {
 				t.Fatalf("SovraMachine %s holds host %s", sm.Metadata.Name, sm.Status.HostRef.Name)
 			}
@@ -874,7 +874,7 @@ func (r *refusals) notClaimed(t *testing.T, name, phase string) {
 		time.Sleep(time.Second)
 	}
 
-	if c := d.machineStates(t)[0].condition("HostClaimed"); c.Reason != "NoHostAvailable" {
+	if c := d.sovraMachines(t, refusalsNS)[0].condition("HostClaimed"); c.Reason != "NoHostAvailable" {
 		t.Fatalf("the SovraMachine's HostClaimed: %+v, want NoHostAvailable", c)
 	}
 }
@@ -883,7 +883,7 @@ func (r *refusals) waitPhase(name, phase string, timeout time.Duration) {
 	r.t.Helper()
 
 	waitFor(r.t, timeout, "host "+name+" "+phase, func() (bool, string) {
-		h := r.d.hostState(r.t, name)
+		h := r.d.hostByName(r.t, name)
 
 		return h.Status.Phase == phase, h.Status.Phase
 	})
@@ -1014,41 +1014,16 @@ func conditionOf(cs []condition, typ string) condition {
 	return condition{}
 }
 
-type nodeRecord struct {
-	Metadata objectMeta `json:"metadata"`
-	Spec     struct {
-		UUID string `json:"uuid"`
-	} `json:"spec"`
-	Status struct {
-		LastAttestationResult string      `json:"lastAttestationResult"`
-		LastAttestationTime   string      `json:"lastAttestationTime"`
-		Reason                string      `json:"reason"`
-		Message               string      `json:"message"`
-		Conditions            []condition `json:"conditions"`
-		Boots                 []struct {
-			ID string `json:"id"`
-		} `json:"boots"`
-	} `json:"status"`
-}
-
-func (n nodeRecord) condition(typ string) condition { return conditionOf(n.Status.Conditions, typ) }
-func (n nodeRecord) quarantined() bool              { return n.condition("Quarantined").Status == "True" }
-func (n nodeRecord) enrolled() bool                 { return n.condition("Enrolled").Status == "True" }
+func (n sovraNode) condition(typ string) condition { return conditionOf(n.Status.Conditions, typ) }
+func (n sovraNode) quarantined() bool              { return n.condition("Quarantined").Status == "True" }
+func (n sovraNode) enrolled() bool                 { return n.condition("Enrolled").Status == "True" }
 
 // AttestedOK is v1alpha1.SovraNode.AttestedOK.
-func (n nodeRecord) AttestedOK() bool {
+func (n sovraNode) AttestedOK() bool {
 	return n.Status.LastAttestationResult == "Passed" && n.condition("Attested").Status == "True"
 }
 
-func (n nodeRecord) currentBoot() string {
-	if len(n.Status.Boots) == 0 {
-		return ""
-	}
-
-	return n.Status.Boots[0].ID
-}
-
-func names(recs []nodeRecord) []string {
+func names(recs []sovraNode) []string {
 	var out []string
 	for _, n := range recs {
 		out = append(out, n.Metadata.Name)
@@ -1057,57 +1032,14 @@ func names(recs []nodeRecord) []string {
 	return out
 }
 
-type hostState struct {
-	Metadata objectMeta `json:"metadata"`
-	Spec     struct {
-		Accepted    bool `json:"accepted"`
-		ConsumerRef *struct {
-			Namespace string `json:"namespace"`
-			Name      string `json:"name"`
-			UID       string `json:"uid"`
-		} `json:"consumerRef"`
-	} `json:"spec"`
-	Status struct {
-		Phase              string      `json:"phase"`
-		ReleasedGeneration int64       `json:"releasedGeneration"`
-		RunningGeneration  int64       `json:"runningGeneration"`
-		ConfigHash         string      `json:"configHash"`
-		Conditions         []condition `json:"conditions"`
-	} `json:"status"`
-}
-
-func (h hostState) condition(typ string) condition { return conditionOf(h.Status.Conditions, typ) }
-
-type machineState struct {
-	Metadata objectMeta `json:"metadata"`
-	Status   struct {
-		HostRef *struct {
-			Name string `json:"name"`
-		} `json:"hostRef"`
-		FailureReason *string     `json:"failureReason"`
-		Conditions    []condition `json:"conditions"`
-	} `json:"status"`
-}
-
-func (m machineState) condition(typ string) condition { return conditionOf(m.Status.Conditions, typ) }
-
-func (d *daemon) record(t testing.TB, name string) nodeRecord {
-	t.Helper()
-
-	var n nodeRecord
-	d.get(t, &n, "sovranode", name)
-
-	return n
-}
-
 // recordsOf are the records that name uuid.
-func (d *daemon) recordsOf(t testing.TB, uuid string) []nodeRecord {
+func (d *daemon) recordsOf(t testing.TB, uuid string) []sovraNode {
 	t.Helper()
 
-	var list struct{ Items []nodeRecord }
+	var list struct{ Items []sovraNode }
 	d.get(t, &list, "sovranodes")
 
-	var out []nodeRecord
+	var out []sovraNode
 
 	for _, n := range list.Items {
 		if strings.EqualFold(n.Spec.UUID, uuid) {
@@ -1116,24 +1048,6 @@ func (d *daemon) recordsOf(t testing.TB, uuid string) []nodeRecord {
 	}
 
 	return out
-}
-
-func (d *daemon) hostState(t testing.TB, name string) hostState {
-	t.Helper()
-
-	var h hostState
-	d.get(t, &h, "host", name)
-
-	return h
-}
-
-func (d *daemon) machineStates(t testing.TB) []machineState {
-	t.Helper()
-
-	var list struct{ Items []machineState }
-	d.get(t, &list, "-n", refusalsNS, "sovramachines")
-
-	return list.Items
 }
 
 // Events, read from a mark: an event is new since the mark when it did not
