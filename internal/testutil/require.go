@@ -3,11 +3,13 @@
 package testutil
 
 import (
+	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"testing"
 )
 
@@ -69,13 +71,35 @@ func RepoRoot(t testing.TB) string {
 	return filepath.Clean(filepath.Join(filepath.Dir(file), "..", ".."))
 }
 
-// FreePort returns a TCP port on 127.0.0.1 that nothing listens on.
+// Ports FreePort picks from: below Linux's ephemeral range (32768-60999),
+// which the kernel hands to outgoing connections and to port 0 listeners.
+// A port picked there could be taken by any connection of any test before
+// the daemon binds it ("address already in use").
+const (
+	freePortMin = 20000
+	freePortMax = 32768
+)
+
+// FreePort returns a TCP port on 127.0.0.1 that nothing listens on (FreePortOn).
 func FreePort(t testing.TB) int {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	return FreePortOn(t, "127.0.0.1")
+}
+
+// FreePortOn returns a TCP port on host that nothing listens on, picked at
+// random outside the ephemeral range so that no outgoing connection takes
+// it before the caller binds it.
+func FreePortOn(t testing.TB, host string) int {
+	t.Helper()
+	for range 1000 {
+		port := freePortMin + rand.IntN(freePortMax-freePortMin) //nolint:gosec // not a secret
+		l, err := net.Listen("tcp", net.JoinHostPort(host, strconv.Itoa(port)))
+		if err != nil {
+			continue
+		}
+		l.Close()
+		return port
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
+	t.Fatalf("no free port between %d and %d on %s", freePortMin, freePortMax, host)
+	return 0
 }

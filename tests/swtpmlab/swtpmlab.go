@@ -81,7 +81,7 @@ func New(t testing.TB, n int, host string) *Lab {
 		if err != nil {
 			t.Fatalf("swtpm_setup: %v\n%s", err, out)
 		}
-		port, ctrl := freePort(t, host), freePort(t, host)
+		port, ctrl := testutil.FreePortOn(t, host), testutil.FreePortOn(t, host)
 		cmd := exec.Command("swtpm", "socket", "--tpm2", "--tpmstate", "dir="+state,
 			"--server", fmt.Sprintf("type=tcp,port=%d,bindaddr=%s", port, host),
 			"--ctrl", fmt.Sprintf("type=tcp,port=%d,bindaddr=%s", ctrl, host),
@@ -142,16 +142,6 @@ func write(t testing.TB, p, s string) {
 	if err := os.WriteFile(p, []byte(s), 0o600); err != nil {
 		t.Fatal(err)
 	}
-}
-
-func freePort(t testing.TB, host string) int {
-	t.Helper()
-	l, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
 }
 
 func waitListen(t testing.TB, addr string) {
