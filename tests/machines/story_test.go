@@ -145,9 +145,11 @@ func tail(s string, n int) string {
 //     merged: compared field by field with the bootstrap Secret), applies
 //     it, reboots, unseals STATE, attests the new boot, and is
 //     Provisioned; the SovraMachines have providerID sovra://<host> and
-//     the host's address; etcd is bootstrapped exactly once (by CACPPT,
-//     behind the bootstrap fence: the agents in host mode stay out of the
-//     election), and never again for the rest of the story;
+//     the host's address; each claimed host's SovraNode is labelled
+//     with the cluster; etcd is bootstrapped exactly once, by the agent of
+//     the control plane its peers elected (not by CACPPT, whom the
+//     bootstrap fence keeps waiting its grace), well within the grace, and
+//     never again for the rest of the story;
 //  4. attacks on a provisioned host: the enrollment configuration fetched
 //     for its UUID from another address opens nothing (its STATE blob does
 //     not unseal there, nothing Seals there); Syncs with a credential of
@@ -198,7 +200,7 @@ func TestMachinesStory(t *testing.T) {
 // needs it).
 func (s *story) bootstrappedByAgent(cps []*machine) {
 	t, d := s.t, s.d
-	waitFor(t, agentBootstrapBound-time.Since(s.applied), "etcd bootstrapped by an agent within "+agentBootstrapBound.String()+" of kubectl apply", func() (bool, string) {
+	waitFor(t, agentBootstrapBound-time.Since(s.applied), "etcd bootstrapped within "+agentBootstrapBound.String()+" of kubectl apply", func() (bool, string) {
 		for _, m := range cps {
 			if len(m.Find(0, msgBootstrapped)) > 0 {
 				return true, ""
@@ -206,7 +208,7 @@ func (s *story) bootstrappedByAgent(cps []*machine) {
 		}
 		return false, "no bootstrap yet"
 	})
-	s.timed("kubectl apply -> etcd bootstrapped by a control plane's agent", s.applied)
+	s.timed("kubectl apply -> etcd bootstrapped", s.applied)
 	daemonAddr := s.net.addr(legHost).String()
 	for _, m := range cps {
 		for _, e := range m.Find(0, msgBootstrapped) {
