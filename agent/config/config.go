@@ -82,6 +82,11 @@ type Config struct {
 	// client certificate from the cluster's Talos CA, and that CA, which
 	// every peer's certificate must chain to. Default /etc/sovra/talosconfig.
 	TalosConfigPath string
+
+	// PeerTalosConfigPath, when set, is the talosconfig for the Talos API
+	// of every other node (a provisioned control plane's own talosconfig is
+	// accepted by that node alone); empty uses TalosConfigPath.
+	PeerTalosConfigPath string
 	// TalosAPIPort is the port of Talos apid on every node. Default 50000.
 	TalosAPIPort int
 	// StateDir is where the agent writes its status document (status.json,
@@ -231,6 +236,11 @@ func settings() []setting {
 
 			return nil
 		}, func(c Config) string { return c.TalosConfigPath }},
+		{"peer-talosconfig", []string{"SOVRA_PEER_TALOSCONFIG"}, "talosconfig for the other nodes' Talos API (default: the talosconfig)", func(c *Config, v string) error {
+			c.PeerTalosConfigPath = v
+
+			return nil
+		}, func(c Config) string { return c.PeerTalosConfigPath }},
 		{"talos-api-port", []string{"SOVRA_TALOS_API_PORT"}, "port of Talos apid", func(c *Config, v string) error {
 			return parseInt(v, &c.TalosAPIPort)
 		}, func(c Config) string { return strconv.Itoa(c.TalosAPIPort) }},
@@ -456,6 +466,12 @@ func (c Config) Validate() error {
 	}
 
 	problems = append(problems, c.Host.validate(c)...)
+
+	if c.PeerTalosConfigPath != "" {
+		if _, err := os.Stat(c.PeerTalosConfigPath); err != nil {
+			add("peer talosconfig %s: %w", c.PeerTalosConfigPath, errors.Unwrap(err))
+		}
+	}
 
 	if c.Attestation.Interval < time.Minute {
 		add("attest interval %s: want at least 1m", c.Attestation.Interval)

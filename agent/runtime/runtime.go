@@ -4,6 +4,7 @@ package runtime
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -133,7 +134,14 @@ func bootstrapControllers(opts Options) ([]controller.Controller, error) {
 			return nil, err
 		}
 
-		talos = &talosapi.Client{TLS: tlsConfig, Port: cfg.TalosAPIPort, Timeout: b.APITimeout, Local: self}
+		var peerTLS *tls.Config
+		if cfg.PeerTalosConfigPath != "" {
+			if peerTLS, err = talosapi.LoadTLS(cfg.PeerTalosConfigPath); err != nil {
+				return nil, err
+			}
+		}
+
+		talos = &talosapi.Client{TLS: tlsConfig, PeerTLS: peerTLS, Port: cfg.TalosAPIPort, Timeout: b.APITimeout, Local: self}
 	}
 
 	source := opts.PeerSource

@@ -167,14 +167,16 @@ func (r *Reconciler) call(ctx context.Context, host *v1alpha1.Host, a *v1alpha1.
 	if err := r.Daemon.Validate(); err != nil {
 		return errors.New("this sovrad has no node API, so it cannot build the configuration: a leader with --node-listen applies it")
 	}
-	bootstrap, cluster, err := bootstrapData(ctx, r.reader(), host.Spec.ConsumerRef)
+	bootstrap, cluster, m, err := bootstrapData(ctx, r.reader(), host.Spec.ConsumerRef)
 	if err != nil {
 		return err
 	}
 	if bootstrapHash(bootstrap) != host.Status.ConfigHash {
 		return errors.New("the machine's bootstrap data changed since this generation was released: waiting for the host's next sync")
 	}
-	merged, worker, err := releasedConfig(ctx, r.Client, r.Daemon, host, host.Spec.ConsumerRef.Namespace, cluster, bootstrap, a.Generation, r.now())
+	merged, worker, err := releasedConfig(ctx, r.Client, r.Daemon, host, release{
+		namespace: host.Spec.ConsumerRef.Namespace, cluster: cluster, machine: m, addresses: host.Status.Addresses, bootstrap: bootstrap, generation: a.Generation,
+	}, r.now())
 	if err != nil {
 		return err
 	}

@@ -50,6 +50,8 @@ const (
 	// Talos bootstrap provider keeps per cluster (<cluster>-talos, "bundle").
 	clusterSecretsSuffix = "-talos"
 	clusterSecretsKey    = "bundle"
+	// talosControlPlaneKind owns a Talos control plane's Machines.
+	talosControlPlaneKind = "TalosControlPlane"
 	// bytesPerGiB and bytesPerMiB convert the reported sizes.
 	bytesPerGiB = 1 << 30
 	bytesPerMiB = 1 << 20

@@ -17,11 +17,13 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/tools/record"
 	"k8s.io/client-go/util/retry"
 	clusterv1 "sigs.k8s.io/cluster-api/api/v1beta1"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
+	controlplanev1 "github.com/siderolabs/cluster-api-control-plane-provider-talos/api/v1alpha3"
 	"github.com/siderolabs/crypto/x509"
 	"github.com/siderolabs/talos/pkg/machinery/config/configloader"
 	"github.com/siderolabs/talos/pkg/machinery/config/generate/secrets"
@@ -289,7 +291,7 @@ func (s *Service) claimed(ctx context.Context, host *v1alpha1.Host, st *v1alpha1
 	if st.Phase == v1alpha1.HostPending || st.Phase == v1alpha1.HostAvailable || st.Phase == "" {
 		st.Phase = v1alpha1.HostClaimed
 	}
-	bootstrap, cluster, err := bootstrapData(ctx, s.client, ref)
+	bootstrap, cluster, m, err := bootstrapData(ctx, s.client, ref)
 	st.Cluster = cluster
 	if errors.Is(err, ErrNotReady) {
 		return wait("claimed by %s: %v", st.Machine, err), nil
@@ -314,7 +316,9 @@ func (s *Service) claimed(ctx context.Context, host *v1alpha1.Host, st *v1alpha1
 		s.refuse(host, reason, "%s", why)
 		return wait("%s", why), nil
 	}
-	merged, worker, err := releasedConfig(ctx, s.client, s.cfg.Daemon, host, ref.Namespace, cluster, bootstrap, st.ReleasedGeneration, now)
+	merged, worker, err := releasedConfig(ctx, s.client, s.cfg.Daemon, host, release{
+		namespace: ref.Namespace, cluster: cluster, machine: m, addresses: st.Addresses, bootstrap: bootstrap, generation: st.ReleasedGeneration,
+	}, now)
 	if errors.Is(err, errConfigInvalid) {
 		s.refuse(host, reasonConfigInvalid, "the machine's configuration does not merge: %v", err)
 		return wait("the machine's configuration is not valid; see the host's events"), nil
@@ -357,16 +361,16 @@ func (s *Service) refuse(host *v1alpha1.Host, reason, format string, a ...any) {
 
 // bootstrapData follows a claim to its Machine's bootstrap data: the
 // SovraMachine, the Machine that owns it, the Secret it names.
-func bootstrapData(ctx context.Context, c client.Reader, ref *corev1.ObjectReference) ([]byte, string, error) {
+func bootstrapData(ctx context.Context, c client.Reader, ref *corev1.ObjectReference) ([]byte, string, *clusterv1.Machine, error) {
 	var sm infrav1.SovraMachine
 	if err := c.Get(ctx, client.ObjectKey{Namespace: ref.Namespace, Name: ref.Name}, &sm); err != nil {
 		if apierrors.IsNotFound(err) {
-			return nil, "", fmt.Errorf("%w: machine %s/%s is gone", ErrNotReady, ref.Namespace, ref.Name)
+			return nil, "", nil, fmt.Errorf("%w: machine %s/%s is gone", ErrNotReady, ref.Namespace, ref.Name)
 		}
-		return nil, "", fmt.Errorf("reading machine %s/%s: %w", ref.Namespace, ref.Name, err)
+		return nil, "", nil, fmt.Errorf("reading machine %s/%s: %w", ref.Namespace, ref.Name, err)
 	}
 	if sm.UID != ref.UID {
-		return nil, "", fmt.Errorf("%w: machine %s/%s was re-created", ErrNotReady, ref.Namespace, ref.Name)
+		return nil, "", nil, fmt.Errorf("%w: machine %s/%s was re-created", ErrNotReady, ref.Namespace, ref.Name)
 	}
 	cluster := sm.Labels[clusterv1.ClusterNameLabel]
 	var owner string
@@ -376,47 +380,93 @@ func bootstrapData(ctx context.Context, c client.Reader, ref *corev1.ObjectRefer
 		}
 	}
 	if owner == "" {
-		return nil, cluster, fmt.Errorf("%w: no Machine owns %s/%s yet", ErrNotReady, ref.Namespace, ref.Name)
+		return nil, cluster, nil, fmt.Errorf("%w: no Machine owns %s/%s yet", ErrNotReady, ref.Namespace, ref.Name)
 	}
 	var m clusterv1.Machine
 	if err := c.Get(ctx, client.ObjectKey{Namespace: ref.Namespace, Name: owner}, &m); err != nil {
-		return nil, cluster, fmt.Errorf("reading Machine %s/%s: %w", ref.Namespace, owner, err)
+		return nil, cluster, nil, fmt.Errorf("reading Machine %s/%s: %w", ref.Namespace, owner, err)
 	}
 	if m.Spec.Bootstrap.DataSecretName == nil {
-		return nil, cluster, fmt.Errorf("%w: waiting for the bootstrap data of Machine %s", ErrNotReady, owner)
+		return nil, cluster, nil, fmt.Errorf("%w: waiting for the bootstrap data of Machine %s", ErrNotReady, owner)
 	}
 	var sec corev1.Secret
 	if err := c.Get(ctx, client.ObjectKey{Namespace: ref.Namespace, Name: *m.Spec.Bootstrap.DataSecretName}, &sec); err != nil {
-		return nil, cluster, fmt.Errorf("reading the bootstrap data of Machine %s: %w", owner, err)
+		return nil, cluster, nil, fmt.Errorf("reading the bootstrap data of Machine %s: %w", owner, err)
 	}
 	data := sec.Data["value"]
 	if len(data) == 0 {
-		return nil, cluster, fmt.Errorf("%w: the bootstrap data of Machine %s is empty", ErrNotReady, owner)
+		return nil, cluster, nil, fmt.Errorf("%w: the bootstrap data of Machine %s is empty", ErrNotReady, owner)
 	}
-	return data, cluster, nil
+	return data, cluster, &m, nil
 }
 
 // errConfigInvalid marks a bootstrap data that does not merge.
 var errConfigInvalid = errors.New("invalid configuration")
 
-// releasedConfig is the configuration of generation gen released to host:
+// release is what a configuration is released from: the claim's
+// namespace and cluster, its Machine and bootstrap data, the host's
+// addresses, the generation.
+type release struct {
+	namespace, cluster string
+	machine            *clusterv1.Machine
+	addresses          []string
+	bootstrap          []byte
+	generation         int64
+}
+
+// releasedConfig is the configuration of rel's generation released to host:
 // its Machine's bootstrap data merged with what sovra needs on the node.
 // worker reports a worker's configuration, whose agent gets an os:reader
-// certificate of the cluster's Talos CA (agentCAFor).
-func releasedConfig(ctx context.Context, c client.Client, d machineconfig.Daemon, host *v1alpha1.Host, ns, cluster string,
-	bootstrap []byte, gen int64, now time.Time,
-) (merged []byte, worker bool, err error) {
-	ca, worker, err := agentCAFor(ctx, c, host, ns, cluster, bootstrap, now)
+// certificate of the cluster's Talos CA (agentCAFor). The agent is told its
+// role and its address (the host's first, as its Machine's), and a control
+// plane's agent how many control planes its election expects.
+func releasedConfig(ctx context.Context, c client.Client, d machineconfig.Daemon, host *v1alpha1.Host, rel release, now time.Time) (merged []byte, worker bool, err error) {
+	ca, worker, err := agentCAFor(ctx, c, host, rel.namespace, rel.cluster, rel.bootstrap, now)
 	if err != nil {
 		return nil, false, err
 	}
-	merged, err = machineconfig.Merge(bootstrap, machineconfig.Released{
-		Daemon: d, ProviderID: ProviderID(host.Name), Generation: gen, AgentCA: ca, AgentReadOnly: worker,
-	})
+	r := machineconfig.Released{
+		Daemon: d, ProviderID: ProviderID(host.Name), Generation: rel.generation, AgentCA: ca, AgentReadOnly: worker,
+		Role: machineconfig.RoleWorker,
+	}
+	if len(rel.addresses) > 0 {
+		r.NodeAddress = rel.addresses[0]
+	}
+	if !worker {
+		r.Role = machineconfig.RoleControlPlane
+		if r.ExpectedControlPlanes, err = controlPlaneReplicas(ctx, c, rel.machine); err != nil {
+			return nil, false, err
+		}
+	}
+	merged, err = machineconfig.Merge(rel.bootstrap, r)
 	if err != nil {
 		return nil, worker, fmt.Errorf("%w: %w", errConfigInvalid, err)
 	}
 	return merged, worker, nil
+}
+
+// controlPlaneReplicas is the size of the control plane m belongs to: the
+// replicas of the TalosControlPlane that owns it; zero when none does (a
+// control-plane Machine of another provider: the agent's default).
+func controlPlaneReplicas(ctx context.Context, c client.Reader, m *clusterv1.Machine) (int32, error) {
+	if m == nil {
+		return 0, nil
+	}
+	for _, o := range m.OwnerReferences {
+		gv, err := schema.ParseGroupVersion(o.APIVersion)
+		if err != nil || o.Kind != talosControlPlaneKind || gv.Group != controlplanev1.GroupVersion.Group {
+			continue
+		}
+		var tcp controlplanev1.TalosControlPlane
+		if err := c.Get(ctx, client.ObjectKey{Namespace: m.Namespace, Name: o.Name}, &tcp); err != nil {
+			return 0, fmt.Errorf("reading the control plane %s/%s of Machine %s: %w", m.Namespace, o.Name, m.Name, err)
+		}
+		if tcp.Spec.Replicas == nil {
+			return 1, nil // the CRD's default
+		}
+		return *tcp.Spec.Replicas, nil
+	}
+	return 0, nil
 }
 
 // agentCAFor returns the CA that signs the agent's client certificate for

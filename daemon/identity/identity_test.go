@@ -135,6 +135,12 @@ func TestLeastPrivilege(t *testing.T) {
 		{Infrastructure, req("get", "", "secrets", "", "prod", "s"), false},
 		{Infrastructure, req("create", "sovra.dev", "hosts", "", "", ""), false},
 		{Infrastructure, req("delete", "sovra.dev", "sovranodes", "", "", "ek-1"), false},
+		{Infrastructure, req("update", "sovra.dev", "sovranodes", "", "", "ek-1"), true},
+		{Infrastructure, req("create", "sovra.dev", "sovranodes", "", "", ""), false},
+		{Infrastructure, req("update", "coordination.k8s.io", "leases", "", Namespace, "bootstrap-prod"), false},
+		{Hosts, req("get", "controlplane.cluster.x-k8s.io", "taloscontrolplanes", "", "prod", "prod-cp"), true},
+		{Hosts, req("update", "controlplane.cluster.x-k8s.io", "taloscontrolplanes", "", "prod", "prod-cp"), false},
+		{Hosts, req("update", "sovra.dev", "sovranodes", "", "", "ek-1"), false},
 		{KMS, req("create", "sovra.dev", "uuidclaims", "", "", "u"), true},
 		{KMS, req("update", "sovra.dev", "hosts", "", "", "ek-1"), false},
 	} {

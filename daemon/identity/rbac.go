@@ -45,6 +45,7 @@ const (
 	// The API groups of Cluster API and of its infrastructure providers.
 	clusterGroup        = "cluster.x-k8s.io"
 	infrastructureGroup = "infrastructure.cluster.x-k8s.io"
+	controlPlaneGroup   = "controlplane.cluster.x-k8s.io"
 )
 
 // upstreamControllerRoles are the RBAC bootstrap roles of the upstream
@@ -133,6 +134,9 @@ func Objects(providers []crds.Provider) ([]client.Object, error) {
 		// the Secret the Machine names, in the cluster's namespace.
 		rule(infrastructureGroup, []string{"sovramachines"}, []string{"get"}),
 		rule(clusterGroup, []string{"machines"}, []string{"get"}),
+		// A control plane's agent is told how many control planes to
+		// expect: its TalosControlPlane's replicas.
+		rule(controlPlaneGroup, []string{"taloscontrolplanes"}, []string{"get"}),
 		rule("", []string{"secrets"}, []string{"get"}),
 		events(),
 	})...)
@@ -146,8 +150,9 @@ func Objects(providers []crds.Provider) ([]client.Object, error) {
 		rule(v1alpha1.GroupVersion.Group, []string{"hosts/status"}, []string{"update"}),
 		// Releasing a host replaces its record's key salt and opens a wipe
 		// sealing window (package hosts, Release); records are read through
-		// the provider's cache.
-		rule(v1alpha1.GroupVersion.Group, []string{"sovranodes"}, read),
+		// the provider's cache. A claim labels the host's record with the
+		// machine's cluster (sovra.dev/cluster), a release removes it.
+		rule(v1alpha1.GroupVersion.Group, []string{"sovranodes"}, []string{"get", "list", "watch", "update"}),
 		rule(v1alpha1.GroupVersion.Group, []string{"sovranodes/status"}, []string{"update"}),
 		events(),
 	})...)

@@ -20,6 +20,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"slices"
 	"strconv"
 	"sync"
@@ -55,6 +56,9 @@ const (
 	// are mounted.
 	DaemonCAPath    = "/etc/sovra/daemon-ca.crt"
 	TalosconfigPath = "/etc/sovra/talosconfig"
+	// PeerTalosconfigPath is where a control plane's agent finds its
+	// talosconfig for the other nodes of its cluster.
+	PeerTalosconfigPath = "/etc/sovra/peer-talosconfig"
 	// TrustedRootsName names the TrustedRootsConfig of the daemon's CA.
 	TrustedRootsName = "sovra-daemon-ca"
 	// ProviderIDArg is the kubelet argument that names the machine to
@@ -89,6 +93,16 @@ const (
 	envTalosconfig    = "SOVRA_TALOSCONFIG"
 	envHost           = "SOVRA_HOST"
 	envGeneration     = "SOVRA_HOST_GENERATION"
+	envRole           = "SOVRA_ROLE"
+	envNodeAddress    = "SOVRA_NODE_ADDRESS"
+	envControlPlanes  = "SOVRA_BOOTSTRAP_EXPECTED_CONTROL_PLANES"
+	envPeerTalos      = "SOVRA_PEER_TALOSCONFIG"
+)
+
+// Roles of a released machine's agent (SOVRA_ROLE).
+const (
+	RoleControlPlane = "controlplane"
+	RoleWorker       = "worker"
 )
 
 // Daemon is how a machine reaches sovrad.
@@ -200,7 +214,7 @@ func (e *Enroller) Config(d Daemon, now time.Time) ([]byte, error) {
 	}
 	firewall := network.NewDefaultActionConfigV1Alpha1()
 	firewall.Ingress = nethelpers.DefaultActionBlock
-	docs := append([]coreconfig.Document{base.RawV1Alpha1()}, sovraDocuments(d, tc, 0)...)
+	docs := append([]coreconfig.Document{base.RawV1Alpha1()}, sovraDocuments(d, tc, nil, nil)...)
 	docs = append(docs, firewall)
 	return encode(docs, runtimeMode{install: true})
 }
@@ -243,6 +257,36 @@ type Released struct {
 	// (ApplyConfiguration, Reset) sovrad does with the cluster's
 	// talosconfig.
 	AgentReadOnly bool
+	// Role is the machine's role for its agent (RoleControlPlane or
+	// RoleWorker; empty lets the agent ask Talos). A worker's agent stays
+	// out of the bootstrap election.
+	Role string
+	// ExpectedControlPlanes is the control plane's size (the
+	// TalosControlPlane's replicas), the quorum of its agents' election;
+	// zero leaves the agent's default.
+	ExpectedControlPlanes int32
+	// NodeAddress is the address the agent announces for the election (one
+	// the host enrolled with, the Machine's address); empty lets the agent
+	// find it.
+	NodeAddress string
+}
+
+// env is the agent's environment a release adds.
+func (r Released) env() []string {
+	var env []string
+	if r.Generation > 0 {
+		env = append(env, envGeneration+"="+strconv.FormatInt(r.Generation, 10))
+	}
+	if r.Role != "" {
+		env = append(env, envRole+"="+r.Role)
+	}
+	if r.ExpectedControlPlanes > 0 {
+		env = append(env, envControlPlanes+"="+strconv.FormatInt(int64(r.ExpectedControlPlanes), 10))
+	}
+	if r.NodeAddress != "" {
+		env = append(env, envNodeAddress+"="+r.NodeAddress)
+	}
+	return env
 }
 
 // Merge returns the bootstrap data of a Machine (the Talos provider's
@@ -250,6 +294,14 @@ type Released struct {
 func Merge(bootstrap []byte, r Released) ([]byte, error) {
 	if err := r.Daemon.Validate(); err != nil {
 		return nil, fmt.Errorf("merging the machine configuration: %w", err)
+	}
+	if r.Role != "" && r.Role != RoleControlPlane && r.Role != RoleWorker {
+		return nil, fmt.Errorf("merging the machine configuration: role %q: want %s or %s", r.Role, RoleControlPlane, RoleWorker)
+	}
+	if r.NodeAddress != "" {
+		if _, err := netip.ParseAddr(r.NodeAddress); err != nil {
+			return nil, fmt.Errorf("merging the machine configuration: node address %q: %w", r.NodeAddress, err)
+		}
 	}
 	cfg, err := configloader.NewFromBytes(bootstrap)
 	if err != nil {
@@ -293,7 +345,20 @@ func Merge(bootstrap []byte, r Released) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("merging the machine configuration: %w", err)
 	}
-	ours := sovraDocuments(r.Daemon, tc, r.Generation)
+	env, files := r.env(), extensions.ConfigFileList(nil)
+	if r.Role == RoleControlPlane && !r.AgentReadOnly && len(osCA.MachineCA.Key) > 0 {
+		// The election reads the other nodes' Talos APIs, which do not
+		// accept the agent CA: an os:reader certificate of the cluster's
+		// Talos CA, whose key a control plane's configuration holds anyway.
+		peer, err := agentTalosconfig(&x509.PEMEncodedCertificateAndKey{Crt: osCA.MachineCA.Crt, Key: osCA.MachineCA.Key},
+			role.MakeSet(role.Reader), osCA.MachineCA.Crt)
+		if err != nil {
+			return nil, err
+		}
+		env = append(env, envPeerTalos+"="+PeerTalosconfigPath)
+		files = append(files, extensions.ConfigFile{ConfigFileContent: string(peer), ConfigFileMountPath: PeerTalosconfigPath})
+	}
+	ours := sovraDocuments(r.Daemon, tc, env, files)
 	docs := slices.DeleteFunc(slices.Clone(patched.Documents()), func(doc coreconfig.Document) bool {
 		return replaces(ours, doc)
 	})
@@ -301,8 +366,8 @@ func Merge(bootstrap []byte, r Released) ([]byte, error) {
 }
 
 // sovraDocuments are the documents sovra adds: the agent's service
-// configuration, KMS encryption of STATE and EPHEMERAL, the daemon's CA.
-func sovraDocuments(d Daemon, talosconfig []byte, generation int64) []coreconfig.Document {
+// configuration (with env and files besides what reaches the daemon), KMS encryption of STATE and EPHEMERAL, the daemon's CA.
+func sovraDocuments(d Daemon, talosconfig []byte, env []string, files extensions.ConfigFileList) []coreconfig.Document {
 	agent := extensions.NewServicesConfigV1Alpha1()
 	agent.ServiceName = AgentService
 	agent.ServiceEnvironment = []string{
@@ -314,13 +379,12 @@ func sovraDocuments(d Daemon, talosconfig []byte, generation int64) []coreconfig
 	if d.ServerName != "" {
 		agent.ServiceEnvironment = append(agent.ServiceEnvironment, envDaemonServer+"="+d.ServerName)
 	}
-	if generation > 0 {
-		agent.ServiceEnvironment = append(agent.ServiceEnvironment, envGeneration+"="+strconv.FormatInt(generation, 10))
-	}
+	agent.ServiceEnvironment = append(agent.ServiceEnvironment, env...)
 	agent.ServiceConfigFiles = extensions.ConfigFileList{
 		{ConfigFileContent: string(d.CA), ConfigFileMountPath: DaemonCAPath},
 		{ConfigFileContent: string(talosconfig), ConfigFileMountPath: TalosconfigPath},
 	}
+	agent.ServiceConfigFiles = append(agent.ServiceConfigFiles, files...)
 	roots := security.NewTrustedRootsConfigV1Alpha1()
 	roots.MetaName = TrustedRootsName
 	roots.Certificates = string(d.CA)

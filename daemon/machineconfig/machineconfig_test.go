@@ -144,3 +144,65 @@ func contains(list []string, s string) bool {
 	}
 	return false
 }
+
+// TestMergeAgentElection: a released control plane's agent is told its
+// role, its address and the control plane's size (its bootstrap election),
+// a worker's only its role and address; a role or address that is not one
+// is refused.
+func TestMergeAgentElection(t *testing.T) {
+	bundle, err := secrets.NewBundle(secrets.NewClock(), config.TalosVersionCurrent)
+	if err != nil {
+		t.Fatal(err)
+	}
+	in, err := generate.NewInput("prod", "https://10.0.0.100:6443", "1.32.6", generate.WithSecretsBundle(bundle))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cp, err := in.Config(machine.TypeControlPlane)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bootstrap, err := cp.EncodeBytes()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, err := NewAgentCA(time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	env := func(r Released) []string {
+		t.Helper()
+		r.Daemon, r.ProviderID, r.Generation, r.AgentCA = daemon, "sovra://ek-abc", 1, ca
+		merged, err := Merge(bootstrap, r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg, err := Load(merged)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return cfg.ExtensionServiceConfigs()[0].Environment()
+	}
+	got := env(Released{Role: RoleControlPlane, ExpectedControlPlanes: 3, NodeAddress: "10.0.0.5"})
+	for _, want := range []string{"SOVRA_ROLE=controlplane", "SOVRA_BOOTSTRAP_EXPECTED_CONTROL_PLANES=3", "SOVRA_NODE_ADDRESS=10.0.0.5", "SOVRA_HOST_GENERATION=1",
+		"SOVRA_PEER_TALOSCONFIG=" + PeerTalosconfigPath} {
+		if !contains(got, want) {
+			t.Errorf("control plane's agent environment %q lacks %s", got, want)
+		}
+	}
+	got = env(Released{Role: RoleWorker, NodeAddress: "10.0.0.6"})
+	for _, v := range got {
+		if strings.HasPrefix(v, "SOVRA_BOOTSTRAP_EXPECTED_CONTROL_PLANES=") || strings.HasPrefix(v, "SOVRA_PEER_TALOSCONFIG=") {
+			t.Errorf("worker's agent environment has %s", v)
+		}
+	}
+	if !contains(got, "SOVRA_ROLE=worker") {
+		t.Errorf("worker's agent environment %q lacks its role", got)
+	}
+	for _, bad := range []Released{{Role: "boss"}, {NodeAddress: "10.0.0.5/24"}} {
+		bad.Daemon, bad.AgentCA = daemon, ca
+		if _, err := Merge(bootstrap, bad); err == nil {
+			t.Errorf("merged %+v", bad)
+		}
+	}
+}

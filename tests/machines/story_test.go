@@ -3,6 +3,7 @@ package machines
 import (
 	"bytes"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -34,6 +35,8 @@ const (
 	exampleCluster  = "images/example-cluster.yaml"
 	exampleEndpoint = "10.0.0.10"
 	lbHost          = 200
+	// labelCluster puts a SovraNode in a cluster (membership.LabelCluster).
+	labelCluster = "sovra.dev/cluster"
 	// controlPlaneLabel marks the Machines of a control plane (CAPI).
 	controlPlaneLabel = "cluster.x-k8s.io/control-plane"
 	// clusterNS and clusterName name the example's Cluster.
@@ -47,6 +50,18 @@ const (
 	releaseWait     = 5 * time.Minute
 	bootstrapWait   = 3 * time.Minute
 	sovradLogMarker = "enrollment configuration served"
+	// bootstrapGrace is the story's --bootstrap-grace (the default): how
+	// long the fence keeps CACPPT from bootstrapping once the control
+	// plane's Machines have addresses, while their SovraNodes are labelled
+	// with the cluster. agentBootstrapBound, well under it, bounds the
+	// time from `kubectl apply` to the agents' bootstrap.
+	bootstrapGrace      = 5 * time.Minute
+	agentBootstrapBound = 150 * time.Second
+	fenceWait           = 30 * time.Second
+	// Reasons of the bootstrap fence's events on the TalosControlPlane.
+	reasonAgentBootstrapped    = "BootstrappedBySovraAgent"
+	reasonProviderBootstrapped = "BootstrapLeaseFinal"
+	reasonProviderLease        = "BootstrapLeaseCommitted"
 	// msgFormatting is the simulator's line of a volume's creation (its
 	// KMS Seal).
 	msgFormatting = "formatting and encrypting volume"
@@ -81,6 +96,8 @@ type story struct {
 	// attacker is a namespace on the bridge with no machine.
 	attacker string
 	timings  []string
+	// applied is when the operator applied the Cluster.
+	applied time.Time
 }
 
 func (s *story) timed(what string, start time.Time) {
@@ -128,9 +145,11 @@ func tail(s string, n int) string {
 //     merged: compared field by field with the bootstrap Secret), applies
 //     it, reboots, unseals STATE, attests the new boot, and is
 //     Provisioned; the SovraMachines have providerID sovra://<host> and
-//     the host's address; etcd is bootstrapped exactly once (by CACPPT,
-//     behind the bootstrap fence: the agents in host mode stay out of the
-//     election), and never again for the rest of the story;
+//     the host's address; each claimed host's SovraNode is labelled
+//     with the cluster; etcd is bootstrapped exactly once, by the agent of
+//     the control plane its peers elected (not by CACPPT, whom the
+//     bootstrap fence keeps waiting its grace), well within the grace, and
+//     never again for the rest of the story;
 //  4. attacks on a provisioned host: the enrollment configuration fetched
 //     for its UUID from another address opens nothing (its STATE blob does
 //     not unseal there, nothing Seals there); Syncs with a credential of
@@ -150,7 +169,7 @@ func TestMachinesStory(t *testing.T) {
 	// machine's own addresses (docs/security.md: without it, a copy of a
 	// healthy machine's disk and its UUID unseal STATE from anywhere, and
 	// anyone may Seal during a sealing window).
-	s.d = startDaemon(t, s.net, lab, "--kms-bind-addresses")
+	s.d = startDaemon(t, s.net, lab, "--kms-bind-addresses", "--bootstrap-grace", bootstrapGrace.String())
 	s.timed(fmt.Sprintf("sovrad ready, %d swtpm manufactured", hostCount), start)
 
 	t.Cleanup(func() { dumpParties(t, s.d, s.machines) })
@@ -164,11 +183,70 @@ func TestMachinesStory(t *testing.T) {
 		workerAgentIsReader(t, m)
 	}
 	s.bootstrappedOnce(cps)
+	s.bootstrappedByAgent(cps)
 	s.attacks(ws[0])
 	s.scaleDownAndUp(ws)
 	s.bootstrappedOnce(cps)
 
 	t.Logf("timings:\n%s", strings.Join(s.timings, "\n"))
+}
+
+// bootstrappedByAgent checks who bootstrapped etcd: a control plane's
+// agent, from the machine itself (not sovrad's address, whence CACPPT
+// calls), within agentBootstrapBound of the Cluster's apply, well under the
+// fence's grace; the fence marked the TalosControlPlane bootstrapped by
+// an agent and never committed the lease to CACPPT. Each claimed host's
+// SovraNode carries the cluster's label (the provisioned agents' election
+// needs it).
+func (s *story) bootstrappedByAgent(cps []*machine) {
+	t, d := s.t, s.d
+	waitFor(t, agentBootstrapBound-time.Since(s.applied), "etcd bootstrapped within "+agentBootstrapBound.String()+" of kubectl apply", func() (bool, string) {
+		for _, m := range cps {
+			if len(m.Find(0, msgBootstrapped)) > 0 {
+				return true, ""
+			}
+		}
+		return false, "no bootstrap yet"
+	})
+	s.timed("kubectl apply -> etcd bootstrapped", s.applied)
+	daemonAddr := s.net.addr(legHost).String()
+	for _, m := range cps {
+		for _, e := range m.Find(0, msgBootstrapped) {
+			host, _, err := net.SplitHostPort(e.Str("client"))
+			if err != nil || host == daemonAddr {
+				t.Errorf("machine %.8s: Bootstrap called by %q, want its own agent, not sovrad (%s: CACPPT)", m.UUID, e.Str("client"), daemonAddr)
+			}
+		}
+	}
+	// The fence sees the agent's lease on its next look (DefaultPoll, 5s).
+	var provider []string
+	waitFor(t, fenceWait, "the fence's "+reasonAgentBootstrapped+" event on the TalosControlPlane", func() (bool, string) {
+		var agent, reasons []string
+		provider = nil
+		for _, e := range d.allEvents(t) {
+			if e.InvolvedObject.Kind != "TalosControlPlane" {
+				continue
+			}
+			reasons = append(reasons, e.Reason)
+			switch e.Reason {
+			case reasonAgentBootstrapped:
+				agent = append(agent, e.Message)
+			case reasonProviderBootstrapped, reasonProviderLease:
+				provider = append(provider, e.Reason+": "+e.Message)
+			}
+		}
+		return len(agent) > 0, fmt.Sprint(reasons)
+	})
+	if len(provider) > 0 {
+		t.Errorf("the fence committed the bootstrap lease to CACPPT: %q", provider)
+	}
+	for _, cm := range d.capiMachines(t, clusterNS) {
+		var sm sovraMachine
+		d.get(t, &sm, "-n", clusterNS, "sovramachine", cm.Spec.InfrastructureRef.Name)
+		if got := d.jsonpath("get", "sovranodes.sovra.dev", sm.Status.HostRef.Name, `-o=jsonpath={.metadata.labels.sovra\.dev/cluster}`); got != clusterName {
+			t.Errorf("the SovraNode of host %s (machine %s) has %s=%q, want %q", sm.Status.HostRef.Name, cm.Metadata.Name, labelCluster, got, clusterName)
+		}
+	}
 }
 
 // bootstrappedOnce waits for the control plane's etcd bootstrap and checks
@@ -361,6 +439,7 @@ func (s *story) provision() (cps, ws []*machine) {
 	}
 
 	start := time.Now()
+	s.applied = start
 	d.Kubectl("apply", "-f", manifest)
 
 	waitFor(t, provisionWait, "every host Provisioned", func() (bool, string) {

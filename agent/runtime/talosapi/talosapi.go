@@ -146,12 +146,30 @@ func clientCertificate(ctx *clientconfig.Context) (tls.Certificate, error) {
 type Client struct {
 	// TLS is the mutual-TLS configuration from LoadTLS.
 	TLS *tls.Config
+	// PeerTLS, when set, is the mutual-TLS configuration for every node but
+	// Local: on a provisioned control plane, TLS's certificate is accepted
+	// by this node alone, and PeerTLS's (an os:reader one of the cluster's
+	// Talos CA) by every node of the cluster.
+	PeerTLS *tls.Config
 	// Port is the apid port.
 	Port int
 	// Timeout bounds all the calls to one node.
 	Timeout time.Duration
 	// Local is this node's address, used by MachineType.
 	Local netip.Addr
+}
+
+// tlsFor is the mutual-TLS configuration for the node at addr.
+func (c *Client) tlsFor(addr netip.Addr) *tls.Config {
+	cfg := c.TLS
+	if c.PeerTLS != nil && addr != c.Local {
+		cfg = c.PeerTLS
+	}
+
+	cfg = cfg.Clone()
+	cfg.ServerName = addr.String()
+
+	return cfg
 }
 
 func (c *Client) endpoint(addr netip.Addr) string {
@@ -171,8 +189,7 @@ func (n *node) Close() error { return n.conn.Close() }
 // connect opens a connection to one node. It is lazy: the TLS handshake
 // happens on the first call.
 func (c *Client) connect(addr netip.Addr) (*node, error) {
-	tlsConfig := c.TLS.Clone()
-	tlsConfig.ServerName = addr.String()
+	tlsConfig := c.tlsFor(addr)
 
 	conn, err := grpc.NewClient(c.endpoint(addr), grpc.WithTransportCredentials(credentials.NewTLS(tlsConfig)))
 	if err != nil {
@@ -230,10 +247,7 @@ func (n *node) machineType(ctx context.Context) (machinetype.Type, error) {
 // against the cluster's Talos CA, for its address. A failure of trust wraps
 // discovery.ErrUnverified.
 func (c *Client) verify(ctx context.Context, addr netip.Addr) error {
-	cfg := c.TLS.Clone()
-	cfg.ServerName = addr.String()
-
-	d := tls.Dialer{Config: cfg}
+	d := tls.Dialer{Config: c.tlsFor(addr)}
 
 	conn, err := d.DialContext(ctx, "tcp", c.endpoint(addr))
 	if err != nil {

@@ -145,7 +145,7 @@ func (r *MachineReconciler) reconcileNormal(ctx context.Context, sm *infrav1.Sov
 		return ctrl.Result{}, err
 	}
 	if host == nil {
-		if host, err = r.claim(ctx, sm); err != nil {
+		if host, err = r.claim(ctx, sm, cluster.Name); err != nil {
 			return ctrl.Result{}, err
 		}
 		if host == nil {
@@ -157,6 +157,24 @@ func (r *MachineReconciler) reconcileNormal(ctx context.Context, sm *infrav1.Sov
 	sm.Status.HostRef = &corev1.ObjectReference{APIVersion: v1alpha1.GroupVersion.String(), Kind: "Host", Name: host.Name, UID: host.UID}
 	id := hosts.ProviderID(host.Name)
 	sm.Spec.ProviderID = &id
+	// The node joins the cluster's election before the machine has an
+	// address: the bootstrap fence, which waits for every control-plane
+	// Machine's address, then sees it labelled and gives its agent the
+	// grace period instead of letting CACPPT bootstrap at once.
+	conflict, err := r.labelNode(ctx, host.Name, cluster.Name, claimOf(sm.Namespace, sm.Name))
+	if err != nil {
+		return ctrl.Result{}, err
+	}
+	if conflict != "" {
+		sm.Status.Addresses, sm.Status.Ready = nil, false
+		conditions.MarkFalse(sm, infrav1.HostClaimedCondition, infrav1.ClusterLabelConflictReason, clusterv1.ConditionSeverityError, "%s", conflict)
+		if r.Events != nil {
+			r.Events.Event(sm, corev1.EventTypeWarning, infrav1.ClusterLabelConflictReason, conflict)
+		}
+		r.Logger.Warn("claimed host's node is labelled with another cluster: not labelling it, the machine waits", zap.String("host", host.Name),
+			zap.String("machine", sm.Namespace+"/"+sm.Name), zap.String("reason", conflict))
+		return ctrl.Result{RequeueAfter: noHostRetry}, nil
+	}
 	conditions.MarkTrue(sm, infrav1.HostClaimedCondition)
 	sm.Status.Addresses = nil
 	for _, a := range host.Status.Addresses {
@@ -204,7 +222,12 @@ func (r *MachineReconciler) hostOf(ctx context.Context, sm *infrav1.SovraMachine
 		case err != nil && !apierrors.IsNotFound(err):
 			return nil, err
 		}
-		sm.Status.HostRef, sm.Spec.ProviderID = nil, nil // lost (revoked, or released by an operator)
+		// Lost (revoked, or released by an operator): its node leaves
+		// the cluster.
+		if err := r.unlabelNode(ctx, sm.Status.HostRef.Name, claimOf(sm.Namespace, sm.Name)); err != nil {
+			return nil, err
+		}
+		sm.Status.HostRef, sm.Spec.ProviderID = nil, nil
 	}
 	var list v1alpha1.HostList
 	if err := r.APIReader.List(ctx, &list); err != nil {
@@ -228,7 +251,7 @@ func consumes(h *v1alpha1.Host, sm *infrav1.SovraMachine) bool {
 // machines (on any replica) that try one host, one wins and the others try
 // another. Candidates are tried in random order, so racing machines mostly
 // try different hosts.
-func (r *MachineReconciler) claim(ctx context.Context, sm *infrav1.SovraMachine) (*v1alpha1.Host, error) {
+func (r *MachineReconciler) claim(ctx context.Context, sm *infrav1.SovraMachine, cluster string) (*v1alpha1.Host, error) {
 	sel := labels.Everything()
 	if sm.Spec.HostSelector != nil {
 		var err error
@@ -242,7 +265,7 @@ func (r *MachineReconciler) claim(ctx context.Context, sm *infrav1.SovraMachine)
 	}
 	cands := list.Items[:0]
 	for _, h := range list.Items {
-		if h.Spec.ConsumerRef == nil && h.Spec.Accepted && h.Status.Phase == v1alpha1.HostAvailable {
+		if h.Spec.ConsumerRef == nil && h.Spec.Accepted && h.Status.Phase == v1alpha1.HostAvailable && !r.labelledElsewhere(ctx, h.Name, cluster) {
 			cands = append(cands, h)
 		}
 	}
@@ -280,6 +303,9 @@ func (r *MachineReconciler) reconcileDelete(ctx context.Context, sm *infrav1.Sov
 			if errors.Is(err, context.Canceled) {
 				return ctrl.Result{}, nil
 			}
+			return ctrl.Result{}, err
+		}
+		if err := r.unlabelNode(ctx, host.Name, claimOf(sm.Namespace, sm.Name)); err != nil {
 			return ctrl.Result{}, err
 		}
 	}

@@ -31,6 +31,9 @@ const (
 	WaitingForHostReason          = "WaitingForHost"
 	HostFailedReason              = "HostFailed"
 	HostReleasingReason           = "HostReleasing"
+	// ClusterLabelConflictReason: the claimed host's SovraNode carries an
+	// operator's sovra.dev/cluster label naming another cluster.
+	ClusterLabelConflictReason = "ClusterLabelConflict"
 )
 
 // ProviderIDPrefix starts the provider ID of every machine: sovra://<host>.
