@@ -106,6 +106,10 @@ func bootstrapControllers(opts Options) ([]controller.Controller, error) {
 	b := cfg.Bootstrap
 
 	switch {
+	case cfg.DaemonEndpoint != "" && cfg.Role == config.RoleWorker:
+		logger.Info("auto-bootstrap not run: this node is a worker (SOVRA_ROLE), and only control planes bootstrap etcd")
+
+		return nil, nil
 	case cfg.DaemonEndpoint != "" && (opts.PeerSource == nil || opts.Lease == nil):
 		logger.Warn("auto-bootstrap disabled: a daemon is configured, and bootstrapping with a daemon needs its membership " +
 			"list and bootstrap lease, which this node has no link to; the Talos control-plane provider bootstraps instead")
