@@ -66,22 +66,7 @@ func TestEnrollment(t *testing.T) {
 }
 
 func TestMerge(t *testing.T) {
-	bundle, err := secrets.NewBundle(secrets.NewClock(), config.TalosVersionCurrent)
-	if err != nil {
-		t.Fatal(err)
-	}
-	in, err := generate.NewInput("prod", "https://10.0.0.100:6443", "1.32.6", generate.WithSecretsBundle(bundle))
-	if err != nil {
-		t.Fatal(err)
-	}
-	worker, err := in.Config(machine.TypeWorker)
-	if err != nil {
-		t.Fatal(err)
-	}
-	bootstrap, err := worker.EncodeBytes()
-	if err != nil {
-		t.Fatal(err)
-	}
+	bundle, bootstrap := bootstrapOf(t, machine.TypeWorker)
 	ca, err := NewAgentCA(time.Now())
 	if err != nil {
 		t.Fatal(err)
@@ -118,7 +103,7 @@ func TestMerge(t *testing.T) {
 			t.Fatal(err)
 		}
 		got, err := base64.StdEncoding.DecodeString(tc.Contexts[tc.Context].CA)
-		if err != nil || string(got) != string(worker.RawV1Alpha1().MachineConfig.MachineCA.Crt) {
+		if err != nil || string(got) != string(bundle.Certs.OS.Crt) {
 			t.Fatalf("the agent's talosconfig does not trust the machine CA: %v", err)
 		}
 	}
@@ -150,22 +135,7 @@ func contains(list []string, s string) bool {
 // a worker's only its role and address; a role or address that is not one
 // is refused.
 func TestMergeAgentElection(t *testing.T) {
-	bundle, err := secrets.NewBundle(secrets.NewClock(), config.TalosVersionCurrent)
-	if err != nil {
-		t.Fatal(err)
-	}
-	in, err := generate.NewInput("prod", "https://10.0.0.100:6443", "1.32.6", generate.WithSecretsBundle(bundle))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cp, err := in.Config(machine.TypeControlPlane)
-	if err != nil {
-		t.Fatal(err)
-	}
-	bootstrap, err := cp.EncodeBytes()
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, bootstrap := bootstrapOf(t, machine.TypeControlPlane)
 	ca, err := NewAgentCA(time.Now())
 	if err != nil {
 		t.Fatal(err)
@@ -205,4 +175,28 @@ func TestMergeAgentElection(t *testing.T) {
 			t.Errorf("merged %+v", bad)
 		}
 	}
+}
+
+// bootstrapOf is the bootstrap data of a machine of type typ in a new
+// cluster "prod", as the Talos bootstrap provider generates it, and the
+// cluster's secrets.
+func bootstrapOf(t *testing.T, typ machine.Type) (*secrets.Bundle, []byte) {
+	t.Helper()
+	bundle, err := secrets.NewBundle(secrets.NewFixedClock(time.Now()), config.TalosVersionCurrent)
+	if err != nil {
+		t.Fatal(err)
+	}
+	in, err := generate.NewInput("prod", "https://10.0.0.100:6443", "1.32.6", generate.WithSecretsBundle(bundle))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := in.Config(typ)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data, err := cfg.EncodeBytes()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return bundle, data
 }

@@ -13,8 +13,6 @@ import (
 	"github.com/siderolabs/crypto/x509"
 	clientconfig "github.com/siderolabs/talos/pkg/machinery/client/config"
 	coreconfig "github.com/siderolabs/talos/pkg/machinery/config/config"
-	"github.com/siderolabs/talos/pkg/machinery/config/generate"
-	"github.com/siderolabs/talos/pkg/machinery/config/generate/secrets"
 	"github.com/siderolabs/talos/pkg/machinery/config/machine"
 	"github.com/siderolabs/talos/pkg/machinery/role"
 )
@@ -121,22 +119,7 @@ func TestAgentReachesItsTalosAPI(t *testing.T) {
 		t.Fatalf("enrollment configuration: %v", err)
 	}
 
-	bundle, err := secrets.NewBundle(secrets.NewFixedClock(time.Now()), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	in, err := generate.NewInput("prod", "https://10.0.0.100:6443", "1.32.6", generate.WithSecretsBundle(bundle))
-	if err != nil {
-		t.Fatal(err)
-	}
-	worker, err := in.Config(machine.TypeWorker)
-	if err != nil {
-		t.Fatal(err)
-	}
-	bootstrap, err := worker.EncodeBytes()
-	if err != nil {
-		t.Fatal(err)
-	}
+	bundle, bootstrap := bootstrapOf(t, machine.TypeWorker)
 	agentCA, err := NewAgentCA(time.Now())
 	if err != nil {
 		t.Fatal(err)
@@ -188,22 +171,7 @@ func rolesOf(t *testing.T, talosconfig []byte) role.Set {
 // Without it (a control plane), the certificate is os:admin of the host's
 // own agent CA, which machine.acceptedCAs lists.
 func TestWorkerAgentIsReader(t *testing.T) {
-	bundle, err := secrets.NewBundle(secrets.NewFixedClock(time.Now()), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	in, err := generate.NewInput("prod", "https://10.0.0.100:6443", "1.32.6", generate.WithSecretsBundle(bundle))
-	if err != nil {
-		t.Fatal(err)
-	}
-	worker, err := in.Config(machine.TypeWorker)
-	if err != nil {
-		t.Fatal(err)
-	}
-	bootstrap, err := worker.EncodeBytes()
-	if err != nil {
-		t.Fatal(err)
-	}
+	bundle, bootstrap := bootstrapOf(t, machine.TypeWorker)
 
 	merged, err := Merge(bootstrap, Released{Daemon: daemon, ProviderID: "sovra://ek-abc", Generation: 1, AgentCA: bundle.Certs.OS, AgentReadOnly: true})
 	if err != nil {
